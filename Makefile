@@ -1,0 +1,26 @@
+# One command sets up and serves, one sets up and tests (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test serve clean
+
+venv: $(STAMP)
+
+# The venv is rebuilt when a requirements file or the package metadata changes.
+$(STAMP): requirements.txt requirements-test.txt requirements-serve.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-serve.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+serve: venv
+	$(PY) scripts/serve.py $(SERVE_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,73 @@
+"""Every error a user can cause, typed in one place.
+
+Each class carries `code`, the name of the Triton error code it maps to; the
+Triton model turns that name into a `pb_utils.TritonError` in one place.
+Messages say what went wrong and what to do, and never show filesystem paths
+that a client did not send.
+"""
+
+
+class MultiLoRAError(Exception):
+    """Base of all errors caused by a request or by its adapter."""
+
+    code = "INTERNAL"
+
+
+class InvalidRequestError(MultiLoRAError):
+    """Malformed input: empty prompt, bad sampling values, wrong tensor types."""
+
+    code = "INVALID_ARG"
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt (plus max_tokens) can never fit the model's context or the KV cache."""
+
+
+class AdapterNotFoundError(MultiLoRAError):
+    """No adapter of that name in any adapter root or in the registry."""
+
+    code = "NOT_FOUND"
+
+
+class AdapterNameError(InvalidRequestError):
+    """A lora_id that is not a plain name (a path, `..`, or one leaving the adapter roots)."""
+
+
+class AdapterError(InvalidRequestError):
+    """An adapter was found but cannot be served; subclasses name the problem."""
+
+
+class AdapterFormatError(AdapterError):
+    """Missing or unreadable adapter_config.json, or weights not in safetensors (pickled .bin/.pt are refused)."""
+
+
+class AdapterCorruptError(AdapterError):
+    """adapter_model.safetensors cannot be parsed."""
+
+
+class AdapterRankError(AdapterError):
+    """LoRA rank greater than max_lora_rank (or not positive)."""
+
+
+class AdapterTargetError(AdapterError):
+    """A target module this engine does not support, or one the base model lacks."""
+
+
+class AdapterShapeError(AdapterError):
+    """Tensor names or shapes do not match the base model (an adapter for another model)."""
+
+
+class AdapterWeightsError(AdapterError):
+    """NaN/Inf or an unsupported dtype in the adapter weights."""
+
+
+class RequestCancelledError(MultiLoRAError):
+    """The client cancelled the request, or it was aborted."""
+
+    code = "CANCELLED"
+
+
+class EngineStoppedError(MultiLoRAError):
+    """The engine is shutting down and accepts no more requests."""
+
+    code = "UNAVAILABLE"
