@@ -13,7 +13,7 @@ class MultiLoRAError(Exception):
     code = "INTERNAL"
 
 
-class InvalidRequestError(MultiLoRAError):
+class InvalidRequestError(MultiLoRAError, ValueError):
     """Malformed input: empty prompt, bad sampling values, wrong tensor types."""
 
     code = "INVALID_ARG"
