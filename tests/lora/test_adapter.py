@@ -185,7 +185,8 @@ def test_bad_config_file(config_text, peft_adapters, spec, tmp_path):
 @pytest.mark.parametrize("changes", [
     {"peft_type": "IA3"}, {"peft_type": None}, {"r": "4"}, {"r": True}, {"lora_alpha": None},
     {"target_modules": "(unclosed"}, {"target_modules": 5}, {"rank_pattern": {"q_proj": "2"}},
-    {"alpha_pattern": {"[": 2}}, {"layers_to_transform": ["0"]},
+    {"alpha_pattern": {"[": 2}}, {"layers_to_transform": ["0"]}, {"layers_pattern": 3},
+    {"layers_to_transform": [0], "layers_pattern": ["layers", "(bad"]},
 ])
 def test_bad_config_values(changes, peft_adapters, spec, tmp_path):
     directory = _copy(peft_adapters["attn_r4"][0], tmp_path)

@@ -12,7 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -147,9 +147,9 @@ class _PeftConfig:
     r: int
     lora_alpha: float
     use_rslora: bool
-    target_modules: Optional[object]      # list of names, a regex, or None
-    exclude_modules: Optional[object]
-    layers_to_transform: Optional[object]
+    target_modules: Union[list[str], str, None]      # names, a regex, "all-linear", or None (all)
+    exclude_modules: Union[list[str], str, None]
+    layers_to_transform: Union[list[int], int, None]
     layers_pattern: Optional[list[str]]
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
@@ -160,8 +160,8 @@ class _PeftConfig:
             raise AdapterFormatError(
                 f"adapter '{name}' has peft_type {raw.get('peft_type')!r}; only LORA adapters are served")
         _check_features(raw, name)
-        layers_pattern = raw.get("layers_pattern")
-        config = cls(
+        layers_pattern = _names_or_regex(raw, "layers_pattern", name)
+        return cls(
             r=_typed(raw, "r", int, name),
             lora_alpha=_typed(raw, "lora_alpha", (int, float), name),
             use_rslora=bool(raw.get("use_rslora")),
@@ -172,9 +172,6 @@ class _PeftConfig:
             rank_pattern=_pattern(raw, "rank_pattern", int, name),
             alpha_pattern=_pattern(raw, "alpha_pattern", (int, float), name),
         )
-        for regex in config.layers_pattern or ():
-            _check_regex(regex, "layers_pattern", name)
-        return config
 
     def targets(self, key: str) -> bool:
         """Whether PEFT would have put LoRA on module `key` (peft.tuners.tuners_utils.check_target_module_exists)."""
@@ -241,12 +238,13 @@ def _typed(raw: dict, key: str, types, name: str):
 
 def _names_or_regex(raw: dict, key: str, name: str):
     value = raw.get(key)
-    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        return value
-    if isinstance(value, str):
-        if value.lower() == "all-linear":
-            return "all-linear"
-        _check_regex(value, key, name)
+    if isinstance(value, str) and value.lower() == "all-linear":
+        return "all-linear"
+    # Module names are valid regexes too, so checking every entry refuses only broken layers_pattern items.
+    entries = [value] if isinstance(value, str) else value
+    if value is None or (isinstance(entries, list) and all(isinstance(v, str) for v in entries)):
+        for entry in entries or ():
+            _check_regex(entry, key, name)
         return value
     raise AdapterFormatError(f"adapter '{name}': {key} in {_CONFIG_FILE} must be a list of names or a regex")
 
@@ -390,8 +388,8 @@ def _locate(key: str, spec: LoRAModelSpec, name: str) -> tuple[int, str]:
     layer = int(match["layer"])
     if layer >= spec.num_layers:
         raise AdapterShapeError(
-            f"adapter '{name}' has weights for layer {layer} but the base model has {spec.num_layers} layers; "
-            "use an adapter trained for this base model")
+            f"adapter '{name}' has weights for layer {layer} but the base model has only layers 0 to "
+            f"{spec.num_layers - 1}; use an adapter trained for this base model")
     return layer, match["module"]
 
 
