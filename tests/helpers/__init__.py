@@ -1,0 +1,1 @@
+"""Test helpers shared by test folders: tiny models, adapters, HF + PEFT references."""
