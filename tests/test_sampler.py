@@ -1,0 +1,175 @@
+"""Sampler on tiny vocabularies: greedy, seeded draws, temperature, top-k, top-p, bans."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from multilora.sampler import SampleRow, Sampler, derive_step_seed
+from multilora.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+RANDOM = SamplingParams(temperature=1.0)
+PROBS = [0.5, 0.3, 0.15, 0.05]  # a tiny vocab with known probabilities
+
+
+def logits_of(probs):
+    return torch.tensor([math.log(p) for p in probs])
+
+
+def draw_many(params, probs=PROBS, n=1000, banned=()):
+    """Token counts over n seeded draws of one row, batched n at a time."""
+    logits = logits_of(probs).repeat(n, 1)
+    rows = [SampleRow(params, step_seed=derive_step_seed(seed, 0), banned_token_ids=banned) for seed in range(n)]
+    ids = Sampler()(logits, rows)
+    return [ids.count(t) for t in range(len(probs))]
+
+
+def assert_frequencies(counts, expected):
+    n = sum(counts)
+    for count, p in zip(counts, expected):
+        sigma = math.sqrt(n * p * (1 - p)) + 1e-9
+        assert abs(count - n * p) <= 4 * sigma + 1, (counts, expected)
+
+
+# --- greedy ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_greedy_batch_is_argmax(dtype):
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ids = Sampler()(logits, [SampleRow(GREEDY, None)] * 5)
+    assert ids == torch.argmax(logits.float(), dim=-1).tolist()
+    assert all(type(i) is int for i in ids)
+
+
+def test_greedy_ties_go_to_the_lowest_id():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0]])
+    assert Sampler()(logits, [SampleRow(GREEDY, None)] * 2) == [1, 0]
+
+
+def test_top_k_1_is_greedy_even_with_temperature():
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(1))
+    rows = [SampleRow(SamplingParams(temperature=2.0, top_k=1), step_seed=s) for s in range(8)]
+    assert Sampler()(logits, rows) == torch.argmax(logits, dim=-1).tolist()
+
+
+def test_greedy_and_random_rows_mixed():
+    logits = logits_of(PROBS).repeat(3, 1)
+    logits[0] = torch.tensor([0.0, 0.0, 9.0, 0.0])
+    rows = [SampleRow(GREEDY, None), SampleRow(RANDOM, 7), SampleRow(GREEDY, None)]
+    ids = Sampler()(logits, rows)
+    assert ids[0] == 2 and ids[2] == 0
+    assert ids[1] == Sampler()(logits[1:2], [rows[1]])[0]
+
+
+def test_empty_batch():
+    assert Sampler()(torch.empty(0, 10), []) == []
+
+
+# --- seeds -------------------------------------------------------------------
+
+
+def test_seeded_row_ignores_the_rest_of_the_batch():
+    gen = torch.Generator().manual_seed(2)
+    target_logits = torch.randn(64, generator=gen)
+    others = torch.randn(5, 64, generator=gen)
+    rng = random.Random(0)
+    picks = set()
+    for seed in range(20):
+        target = SampleRow(SamplingParams(temperature=1.5, top_p=0.95), step_seed=derive_step_seed(seed, 3))
+        alone = Sampler()(target_logits[None], [target])[0]
+        picks.add(alone)
+        other_rows = [SampleRow(RANDOM, None), SampleRow(GREEDY, None), SampleRow(RANDOM, 123)]
+        other_rows += [SampleRow(SamplingParams(top_k=3), None), SampleRow(RANDOM, None, (0, 1))]
+        batch = [(target_logits, target)] + list(zip(others, other_rows))
+        for _ in range(3):
+            rng.shuffle(batch)
+            ids = Sampler()(torch.stack([l for l, _ in batch]), [r for _, r in batch])
+            assert ids[[r for _, r in batch].index(target)] == alone
+    assert len(picks) > 3  # the seeds really draw different tokens
+
+
+def test_unseeded_rows_vary():
+    logits = torch.zeros(200, 10)
+    ids = Sampler()(logits, [SampleRow(RANDOM, None)] * 200)
+    assert len(set(ids)) > 5
+
+
+def test_derive_step_seed():
+    seeds = {derive_step_seed(s, p) for s in (0, 1, 2**64 - 1) for p in range(50)}
+    assert len(seeds) == 150
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert derive_step_seed(42, 7) == derive_step_seed(42, 7)
+
+
+# --- temperature, top-k, top-p -----------------------------------------------
+
+
+def test_temperature_one_follows_the_distribution():
+    assert_frequencies(draw_many(RANDOM), PROBS)
+
+
+def test_temperature_sharpens_and_flattens():
+    for t in (0.5, 2.0):
+        powered = [p ** (1 / t) for p in PROBS]
+        assert_frequencies(draw_many(SamplingParams(temperature=t)), [p / sum(powered) for p in powered])
+
+
+def test_tiny_temperature_does_not_overflow():
+    logits = torch.tensor([[1000.0, 999.0, -1000.0]])
+    assert Sampler()(logits, [SampleRow(SamplingParams(temperature=1e-6), 5)]) == [0]
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [(0.45, [0]), (0.7, [0, 1]), (0.85, [0, 1, 2]), (0.99, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])],
+)
+def test_top_p_keeps_the_smallest_set_reaching_the_mass(top_p, kept):
+    counts = draw_many(SamplingParams(top_p=top_p))
+    mass = sum(PROBS[i] for i in kept)
+    assert_frequencies(counts, [PROBS[i] / mass if i in kept else 0.0 for i in range(len(PROBS))])
+
+
+def test_top_k_keeps_the_k_most_likely():
+    counts = draw_many(SamplingParams(top_k=2))
+    assert_frequencies(counts, [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 4, 100])
+def test_top_k_off_or_at_least_vocab_keeps_all(top_k):
+    assert_frequencies(draw_many(SamplingParams(top_k=top_k)), PROBS)
+
+
+def test_top_k_applies_before_top_p():
+    # After top-k=2 the probabilities are 0.625/0.375, so top-p=0.6 keeps only
+    # id 0; top-p on the full distribution would have kept ids 0 and 1.
+    assert draw_many(SamplingParams(top_k=2, top_p=0.6), n=300) == [300, 0, 0, 0]
+
+
+def test_top_p_with_equal_probabilities_cuts_by_id():
+    counts = draw_many(SamplingParams(top_p=0.5), probs=[0.25] * 4, n=400)
+    assert counts[2:] == [0, 0] and min(counts[:2]) > 100
+
+
+# --- bans --------------------------------------------------------------------
+
+
+def test_banned_ids_are_never_sampled():
+    counts = draw_many(RANDOM, banned=(0, 2), n=500)
+    assert counts[0] == 0 and counts[2] == 0
+    assert_frequencies(counts, [0, 0.3 / 0.35, 0, 0.05 / 0.35])
+
+
+def test_banned_argmax_falls_to_the_next_best_and_input_is_untouched():
+    logits = torch.tensor([[0.0, 5.0, 4.0], [0.0, 5.0, 4.0]])
+    before = logits.clone()
+    rows = [SampleRow(GREEDY, None, banned_token_ids=(1,)), SampleRow(GREEDY, None)]
+    assert Sampler()(logits, rows) == [2, 1]
+    assert torch.equal(logits, before)
+
+
+def test_banned_with_top_k():
+    counts = draw_many(SamplingParams(top_k=1, temperature=1.0), banned=(0,), n=50)
+    assert counts == [0, 50, 0, 0]
