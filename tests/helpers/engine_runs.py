@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from multilora import LLM, SamplingParams
@@ -42,38 +41,49 @@ def assert_idle(engine) -> None:
     assert stats.adapter_holds == 0, stats
 
 
-@dataclass
-class Drained:
-    """What `drain` saw: final outputs, and the step at which each request first produced a token."""
-
-    finals: dict = field(default_factory=dict)
-    first_token_step: dict = field(default_factory=dict)
-    num_steps: int = 0
-
-
-def drain(engine, on_step: Optional[Callable[[object], None]] = None, max_steps: int = 5000) -> Drained:
-    """Step `engine` until it has no unfinished request.
+class StepTracker:
+    """Steps an engine and keeps what its outputs said, per request.
 
     Checks the streaming contract on the way: for each request the deltas of
-    its outputs concatenate exactly to its final token ids and text, and only
-    the last output is finished. `on_step(engine)` runs after every step.
+    its outputs concatenate exactly to its final token ids and text, and
+    nothing comes after its finished output. `on_step(engine)` runs after
+    every step.
     """
-    seen = Drained()
-    delta_ids: dict[str, list[int]] = {}
-    delta_text: dict[str, str] = {}
-    while engine.has_unfinished_requests():
-        assert seen.num_steps < max_steps, "engine made no progress"
-        for out in engine.step():
-            rid = out.request_id
-            assert rid not in seen.finals, f"output for {rid} after its final output"
-            seen.first_token_step.setdefault(rid, seen.num_steps)
-            delta_ids.setdefault(rid, []).extend(out.outputs[0].delta_token_ids)
-            delta_text[rid] = delta_text.get(rid, "") + out.outputs[0].delta_text
-            if out.finished:
-                assert delta_ids[rid] == out.outputs[0].token_ids, rid
-                assert delta_text[rid] == out.outputs[0].text, rid
-                seen.finals[rid] = out
-        seen.num_steps += 1
-        if on_step is not None:
-            on_step(engine)
-    return seen
+
+    def __init__(self, engine, on_step: Optional[Callable[[object], None]] = None):
+        self.engine, self.on_step = engine, on_step
+        self.finals: dict = {}
+        self.first_token_step: dict[str, int] = {}
+        self.num_steps = 0
+        self._delta_ids: dict[str, list[int]] = {}
+        self._delta_text: dict[str, str] = {}
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            self._record(out)
+        self.num_steps += 1
+        if self.on_step is not None:
+            self.on_step(self.engine)
+
+    def drain(self, max_steps: int = 5000) -> "StepTracker":
+        """Step until the engine has no unfinished request."""
+        while self.engine.has_unfinished_requests():
+            assert self.num_steps < max_steps, "engine made no progress"
+            self.step()
+        return self
+
+    def _record(self, out) -> None:
+        rid, completion = out.request_id, out.outputs[0]
+        assert rid not in self.finals, f"output for {rid} after its final output"
+        self.first_token_step.setdefault(rid, self.num_steps)
+        self._delta_ids.setdefault(rid, []).extend(completion.delta_token_ids)
+        self._delta_text[rid] = self._delta_text.get(rid, "") + completion.delta_text
+        if out.finished:
+            assert self._delta_ids[rid] == completion.token_ids, rid
+            assert self._delta_text[rid] == completion.text, rid
+            self.finals[rid] = out
+
+
+def drain(engine, on_step: Optional[Callable[[object], None]] = None) -> StepTracker:
+    """Step `engine` until it has no unfinished request; see StepTracker."""
+    return StepTracker(engine, on_step).drain()
