@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-# "1" = run the Triton kernels on CPU tensors too; they must then have been
-# decorated in Triton's interpreter (TRITON_INTERPRET=1 at import and at call).
+# "1" = run the Triton kernels on CPU tensors too (tests). Set it, or TRITON_INTERPRET=1,
+# before this module is imported: Triton picks compiled or interpreted at decoration.
 INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
 
 # Shrink splits its reduction over H_in until roughly this many programs are in flight:
@@ -127,7 +127,21 @@ def build_lora_meta(token_slots: torch.Tensor, num_slots: int) -> LoRAMeta:
 # ----------------------------------------------------------------------------- Triton kernels
 
 
-@triton.jit
+def _jit(fn):
+    """`triton.jit`, but interpreted when MULTILORA_TRITON_INTERPRET_KERNELS=1 at import.
+
+    The kernels call only Triton builtins (no @triton.jit helpers of triton.language
+    such as tl.zeros), so they interpret correctly even when triton was imported
+    compiled, and TRITON_INTERPRET need not be set for the whole process.
+    """
+    if os.environ.get(INTERPRET_ENV) != "1":
+        return triton.jit(fn)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = True
+        return triton.jit(fn)
+
+
+@_jit
 def _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M: tl.constexpr):
     """Token indices (int64) of one tile's rows and the mask of rows that exist."""
     start = tl.load(tile_starts_ptr + tile)
@@ -138,7 +152,7 @@ def _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M: tl
     return tokens, mask
 
 
-@triton.jit
+@_jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
@@ -159,7 +173,7 @@ def _lora_shrink_kernel(
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     x_rows = x_ptr + tokens[:, None] * stride_xt
     a_cols = a_ptr + slot * stride_as + offs_n[None, :] * stride_ar
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _jit
     for k in range(k_begin, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
@@ -174,7 +188,7 @@ def _lora_shrink_kernel(
         tl.store(out, acc, mask=mask)
 
 
-@triton.jit
+@_jit
 def _lora_expand_kernel(
     buf_ptr, b_ptr, y_ptr, scales_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
@@ -193,7 +207,7 @@ def _lora_expand_kernel(
     n_mask = offs_n < N
     buf_rows = buf_ptr + tokens[:, None] * stride_bt
     b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _jit
     for r in range(0, R, BLOCK_R):
         offs_r = r + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
@@ -230,8 +244,8 @@ def _check_kernel_runnable(t: torch.Tensor) -> None:
     interpreted = not isinstance(_lora_shrink_kernel, triton.runtime.JITFunction)
     if not t.is_cuda and not interpreted:
         raise RuntimeError(
-            f"{INTERPRET_ENV}=1 on CPU tensors needs TRITON_INTERPRET=1, set before "
-            "multilora_kernels.lora is imported"
+            f"Triton kernels on CPU tensors need {INTERPRET_ENV}=1 (or TRITON_INTERPRET=1) "
+            "set before multilora_kernels.lora is imported"
         )
 
 

@@ -16,6 +16,9 @@ DTYPES = [torch.float32, torch.float16]  # the interpreter mis-reads bfloat16: G
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 
+INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+
+
 @pytest.fixture(scope="module")
 def lora():
     """A private copy of kernels/lora.py whose Triton kernels are interpreted.
@@ -23,32 +26,43 @@ def lora():
     A copy, because `multilora_kernels.lora` may already be imported by other
     tests with compiled kernels, and Triton picks the mode at decoration time.
     """
-    name = "_lora_interpreted"
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    module = _load_interpreted("_lora_interpreted")
+    yield module
+    sys.modules.pop(module.__name__, None)
+
+
+def _load_interpreted(name: str):
+    saved = os.environ.get(INTERPRET_ENV)
+    os.environ[INTERPRET_ENV] = "1"
     try:
         spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / "lora.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up here
         spec.loader.exec_module(module)
     finally:
-        _restore_env("TRITON_INTERPRET", saved)
-    yield module
-    sys.modules.pop(name, None)
-
-
-def _restore_env(key, value):
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
+        if saved is None:
+            os.environ.pop(INTERPRET_ENV)
+        else:
+            os.environ[INTERPRET_ENV] = saved
+    return module
 
 
 @pytest.fixture
-def triton_on_cpu(lora, monkeypatch):
+def triton_on_cpu(monkeypatch):
     """Route lora_shrink/lora_expand on CPU tensors to the interpreted Triton kernels."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(lora.INTERPRET_ENV, "1")
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+
+
+def test_interpreted_by_our_variable_alone():
+    """Our variable interprets our kernels without changing TRITON_INTERPRET for others."""
+    import triton
+
+    before = os.environ.get("TRITON_INTERPRET")
+    module = _load_interpreted("_lora_interpreted_probe")
+    sys.modules.pop(module.__name__)
+    assert os.environ.get("TRITON_INTERPRET") == before
+    assert not isinstance(module._lora_shrink_kernel, triton.runtime.JITFunction)
+    assert not isinstance(module._tile_rows, triton.runtime.JITFunction)
 
 
 def _slots(mix: str, num_tokens: int, gen: torch.Generator) -> torch.Tensor:
@@ -137,8 +151,7 @@ def test_mixed_ranks_padded(lora, triton_on_cpu, dtype):
 @pytest.mark.parametrize("use_triton", [True, False])
 def test_expand_into_strided_view(lora, monkeypatch, use_triton):
     """y as the middle column slice of a fused output, buf as a column slice of a wider buffer."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(lora.INTERPRET_ENV, "1" if use_triton else "0")
+    monkeypatch.setenv(INTERPRET_ENV, "1" if use_triton else "0")
     gen = torch.Generator().manual_seed(3)
     _, _, b, scales = _weights(torch.float32, gen, 21)
     meta = lora.build_lora_meta(_slots("random", 21, gen), NUM_SLOTS)
@@ -200,9 +213,9 @@ def test_dispatch_follows_device_and_env(lora, monkeypatch):
         raise AssertionError("Triton path taken")
 
     monkeypatch.setattr(lora, "_shrink_triton", fail)
-    monkeypatch.delenv(lora.INTERPRET_ENV, raising=False)
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
     torch.testing.assert_close(lora.lora_shrink(x, a, meta), lora.lora_shrink_ref(x, a, meta))
-    monkeypatch.setenv(lora.INTERPRET_ENV, "1")
+    monkeypatch.setenv(INTERPRET_ENV, "1")
     with pytest.raises(AssertionError, match="Triton path taken"):
         lora.lora_shrink(x, a, meta)
 
@@ -211,7 +224,7 @@ def test_compiled_kernels_on_cpu_say_how_to_fix(monkeypatch):
     import multilora_kernels.lora as compiled
 
     if not isinstance(compiled._lora_shrink_kernel, compiled.triton.runtime.JITFunction):
-        pytest.skip("multilora_kernels.lora was imported under TRITON_INTERPRET=1")
+        pytest.skip("multilora_kernels.lora was imported with interpreted kernels")
     meta = compiled.build_lora_meta(torch.tensor([0, -1]), 1)
     monkeypatch.setenv(compiled.INTERPRET_ENV, "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

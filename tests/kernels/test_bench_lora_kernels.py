@@ -1,0 +1,35 @@
+"""The LoRA kernel benchmark runs end to end (CPU smoke mode: Triton interpreter, tiny shapes)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_lora_kernels.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("_bench_lora_kernels", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    # The bench sets it for --device cpu; registering it here restores it afterwards.
+    monkeypatch.setenv("MULTILORA_TRITON_INTERPRET_KERNELS", "1")
+    bench = _load_bench()
+    rc = bench.main(["--device", "cpu", "--dtype", "float32", "--shape-div", "64", "--tokens", "5",
+                     "--mixes", "base_mix", "--layers", "k|v", "--slots", "4", "--rank", "8",
+                     "--warmup", "0", "--iters", "1"])
+    result = json.loads((tmp_path / "lora_kernels.json").read_text())
+    assert rc == 0
+    assert [(c["op"], c["tokens"], c["h_in"], c["h_out"]) for c in result["cases"]] == [
+        ("shrink", 5, 64, 16), ("expand", 5, 64, 16)]
+    assert all(c["ok"] and c["floor_us"] > 0 for c in result["cases"])
+
+
+def test_bench_refuses_cuda_without_gpu_or_bf16_on_cpu(capsys):
+    bench = _load_bench()
+    assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2
+    assert "bfloat16" in capsys.readouterr().err
