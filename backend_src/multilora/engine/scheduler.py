@@ -1,0 +1,121 @@
+"""Scheduler: picks what runs in the next step under the token, sequence, KV and adapter-slot budgets.
+
+Every step mixes decode tokens and prefill chunks (chunked prefill). Running
+sequences go first, oldest first; when the KV cache runs out, the newest running
+sequence is preempted (its blocks are freed and it is recomputed later).
+Waiting sequences are admitted first come, first served. A request whose adapter
+cannot get a GPU slot waits, and later requests that would hold a slot wait
+behind it, so a stream of requests for resident adapters cannot starve it;
+base-model requests hold no slot and may pass.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from multilora.config import EngineConfig
+from multilora.engine.block_manager import BlockManager
+from multilora.engine.sequence import Sequence, SequenceStatus
+from multilora.lora.adapter_pool import AdapterPool
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]     # tokens each sequence computes this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, adapter_pool: AdapterPool):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.adapter_pool = adapter_pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], [])
+        preemptions_before = self.num_preemptions
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if self.num_preemptions == preemptions_before:   # no new work while memory is short
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue                       # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_grow(seq, num_new):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.grow(seq, num_new)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        slot_blocked = False
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.adapter_id:
+                if slot_blocked or not self.adapter_pool.can_acquire(seq.adapter_id):
+                    slot_blocked = True        # first come, first served for slots
+                    continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_grow(seq, num_new):
+                break                          # first come, first served for KV blocks
+            self.waiting.remove(seq)
+            if seq.adapter_id:
+                self.adapter_pool.acquire(seq.lora_request, seq.adapter)
+            self.block_manager.grow(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees the newest sequence's KV blocks and slot hold; it is recomputed when readmitted."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Removes a finished or aborted sequence and frees everything it holds."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if seq.adapter_id:
+            self.adapter_pool.release(seq.adapter_id)

@@ -1,0 +1,87 @@
+"""Builds the model from a Hugging Face directory: config, then safetensors weights (or random ones)."""
+
+import json
+import logging
+import os
+import time
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from multilora.model.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_config(model_dir: str):
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir!r} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise ValueError(f"architecture {architectures} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    return config
+
+
+def build_model(hf_config, model_dir: str, dtype: torch.dtype, device: torch.device, load_format: str):
+    start = time.perf_counter()
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlamaForCausalLM(hf_config)
+        finally:
+            torch.set_default_dtype(previous)
+    model.eval().requires_grad_(False)
+    if load_format == "dummy":
+        _init_random(model)
+    else:
+        _load_safetensors(model, model_dir)
+    logger.info("Loaded %s (%s, %s) in %.1f s", hf_config.architectures[0], dtype, load_format,
+                time.perf_counter() - start)
+    return model
+
+
+def _weight_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, name) for name in names]
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError("no *.safetensors weights in the model directory (pickled weights are not read)")
+    return [os.path.join(model_dir, f) for f in files]
+
+
+def _load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
+    params = dict(model.named_parameters())
+    missing = set(params)
+    for path in _weight_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name not in params:
+                    if "rotary_emb" not in name:
+                        logger.warning("Ignoring unexpected checkpoint tensor %s", name)
+                    continue
+                param = params[name]
+                tensor = f.get_tensor(name)
+                if tensor.shape != param.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+                param.data.copy_(tensor)
+                missing.discard(name)
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def _init_random(model: LlamaForCausalLM) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
