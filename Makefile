@@ -16,8 +16,10 @@ $(STAMP): requirements.txt requirements-test.txt requirements-serve.txt pyprojec
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# pytest, not `python -m pytest`: that would put the repo root, and so its kernels/
+# directory, on sys.path, where transformers mistakes it for the `kernels` package.
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 serve: venv
 	$(PY) scripts/serve.py $(SERVE_ARGS)
