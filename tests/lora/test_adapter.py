@@ -275,7 +275,7 @@ def test_dora_saved_by_peft(make_peft_adapter, spec, tmp_path):
 
 def test_lora_on_embeddings(make_peft_adapter, spec, tmp_path):
     make_peft_adapter(tmp_path / "emb", r=4, target_modules=["embed_tokens", "q_proj"])
-    assert "embedding" in _expect(AdapterFormatError, tmp_path / "emb", spec)
+    assert "embedding" in _expect(AdapterTargetError, tmp_path / "emb", spec)
 
 
 def test_adapter_for_another_base_model(make_peft_adapter, tiny_config, spec, tmp_path):

@@ -97,33 +97,46 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, adapter_slots: list[int],
                 sample_rows: list[Optional[SampleRow]]) -> list[Optional[int]]:
         """Runs the batch; returns the sampled token per sequence (None where no row was asked)."""
-        input_ids, positions, slot_mapping, token_slots, last_indices = [], [], [], [], []
-        block_tables, context_lens = [], []
+        # Prefill chunks first, then single-token (decode) sequences, whose attention is batched.
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] == 1)
+        input_ids, positions, slot_mapping, token_slots, last_index = [], [], [], [], {}
+        block_tables, context_lens, query_lens, decode_tables, decode_lens = [], [], [], [], []
         bs = self.config.block_size
-        for seq, num_new, adapter_slot in zip(batch.seqs, batch.num_new_tokens, adapter_slots):
+        for i in order:
+            seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            token_slots.extend([adapter_slot] * num_new)
-            last_indices.append(len(input_ids) - 1)
-            block_tables.append(torch.tensor(seq.block_table[:-(-end // bs)], dtype=torch.long, device=self.device))
-            context_lens.append(end)
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)
-        meta = AttentionMetadata(as_tensor(slot_mapping, torch.long), list(batch.num_new_tokens),
-                                 context_lens, block_tables)
+            token_slots.extend([adapter_slots[i]] * num_new)
+            last_index[i] = len(input_ids) - 1
+            table = seq.block_table[:-(-end // bs)]
+            if num_new == 1:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                block_tables.append(self._tensor(table, torch.long))
+                context_lens.append(end)
+                query_lens.append(num_new)
+        meta = AttentionMetadata(self._tensor(slot_mapping, torch.long), query_lens, context_lens, block_tables,
+                                 num_prefill_tokens=sum(query_lens))
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables], torch.long)
+            meta.decode_context_lens = self._tensor(decode_lens, torch.long)
         lora_meta = None
         if self.lora_layers and any(s >= 0 for s in adapter_slots):
-            lora_meta = build_lora_meta(as_tensor(token_slots, torch.int32), self.config.max_loras)
+            lora_meta = build_lora_meta(self._tensor(token_slots, torch.int32), self.config.max_loras)
         with lora_step(lora_meta):
-            hidden = self.model(as_tensor(input_ids, torch.long), as_tensor(positions, torch.long),
+            hidden = self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long),
                                 self.kv_caches, meta)
         wanted = [i for i, row in enumerate(sample_rows) if row is not None]
-        if not wanted:
-            return [None] * len(sample_rows)
-        logits = self.model.compute_logits(hidden[as_tensor([last_indices[i] for i in wanted], torch.long)])
-        tokens = self.sampler(logits, [sample_rows[i] for i in wanted])
         result: list[Optional[int]] = [None] * len(sample_rows)
-        for i, token in zip(wanted, tokens):
-            result[i] = token
+        if wanted:
+            logits = self.model.compute_logits(hidden[self._tensor([last_index[i] for i in wanted], torch.long)])
+            for i, token in zip(wanted, self.sampler(logits, [sample_rows[i] for i in wanted])):
+                result[i] = token
         return result
+
+    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)

@@ -353,7 +353,7 @@ def _index_tensors(tensors, name: str) -> tuple[dict[str, dict[str, str]], list[
     unknown = []
     for tensor_name in tensors:
         if _EMBEDDING_TENSOR.fullmatch(tensor_name):
-            raise AdapterFormatError(
+            raise AdapterTargetError(
                 f"adapter '{name}' has LoRA on an embedding layer ('{tensor_name}'), which this engine does not "
                 "support; retrain it on linear layers only")
         match = _TENSOR_NAME.fullmatch(tensor_name)

@@ -14,10 +14,19 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
+    """Per-step inputs of attention, built once per step by the model runner.
+
+    Sequences come first with several new tokens (prefill chunks), then the
+    decode sequences (one new token each), whose attention runs as one batch.
+    """
+
     slot_mapping: torch.Tensor          # [T] int64: where each new token's K/V is written
-    query_lens: list[int]               # new tokens per sequence (tokens are grouped by sequence)
-    context_lens: list[int]             # tokens in the cache per sequence after this step
-    block_tables: list[torch.Tensor]    # per sequence, int64 block ids covering its context
+    query_lens: list[int]               # new tokens per prefill sequence, in token order
+    context_lens: list[int]             # tokens in the cache per prefill sequence after this step
+    block_tables: list[torch.Tensor]    # per prefill sequence, int64 block ids covering its context
+    num_prefill_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None   # [D, max_blocks] int64, padded with 0
+    decode_context_lens: torch.Tensor | None = None   # [D] int64
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -30,14 +39,35 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, num_heads, head_dim] -> [T, num_heads, head_dim]; causal within each sequence."""
     out = torch.empty_like(q)
-    num_heads, num_kv_heads = q.shape[1], kv_cache.shape[3]
+    _prefill_attention(q, kv_cache, meta, scale, out)
+    if meta.decode_block_tables is not None:
+        p = meta.num_prefill_tokens
+        out[p:] = _decode_attention(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+    return out
+
+
+def _expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
+    return x if x.shape[dim] == num_heads else x.repeat_interleave(num_heads // x.shape[dim], dim=dim)
+
+
+def _decode_attention(q, kv_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched attention over padded contexts."""
+    num_seqs, num_heads = q.shape[0], q.shape[1]
+    k = kv_cache[0, block_tables].flatten(1, 2)                       # [D, C, kv_heads, head_dim]
+    v = kv_cache[1, block_tables].flatten(1, 2)
+    k = _expand_kv_heads(k, num_heads, 2).transpose(1, 2)             # [D, H, C, head_dim]
+    v = _expand_kv_heads(v, num_heads, 2).transpose(1, 2)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [D, C]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.view(num_seqs, num_heads, -1)
+
+
+def _prefill_attention(q, kv_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    num_heads = q.shape[1]
     start = 0
     for query_len, context_len, block_table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
-        k = kv_cache[0, block_table].flatten(0, 1)[:context_len]     # [C, kv_heads, head_dim]
-        v = kv_cache[1, block_table].flatten(0, 1)[:context_len]
-        if num_heads != num_kv_heads:
-            k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        k = _expand_kv_heads(kv_cache[0, block_table].flatten(0, 1)[:context_len], num_heads, 1)   # [C, H, D]
+        v = _expand_kv_heads(kv_cache[1, block_table].flatten(0, 1)[:context_len], num_heads, 1)
         query = q[start:start + query_len].transpose(0, 1)          # [H, Q, D]
         # Query i sits at position context_len - query_len + i and sees keys up to it.
         positions = torch.arange(context_len - query_len, context_len, device=q.device)
@@ -46,4 +76,3 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
                                                   attn_mask=mask, scale=scale)
         out[start:start + query_len] = attended.transpose(0, 1)
         start += query_len
-    return out
