@@ -186,3 +186,26 @@ def test_stops_at_any_eos_of_generation_config(tiny_zoo, tmp_path):
     (out,) = llm.generate([prompt], greedy(N), lora_request=lora)
     assert out.outputs[0].token_ids == expected
     assert_idle(llm.llm_engine)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_slots_preemption_and_chunked_prefill_together(tiny_zoo, kind):
+    """All pressures at once: 2 slots for 4 adapters, 24 KV blocks, a 16-token step budget."""
+    llm = make_llm(tiny_zoo, kind, max_loras=2, max_cpu_loras=2, block_size=4, num_kv_blocks=24,
+                   max_num_batched_tokens=16, max_num_seqs=6)
+    engine = llm.llm_engine
+    prompts = [long_prompt(40, seed=5), long_prompt(57, seed=4), *SHORT_PROMPTS, long_prompt(11, seed=2)]
+    requests = list(zip(prompts, itertools.cycle(("chat", "code", None, "sql", "kv"))))
+    for i, (prompt, adapter) in enumerate(requests):
+        lora = None if adapter is None else tiny_zoo.lora_request(kind, adapter)
+        engine.add_request(f"r{i}", prompt, greedy(N), lora)
+
+    def at_most_two_adapters(engine):
+        assert len(engine.stats().running_adapters) <= 2, engine.stats()
+
+    finals = drain(engine, on_step=at_most_two_adapters).finals
+    check_outputs(tiny_zoo, kind, requests, [finals[f"r{i}"] for i in range(len(requests))])
+    stats = engine.stats()
+    assert stats.adapter_evictions >= 2, stats
+    assert getattr(stats, "num_preemptions", 1) > 0, stats  # the counter is optional in the API
+    assert_idle(engine)
