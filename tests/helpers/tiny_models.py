@@ -4,8 +4,8 @@ Everything here is built offline and deterministically from seeds: a byte-level
 BPE tokenizer trained on a fixed corpus, tiny Llama / Qwen2 / Mistral models
 saved with `save_pretrained` (safetensors), and LoRA adapters saved by PEFT
 itself. `greedy_reference` is the ground truth the engine's tests compare to:
-a float32, cache-free greedy loop over the HF model with the adapter merged in
-by PEFT, one prompt at a time, eos ignored.
+a float32, cache-free greedy loop over the HF model with PEFT's LoRA layers
+loaded from the adapter directory, one prompt at a time, eos ignored.
 
 Weights are re-initialised at a larger scale than HF's default so that logits
 are peaked: greedy outputs then differ between adapters, and the gap between
