@@ -1,0 +1,76 @@
+"""Stream completions for the base model and several adapters at once over one gRPC stream.
+
+    python client_examples/grpc_stream.py --url 127.0.0.1:8001 --adapters sql,chat
+
+Every request goes out on the same bidirectional stream; the server answers
+each with text deltas (one response per new chunk) and marks the last one
+final. Deltas are printed as they arrive, then each request's whole text.
+Needs only tritonclient[grpc].
+"""
+
+import argparse
+import queue
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+def make_inputs(prompt: str, adapter: str, max_tokens: int) -> list:
+    def tensor(name, value, dtype, triton_type):
+        t = grpcclient.InferInput(name, [1], triton_type)
+        t.set_data_from_numpy(np.array([value], dtype=dtype))
+        return t
+
+    return [tensor("text_input", prompt.encode(), np.object_, "BYTES"),
+            tensor("lora_id", adapter.encode(), np.object_, "BYTES"),    # "" = base model
+            tensor("stream", True, bool, "BOOL"),
+            tensor("max_tokens", max_tokens, np.int32, "INT32"),
+            tensor("temperature", 0.0, np.float32, "FP32")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint")
+    parser.add_argument("--adapters", default="sql,chat", help="comma-separated adapter names")
+    parser.add_argument("--no-base", action="store_true", help="skip the base-model request")
+    parser.add_argument("--prompt", default="Hello! How are you")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    args = parser.parse_args(argv)
+    adapters = ([] if args.no_base else [""]) + [a for a in args.adapters.split(",") if a]
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(args.url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    for i, adapter in enumerate(adapters):
+        client.async_stream_infer("multilora", make_inputs(args.prompt, adapter, args.max_tokens),
+                                  request_id=str(i), enable_empty_final_response=False)
+
+    texts, errors, open_requests = {i: "" for i in range(len(adapters))}, 0, len(adapters)
+    while open_requests:
+        result, error = responses.get(timeout=300)
+        if error is not None:  # a failed request's only response; the others carry on
+            print(f"error: {error}")
+            errors, open_requests = errors + 1, open_requests - 1
+            continue
+        response = result.get_response()
+        i = int(response.id)
+        delta = result.as_numpy("text_output")[0].decode("utf-8")
+        texts[i] += delta
+        print(f"[{adapters[i] or 'base'}] +{delta!r}")
+        if response.parameters["triton_final_response"].bool_param:
+            open_requests -= 1
+    client.stop_stream()
+
+    print()
+    for i, adapter in enumerate(adapters):
+        print(f"{adapter or 'base':>6}: {args.prompt!r} -> {texts[i]!r}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InferenceServerException as e:
+        sys.exit(f"cannot reach the server: {e}")

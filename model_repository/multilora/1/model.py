@@ -1,0 +1,173 @@
+"""The Triton model `multilora`: a thin, decoupled adapter over multilora.AsyncLLMEngine.
+
+execute() parses each request and submits it; the engine thread hands every
+output to a queue; one sender thread turns outputs into responses, watches
+for client cancellation and updates the metrics. Each request gets exactly
+one response flagged final; an error goes to its own request only, with the
+Triton error code its type names (multilora.errors). This is the only file
+that imports triton_python_backend_utils.
+"""
+
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import triton_python_backend_utils as pb_utils
+from io_tensors import parse_request, response_arrays  # this directory
+from multilora import AsyncLLMEngine, EngineConfig, SamplingParams
+from multilora.errors import MultiLoRAError
+from multilora.lora.resolver import AdapterResolver
+from server_metrics import ServerMetrics
+from serving_config import load_serving_config
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+POLL_S = 0.05             # longest wait for an output before the sender looks around
+CANCEL_CHECK_S = 0.2      # how often in-flight requests are asked whether the client cancelled
+STATS_EVERY_S = 0.5       # how often gauges and pool counters are refreshed
+logger = logging.getLogger("multilora.triton")
+
+
+class _TritonLogHandler(logging.Handler):
+    """Library `logging` records into the Triton server's log."""
+
+    def emit(self, record):
+        log = (pb_utils.Logger.log_error if record.levelno >= logging.ERROR else
+               pb_utils.Logger.log_warn if record.levelno >= logging.WARNING else pb_utils.Logger.log_info)
+        log(f"[{record.name}] {self.format(record)}")
+
+
+def triton_error(error: Exception) -> "pb_utils.TritonError":
+    """The one mapping from our errors to Triton error codes (each error type names its code)."""
+    if not isinstance(error, MultiLoRAError):
+        logger.error("internal error", exc_info=error)
+        return pb_utils.TritonError("internal error; see the server log", pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(str(error), getattr(pb_utils.TritonError, error.code, pb_utils.TritonError.INTERNAL))
+
+
+class _Stream:
+    """One in-flight request, owned by the sender thread."""
+
+    __slots__ = ("sender", "parsed", "cancelled")
+
+    def __init__(self, sender, parsed):
+        self.sender, self.parsed, self.cancelled = sender, parsed, False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        root = logging.getLogger("multilora")
+        root.addHandler(_TritonLogHandler())
+        root.setLevel(logging.INFO)
+        config = load_serving_config(args["model_repository"])
+        self._resolver = AdapterResolver(config.adapter_roots, config.registry, config.hub_cache_dir)
+        self._metrics = ServerMetrics(pb_utils.MetricFamily,
+                                      {"model": args["model_name"], "version": args["model_version"]})
+        self._outbox: queue.Queue = queue.Queue()
+        self._engine = AsyncLLMEngine(EngineConfig.from_dict(config.engine),
+                                      on_adapter_loaded=lambda name, s: self._outbox.put(("load", name, s)))
+        self._streams: dict[str, _Stream] = {}
+        self._sender = threading.Thread(target=self._send_loop, name="multilora-sender", daemon=True)
+        self._sender.start()
+        logger.info("serving %s; adapters from %s", config.engine.get("model"), config.adapter_roots)
+
+    # ---- requests in --------------------------------------------------------
+
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None  # decoupled: responses go through each request's sender
+
+    def _submit(self, request):
+        sender = request.get_response_sender()
+        try:
+            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()})
+            params = SamplingParams(**parsed.sampling)
+            lora = self._resolver.resolve(parsed.adapter_name) if parsed.adapter_name else None
+        except Exception as e:  # a request's own fault: answer it alone
+            sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)
+            return
+        request_id = uuid.uuid4().hex
+        # Queued before add_request, so the sender knows the stream before its first output.
+        self._outbox.put(("new", request_id, _Stream(sender, parsed)))
+        try:
+            self._engine.add_request(request_id, parsed.prompt, params, lora,
+                                     on_output=lambda out: self._outbox.put(("out", request_id, out)))
+        except Exception as e:
+            self._outbox.put(("fail", request_id, e))
+
+    # ---- responses out (sender thread) --------------------------------------
+
+    def _send_loop(self):
+        next_cancel_check = next_stats = 0.0
+        while True:
+            try:
+                item = self._outbox.get(timeout=POLL_S)
+            except queue.Empty:
+                item = None
+            if item is not None and item[0] == "stop":
+                return
+            try:
+                if item is not None:
+                    self._handle(*item)
+                now = time.monotonic()
+                if now >= next_cancel_check:
+                    next_cancel_check = now + CANCEL_CHECK_S
+                    self._check_cancelled()
+                if now >= next_stats:
+                    next_stats = now + STATS_EVERY_S
+                    self._metrics.update(self._engine.stats())
+            except Exception:  # never let one bad response stop every stream
+                logger.exception("sender: failed handling %s", item[0] if item else "a periodic check")
+
+    def _handle(self, kind, request_id, payload):
+        if kind == "new":
+            self._streams[request_id] = payload
+        elif kind == "load":
+            self._metrics.record_adapter_load(payload)
+        elif kind == "fail":
+            stream = self._streams.pop(request_id)
+            self._send(stream, pb_utils.InferenceResponse(error=triton_error(payload)), FINAL)
+        elif request_id in self._streams:
+            self._on_output(request_id, payload)
+
+    def _on_output(self, request_id, out):
+        stream = self._streams[request_id]
+        if out.error is not None:
+            response, flags = pb_utils.InferenceResponse(error=triton_error(out.error)), FINAL
+        elif out.finished or (stream.parsed.stream and out.outputs[0].delta_token_ids):
+            arrays = response_arrays(stream.parsed, out, final=out.finished)
+            tensors = [pb_utils.Tensor(name, array) for name, array in arrays.items()]
+            response, flags = pb_utils.InferenceResponse(output_tensors=tensors), FINAL if out.finished else 0
+        else:
+            return  # non-streaming requests answer once; an empty delta says nothing
+        self._send(stream, response, flags)
+        if out.finished:
+            del self._streams[request_id]
+            self._record(stream, out)
+
+    def _record(self, stream, out):
+        outcome = out.error.code if out.error is not None else out.outputs[0].finish_reason
+        if stream.cancelled and out.error is not None:
+            outcome = "abort"
+        self._metrics.record_finished(out.lora_request.lora_name if out.lora_request else None, out, outcome)
+
+    def _send(self, stream, response, flags):
+        try:
+            stream.sender.send(response, flags=flags)
+        except Exception as e:  # the client may be gone; its request is over either way
+            logger.info("could not send a response: %s", e)
+
+    def _check_cancelled(self):
+        for request_id, stream in self._streams.items():
+            if not stream.cancelled and stream.sender.is_cancelled():
+                stream.cancelled = True
+                self._engine.abort(request_id)  # its final output (CANCELLED) frees KV blocks and adapter
+
+    def finalize(self):
+        """Abort what is still running (Triton has already waited for in-flight requests), then stop."""
+        self._engine.shutdown()  # every unfinished request gets its final (aborted) output first
+        self._outbox.put(("stop", None, None))
+        self._sender.join(timeout=30)
+        self._metrics.close()

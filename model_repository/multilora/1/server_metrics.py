@@ -1,0 +1,123 @@
+"""The model's Prometheus metrics, served on the Triton server's /metrics.
+
+Names follow vLLM's where one exists (`lora_requests_info` with its
+running/waiting adapter labels and `max_lora`), under a `multilora:` prefix.
+Triton's metric API is passed in (`pb_utils.MetricFamily`), keeping the Triton
+server import in model.py and letting tests use a fake. Every call here is an
+IPC round trip to the server, so one thread (model.py's sender) makes them.
+"""
+
+import time
+from typing import Optional
+
+BASE_MODEL_LABEL = "(base)"  # not a valid adapter name, so it cannot collide with one
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+LOAD_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+# EngineStats cumulative counters -> the counter that follows them.
+_POOL_COUNTERS = {
+    "adapter_pool_hits": "adapter pool lookups that found the adapter already loaded",
+    "adapter_pool_misses": "adapter pool lookups that had to load the adapter",
+    "adapter_loads": "adapters loaded from disk into host memory",
+    "adapter_evictions": "adapters evicted from the pool",
+}
+
+
+class ServerMetrics:
+    """Metric families plus the per-adapter and per-label-set metrics made on demand."""
+
+    def __init__(self, family_cls, labels: dict[str, str]):
+        self._family_cls, self._labels = family_cls, dict(labels)
+        self._families = []  # a family must outlive its metrics: keep every one
+        counter, gauge, histogram = family_cls.COUNTER, family_cls.GAUGE, family_cls.HISTOGRAM
+        f = self._family
+        self._requests = f("requests_total", "finished requests by adapter and outcome "
+                           "(stop, length, abort, or the error code)", counter)
+        self._prompt_tokens = f("prompt_tokens_total", "prompt tokens of finished requests, by adapter", counter)
+        self._generation_tokens = f("generation_tokens_total", "generated tokens, by adapter", counter)
+        self._ttft = f("time_to_first_token_seconds", "time to first token, by adapter", histogram)
+        self._load_time = f("adapter_load_seconds", "time to load an adapter from disk", histogram)
+        self._info = f("lora_requests_info", "running and waiting adapters (labels) and max_lora; "
+                       "the value is when they last changed", gauge)
+        gauges = {
+            "num_requests_running": "requests being generated",
+            "num_requests_waiting": "requests waiting for a slot, KV blocks or an adapter slot",
+            "kv_cache_usage_perc": "fraction of KV cache blocks in use (1 = full)",
+            "adapter_holds": "adapter references held by unfinished requests",
+            "resident_adapters": "adapters loaded in the pool",
+        }
+        self._gauges = {key: f(key, text, gauge).Metric(labels=self._labels) for key, text in gauges.items()}
+        self._pool = {key: f(key + "_total", text, counter).Metric(labels=self._labels)
+                      for key, text in _POOL_COUNTERS.items()}
+        self._pool_seen = dict.fromkeys(_POOL_COUNTERS, 0)
+        self._load_metric = self._load_time.Metric(labels=self._labels, buckets=LOAD_BUCKETS)
+        self._per_adapter: dict[tuple, object] = {}
+        self._info_key: Optional[tuple] = None
+        self._info_metric = None
+
+    def _family(self, name: str, description: str, kind):
+        family = self._family_cls(name=f"multilora:{name}", description=description, kind=kind)
+        self._families.append(family)
+        return family
+
+    def _adapter_metric(self, family, adapter_name: Optional[str], buckets=None, **extra):
+        labels = {**self._labels, "lora_name": adapter_name or BASE_MODEL_LABEL, **extra}
+        key = (id(family), tuple(sorted(labels.items())))
+        metric = self._per_adapter.get(key)
+        if metric is None:
+            kwargs = {"buckets": buckets} if buckets is not None else {}
+            metric = self._per_adapter[key] = family.Metric(labels=labels, **kwargs)
+        return metric
+
+    # ---- events -----------------------------------------------------------------
+
+    def record_finished(self, adapter_name: Optional[str], output, outcome: str):
+        """A request's final output (a multilora RequestOutput) and how it ended."""
+        self._adapter_metric(self._requests, adapter_name, outcome=outcome).increment(1)
+        generated = len(output.outputs[0].token_ids) if output.outputs else 0
+        if output.prompt_token_ids:
+            self._adapter_metric(self._prompt_tokens, adapter_name).increment(len(output.prompt_token_ids))
+        if generated:
+            self._adapter_metric(self._generation_tokens, adapter_name).increment(generated)
+        m = output.metrics
+        if m is not None and m.first_token_time is not None:
+            ttft = max(0.0, m.first_token_time - m.arrival_time)
+            self._adapter_metric(self._ttft, adapter_name, buckets=TTFT_BUCKETS).observe(ttft)
+
+    def record_adapter_load(self, seconds: float):
+        self._load_metric.observe(seconds)
+
+    def update(self, stats):
+        """Gauges and pool counters from an EngineStats snapshot."""
+        g = self._gauges
+        g["num_requests_running"].set(stats.num_running)
+        g["num_requests_waiting"].set(stats.num_waiting)
+        g["kv_cache_usage_perc"].set(stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
+        g["adapter_holds"].set(stats.adapter_holds)
+        g["resident_adapters"].set(len(stats.resident_adapters))
+        for key, metric in self._pool.items():
+            value = getattr(stats, key)
+            if value > self._pool_seen[key]:  # Triton counters only go up: add what is new
+                metric.increment(value - self._pool_seen[key])
+                self._pool_seen[key] = value
+        self._update_info(stats)
+
+    def _update_info(self, stats):
+        key = (",".join(sorted(set(stats.running_adapters))), ",".join(sorted(set(stats.waiting_adapters))),
+               str(stats.max_loras))
+        if key == self._info_key:
+            return
+        # One sample per label set, as in vLLM: drop the old set before adding the new one.
+        self._info_metric = None
+        labels = dict(zip(("running_lora_adapters", "waiting_lora_adapters", "max_lora"), key))
+        self._info_metric = self._info.Metric(labels={**self._labels, **labels})
+        self._info_metric.set(time.time())
+        self._info_key = key
+
+    def close(self):
+        """Drop every metric before its family, as Triton's metric API requires."""
+        self._info_metric = None
+        self._per_adapter.clear()
+        self._gauges.clear()
+        self._pool.clear()
+        self._load_metric = None
+        self._families.clear()
