@@ -57,6 +57,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.hf_config, self.max_model_len)
         self.lora_spec = LoRAModelSpec.from_hf_config(self.hf_config)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        # A sequence never grows past what the model or, alone, the KV cache holds.
+        self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * config.block_size)
         self.adapter_pool = AdapterPool(config.max_loras, config.host_lora_capacity, self._load_adapter,
                                         on_adapter_loaded)
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
@@ -84,11 +86,10 @@ class LLMEngine:
             raise InvalidRequestError("params must be a SamplingParams")
         params.validate()
         prompt_text, token_ids = self._tokenize(prompt)
-        limit = min(self.max_model_len, self.runner.num_kv_blocks * self.config.block_size)
-        if len(token_ids) >= limit:
+        if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; this server takes at most "
-                                     f"{limit - 1} (max_model_len {self.max_model_len}, KV cache "
-                                     f"{self.runner.num_kv_blocks * self.config.block_size} tokens)")
+                                     f"{self.max_seq_len - 1} (max_model_len {self.max_model_len}, KV cache "
+                                     f"{self.block_manager.num_blocks * self.config.block_size} tokens)")
         adapter = None
         if lora_request is not None:
             if not self.config.enable_lora:
@@ -169,7 +170,7 @@ class LLMEngine:
             reason, seq.stop_reason = "stop", None
         elif stop_string is not None:
             reason, seq.stop_reason = "stop", stop_string
-        elif generated >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif generated >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
