@@ -6,7 +6,7 @@ byte-level BPE tokenizer trained on a few built-in sentences, a Llama with
 random weights, and LoRA adapters with random (non-zero) B matrices so that
 each adapter visibly changes the output. The same seed gives the same files.
 
-    python scripts/make_random_model.py OUT_DIR [--adapters sql,chat,poem]
+    python scripts/make_random_model.py OUT_DIR [--adapters sql,chat,code]
 prints the model directory and the adapter root it wrote.
 """
 
@@ -29,7 +29,7 @@ _CORPUS = [
 ]
 VOCAB_SIZE = 384
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_ADAPTERS = ("sql", "chat", "poem")
+DEFAULT_ADAPTERS = ("sql", "chat", "code")
 MARKER = ".multilora-random-model"   # tells a generated directory from a user's model
 
 

@@ -37,7 +37,7 @@ class ServerMetrics:
         self._ttft = f("time_to_first_token_seconds", "time to first token, by adapter", histogram)
         self._load_time = f("adapter_load_seconds", "time to load an adapter from disk", histogram)
         self._info = f("lora_requests_info", "running and waiting adapters (labels) and max_lora; "
-                       "the value is when they last changed", gauge)
+                       "the current label set holds the time it became current, earlier ones 0", gauge)
         gauges = {
             "num_requests_running": "requests being generated",
             "num_requests_waiting": "requests waiting for a slot, KV blocks or an adapter slot",
@@ -52,7 +52,7 @@ class ServerMetrics:
         self._load_metric = self._load_time.Metric(labels=self._labels, buckets=LOAD_BUCKETS)
         self._per_adapter: dict[tuple, object] = {}
         self._info_key: Optional[tuple] = None
-        self._info_metric = None
+        self._info_metrics: dict[tuple, object] = {}
 
     def _family(self, name: str, description: str, kind):
         family = self._family_cls(name=f"multilora:{name}", description=description, kind=kind)
@@ -106,16 +106,21 @@ class ServerMetrics:
                str(stats.max_loras))
         if key == self._info_key:
             return
-        # One sample per label set, as in vLLM: drop the old set before adding the new one.
-        self._info_metric = None
-        labels = dict(zip(("running_lora_adapters", "waiting_lora_adapters", "max_lora"), key))
-        self._info_metric = self._info.Metric(labels={**self._labels, **labels})
-        self._info_metric.set(time.time())
+        # As in vLLM, the current label set holds the time it became current. Triton
+        # keeps a label set's sample for good once made, so earlier sets are reused
+        # and set to 0: the one non-zero sample is the current one.
+        if self._info_key is not None:
+            self._info_metrics[self._info_key].set(0)
+        metric = self._info_metrics.get(key)
+        if metric is None:
+            labels = dict(zip(("running_lora_adapters", "waiting_lora_adapters", "max_lora"), key))
+            metric = self._info_metrics[key] = self._info.Metric(labels={**self._labels, **labels})
+        metric.set(time.time())
         self._info_key = key
 
     def close(self):
         """Drop every metric before its family, as Triton's metric API requires."""
-        self._info_metric = None
+        self._info_metrics.clear()
         self._per_adapter.clear()
         self._gauges.clear()
         self._pool.clear()

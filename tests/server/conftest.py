@@ -1,0 +1,159 @@
+"""A real Triton server (started by scripts/serve.py) on the tiny Llama of the test zoo.
+
+The session's server gets free ports and its own run directory; it is
+stopped at the end even when tests fail, and its log is attached to every
+failed test's report. `reference` runs the same requests through the engine
+in-process, which is what the server's streams must reproduce exactly.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers.tiny_models import copy_adapter
+
+REPO = Path(__file__).resolve().parents[2]
+ADAPTERS = ("sql", "chat", "code")   # served from the adapter root
+REGISTERED = "kv"                    # served only through multi_lora.json, from outside the root
+MAX_LORA_RANK = 16
+READY_TIMEOUT_S = 300
+_server_log: list[Path] = []
+
+
+@dataclass(frozen=True)
+class Server:
+    grpc_url: str
+    http_url: str
+    metrics_url: str
+    adapter_root: Path
+    model_dir: Path
+    log: Path
+    registered: str = REGISTERED  # an adapter served only through multi_lora.json
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/multilora/ready", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _layout(zoo, base: Path) -> tuple[Path, Path]:
+    """An adapter root with good, broken and escaping adapters, and a registry pointing outside it."""
+    root = base / "adapters"
+    root.mkdir()
+    for name in ADAPTERS:
+        copy_adapter(zoo.adapter_dir("llama", name), root / name)
+    copy_adapter(zoo.broken_adapter_dir("bin_only"), root / "binonly")
+    outside = copy_adapter(zoo.adapter_dir("llama", "sql"), base / "outside" / "sql")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    registry = base / "multi_lora.json"
+    registry.write_text(json.dumps({REGISTERED: str(zoo.adapter_dir("llama", REGISTERED))}))
+    return root, registry
+
+
+def _stop(proc: subprocess.Popen):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # the launcher forwards it; tritonserver unloads the model
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of this session still alive
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_zoo, tmp_path_factory) -> Server:
+    base = tmp_path_factory.mktemp("server")
+    root, registry = _layout(tiny_zoo, base)
+    model_dir = tiny_zoo.model_dir("llama")
+    http, grpc, metrics = _free_ports(3)
+    log = base / "server.log"
+    _server_log.append(log)
+    cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), "--model", str(model_dir),
+           "--adapter-roots", str(root), "--registry", str(registry), "--run-dir", str(base / "run"),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--dtype", "float32", "--device", "cpu", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
+           "--num-kv-blocks", "128", "--block-size", "16", "--ready-timeout", str(READY_TIMEOUT_S)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {"MULTILORA_TEST_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    srv = Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}", root, model_dir, log)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S + 30
+        while not srv.is_ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not become ready (exit code {proc.poll()}); log:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_zoo):
+    """reference(prompt, adapter, max_tokens) -> (text, token_ids) from the engine in-process (greedy, eos ignored)."""
+    from multilora import LLM, SamplingParams
+
+    llm = LLM(model=str(tiny_zoo.model_dir("llama")), enable_lora=True, max_loras=4,
+              max_lora_rank=MAX_LORA_RANK, dtype="float32", device="cpu", num_kv_blocks=64)
+    cache = {}
+
+    def run(prompt, adapter, max_tokens, adapter_dir=None):
+        key = (tuple(prompt) if isinstance(prompt, list) else prompt, adapter, max_tokens, adapter_dir)
+        if key not in cache:
+            lora = None
+            if adapter is not None:
+                lora = tiny_zoo.lora_request("llama", adapter)
+                if adapter_dir is not None:
+                    lora = type(lora)(adapter, lora.lora_int_id + 1000, str(adapter_dir))
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            out = llm.generate([prompt], params, lora_request=lora)[0].outputs[0]
+            cache[key] = (out.text, list(out.token_ids))
+        return cache[key]
+
+    return run
+
+
+def _tail(path: Path, lines: int = 150) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "server" in item.fixturenames and _server_log:
+        report.sections.append(("Triton server log (tail)", _tail(_server_log[-1])))
+

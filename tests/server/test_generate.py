@@ -1,0 +1,78 @@
+"""Through a real Triton server: streams and HTTP generate reproduce the engine's in-process output exactly."""
+
+import json
+
+from triton_client import http_generate, run_stream
+
+MAX_TOKENS = 12
+
+
+def stream_request(prompt, adapter=None, **extra) -> dict:
+    values = {"text_input": prompt, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+              "ignore_eos": True, **extra}
+    if adapter is not None:
+        values["lora_id"] = adapter
+    return values
+
+
+def test_concurrent_streams_for_base_and_adapters_match_the_engine(server, reference):
+    cases = {  # request id -> (prompt, adapter)
+        "base": ("Hello, world!", None),
+        "sql": ("SELECT name FROM users WHERE", "sql"),
+        "chat": ("Hello, world!", "chat"),
+        "code": ("the quick brown fox", "code"),
+        "registered": ("Hello, world!", server.registered),   # through multi_lora.json, outside the root
+    }
+    requests = {rid: stream_request(prompt, adapter, return_finish_reason=True)
+                for rid, (prompt, adapter) in cases.items()}
+    results = run_stream(server.grpc_url, requests)
+
+    for rid, (prompt, adapter) in cases.items():
+        r = results[rid]
+        text, token_ids = reference(prompt, adapter, MAX_TOKENS)
+        assert r.error is None, (rid, r.error)
+        assert r.finals == 1, rid
+        assert (r.text, r.token_ids) == (text, token_ids), rid
+        assert len(r.deltas) > 1, f"{rid}: one response per new chunk, not one in all"
+        assert r.finish_reason == "length", rid
+    # The adapters really change the output, so the comparison above says something.
+    assert results["base"].text != results["chat"].text != results["registered"].text
+
+
+def test_sampling_parameters_lora_name_selects_the_adapter(server, reference):
+    params = json.dumps({"lora_name": "chat", "max_tokens": str(MAX_TOKENS), "temperature": "0",
+                         "ignore_eos": "true"})  # vllm_backend style: values may be strings
+    r = run_stream(server.grpc_url, {"x": {"text_input": "Hello, world!", "stream": True,
+                                           "sampling_parameters": params}})["x"]
+    assert r.error is None
+    assert r.text == reference("Hello, world!", "chat", MAX_TOKENS)[0]
+
+
+def test_http_generate_returns_the_same_text(server, reference):
+    prompt = "SELECT name FROM users WHERE"
+    text, token_ids = reference(prompt, "sql", MAX_TOKENS)
+    body = {"text_input": prompt, "lora_id": "sql", "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+
+    status, out = http_generate(server.http_url, {**body, "exclude_input_in_output": True,
+                                                  "return_num_input_tokens": True, "return_num_output_tokens": True})
+    assert status == 200, out
+    assert out["text_output"] == text
+    assert out["output_ids"] == token_ids
+    assert out["num_output_tokens"] == MAX_TOKENS and out["num_input_tokens"] > 0
+
+    status, out = http_generate(server.http_url, body)  # vllm_backend default: the prompt comes first
+    assert (status, out["text_output"]) == (200, prompt + text)
+
+    status, events = http_generate(server.http_url, {**body, "stream": True}, stream=True)
+    assert status == 200
+    assert "".join(e["text_output"] for e in events) == text
+    assert len(events) > 1
+
+
+def test_token_id_prompt(server, reference):
+    prompt = [5, 17, 42, 99, 123, 7]
+    text, token_ids = reference(prompt, "code", MAX_TOKENS)
+    r = run_stream(server.grpc_url, {"ids": {"input_ids": prompt, "lora_id": "code", "stream": True,
+                                             "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}})["ids"]
+    assert r.error is None
+    assert (r.text, r.token_ids) == (text, token_ids)

@@ -1,0 +1,112 @@
+"""Small tritonclient helpers for the server tests: build inputs, run requests on one gRPC stream."""
+
+import json
+import queue
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+# The contract's input types (CONTRACT.md §2).
+DTYPES = {
+    "text_input": np.object_, "lora_id": np.object_, "stop": np.object_, "sampling_parameters": np.object_,
+    "input_ids": np.int32, "max_tokens": np.int32, "top_k": np.int32, "min_tokens": np.int32,
+    "temperature": np.float32, "top_p": np.float32, "seed": np.uint64,
+    "stream": bool, "ignore_eos": bool, "exclude_input_in_output": bool,
+    "return_finish_reason": bool, "return_num_input_tokens": bool, "return_num_output_tokens": bool,
+}
+
+
+def make_inputs(values: dict) -> list:
+    """Contract inputs from Python values; an np.ndarray value is sent as is (wrong dtypes/shapes on purpose)."""
+    inputs = []
+    for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            array = value
+        else:
+            items = value if isinstance(value, list) else [value]
+            if DTYPES[name] is np.object_:
+                items = [v.encode() if isinstance(v, str) else v for v in items]
+            array = np.array(items, dtype=DTYPES[name])
+        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
+        inputs.append(t)
+    return inputs
+
+
+@dataclass
+class StreamResult:
+    deltas: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    finals: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+def run_stream(url: str, requests: dict[str, dict], timeout: float = 120.0) -> dict[str, StreamResult]:
+    """Send every request on one gRPC stream at once; collect each one's responses until its final one."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    results = {rid: StreamResult() for rid in requests}
+    try:
+        for rid, values in requests.items():
+            client.async_stream_infer("multilora", make_inputs(values), request_id=rid,
+                                      enable_empty_final_response=True)
+        _collect(responses, results, timeout)
+    finally:
+        client.stop_stream()
+        client.close()
+    return results
+
+
+def _collect(responses: queue.Queue, results: dict[str, StreamResult], timeout: float):
+    open_ids = set(results)
+    while open_ids:
+        result, error = responses.get(timeout=timeout)
+        if error is not None:
+            # A stream error names no request id; the message is checked by the caller.
+            rid = _request_id_of_error(error, open_ids)
+            results[rid].error, results[rid].finals = str(error), results[rid].finals + 1
+            open_ids.discard(rid)
+            continue
+        response = result.get_response()
+        r = results[response.id]
+        if response.outputs:
+            r.deltas.append(result.as_numpy("text_output")[0].decode("utf-8"))
+            r.token_ids += result.as_numpy("output_ids").tolist()
+            if result.as_numpy("finish_reason") is not None:
+                r.finish_reason = result.as_numpy("finish_reason")[0].decode() or r.finish_reason
+        if response.parameters["triton_final_response"].bool_param:
+            r.finals += 1
+            open_ids.discard(response.id)
+
+
+def _request_id_of_error(error, open_ids: set[str]) -> str:
+    """tritonclient reports stream errors without the request id; ours carry it in the message when possible."""
+    if len(open_ids) == 1:
+        return next(iter(open_ids))
+    raise AssertionError(f"an error arrived while several requests were open: {error}")
+
+
+def http_generate(http_url: str, body: dict, stream: bool = False, timeout: float = 120.0):
+    """POST to /generate (or /generate_stream); returns (status, parsed JSON or list of SSE events)."""
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(f"{http_url}/v2/models/multilora/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    if not stream:
+        return status, json.loads(text)
+    return status, [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
