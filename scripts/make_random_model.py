@@ -110,6 +110,9 @@ def make_random_model(out_dir: str, adapters=DEFAULT_ADAPTERS, seed: int = 0) ->
     model_dir, adapter_root = os.path.join(out_dir, "model"), os.path.join(out_dir, "adapters")
     if os.path.exists(os.path.join(out_dir, MARKER)):
         return model_dir, adapter_root
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a few tiny files: bars would only clutter the launcher's output
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".random-model-", dir=parent)
@@ -135,9 +138,6 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", default=",".join(DEFAULT_ADAPTERS), help="comma-separated adapter names")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     names = [n for n in args.adapters.split(",") if n]
     model_dir, adapter_root = make_random_model(args.out_dir, names, args.seed)
     print(f"model:        {model_dir}\nadapter root: {adapter_root} ({', '.join(names)})")

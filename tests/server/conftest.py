@@ -37,6 +37,7 @@ class Server:
     adapter_root: Path
     model_dir: Path
     log: Path
+    admin_key: str = ""
     registered: str = REGISTERED  # an adapter served only through multi_lora.json
 
     def metrics(self) -> str:
@@ -104,9 +105,12 @@ def server(tiny_zoo, tmp_path_factory) -> Server:
            "--dtype", "float32", "--device", "cpu", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
            "--num-kv-blocks", "128", "--block-size", "16", "--ready-timeout", str(READY_TIMEOUT_S)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {"MULTILORA_TEST_THREADS": "1"}
+    admin_key = "test-admin-key"
+    cmd += ["--admin-key", admin_key]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}", root, model_dir, log)
+    srv = Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}", root, model_dir,
+                 log, admin_key)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S + 30
         while not srv.is_ready():
