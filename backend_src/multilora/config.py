@@ -22,6 +22,7 @@ class EngineConfig:
     device: str = "auto"                   # auto: cuda when present, else cpu
     load_format: str = "auto"              # dummy: random weights at the checkpoint's shapes
     seed: int = 0
+    enforce_eager: bool = False            # True: no CUDA graphs (they are used on GPUs for decode steps)
     max_model_len: Optional[int] = None    # defaults to max_position_embeddings
     # KV cache
     block_size: int = 16

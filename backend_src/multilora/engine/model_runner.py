@@ -6,11 +6,13 @@ and samples one token for every sequence whose prompt is fully computed.
 """
 
 import logging
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from multilora.config import EngineConfig
+from multilora.engine.cuda_graph import DecodeGraphs
 from multilora.engine.scheduler import ScheduledBatch
 from multilora.lora.mapping import lora_step
 from multilora.model.attention import AttentionMetadata
@@ -53,6 +55,12 @@ class ModelRunner:
         self.num_kv_blocks = self._measure_kv_blocks(hf_config, max_model_len)
         self.kv_caches = self._allocate_kv_caches(hf_config)
         self.sampler = Sampler()
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.kv_caches, max_batch=min(config.max_num_seqs, 256),
+                max_blocks_per_seq=-(-max_model_len // config.block_size), scratch_block=self.num_kv_blocks,
+                block_size=config.block_size, num_lora_slots=config.max_loras if self.lora_layers else None)
 
     # ---- start-up -------------------------------------------------------
     def _kv_shape(self, hf_config, num_blocks: int) -> tuple[int, ...]:
@@ -78,7 +86,9 @@ class ModelRunner:
         return blocks
 
     def _allocate_kv_caches(self, hf_config) -> list[torch.Tensor]:
-        shape = self._kv_shape(hf_config, self.num_kv_blocks)
+        # One block more than the block manager hands out: the scratch block that padded
+        # rows of a CUDA-graph batch write into.
+        shape = self._kv_shape(hf_config, self.num_kv_blocks + 1)
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
 
     # ---- adapters -------------------------------------------------------
@@ -97,46 +107,76 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, adapter_slots: list[int],
                 sample_rows: list[Optional[SampleRow]]) -> list[Optional[int]]:
         """Runs the batch; returns the sampled token per sequence (None where no row was asked)."""
-        # Prefill chunks first, then single-token (decode) sequences, whose attention is batched.
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] == 1)
-        input_ids, positions, slot_mapping, token_slots, last_index = [], [], [], [], {}
-        block_tables, context_lens, query_lens, decode_tables, decode_lens = [], [], [], [], []
-        bs = self.config.block_size
-        for i in order:
-            seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            token_slots.extend([adapter_slots[i]] * num_new)
-            last_index[i] = len(input_ids) - 1
-            table = seq.block_table[:-(-end // bs)]
-            if num_new == 1:
-                decode_tables.append(table)
-                decode_lens.append(end)
-            else:
-                block_tables.append(self._tensor(table, torch.long))
-                context_lens.append(end)
-                query_lens.append(num_new)
-        meta = AttentionMetadata(self._tensor(slot_mapping, torch.long), query_lens, context_lens, block_tables,
-                                 num_prefill_tokens=sum(query_lens))
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables], torch.long)
-            meta.decode_context_lens = self._tensor(decode_lens, torch.long)
-        lora_meta = None
-        if self.lora_layers and any(s >= 0 for s in adapter_slots):
-            lora_meta = build_lora_meta(self._tensor(token_slots, torch.int32), self.config.max_loras)
-        with lora_step(lora_meta):
-            hidden = self.model(self._tensor(input_ids, torch.long), self._tensor(positions, torch.long),
-                                self.kv_caches, meta)
+        step = self._prepare(batch, adapter_slots)
+        graphs = self.decode_graphs
+        if graphs is not None and not step.query_lens and len(step.input_ids) <= graphs.max_batch:
+            hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.decode_tables,
+                                step.decode_lens, step.token_slots)
+        else:
+            hidden = self._run_eager(step, adapter_slots)
         wanted = [i for i, row in enumerate(sample_rows) if row is not None]
         result: list[Optional[int]] = [None] * len(sample_rows)
         if wanted:
-            logits = self.model.compute_logits(hidden[self._tensor([last_index[i] for i in wanted], torch.long)])
+            rows = self._tensor([step.last_index[i] for i in wanted], torch.long)
+            logits = self.model.compute_logits(hidden[rows])
             for i, token in zip(wanted, self.sampler(logits, [sample_rows[i] for i in wanted])):
                 result[i] = token
         return result
 
+    def _prepare(self, batch: ScheduledBatch, adapter_slots: list[int]) -> "_StepInputs":
+        """Flattens the batch: prefill chunks first, then single-token (decode) sequences."""
+        step = _StepInputs()
+        bs = self.config.block_size
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] == 1)
+        for i in order:
+            seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            step.input_ids.extend(seq.token_ids[start:end])
+            step.positions.extend(range(start, end))
+            step.slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            step.token_slots.extend([adapter_slots[i]] * num_new)
+            step.last_index[i] = len(step.input_ids) - 1
+            table = seq.block_table[:-(-end // bs)]
+            if num_new == 1:
+                step.decode_tables.append(table)
+                step.decode_lens.append(end)
+            else:
+                step.prefill_tables.append(table)
+                step.context_lens.append(end)
+                step.query_lens.append(num_new)
+        return step
+
+    def _run_eager(self, step: "_StepInputs", adapter_slots: list[int]) -> torch.Tensor:
+        meta = AttentionMetadata(self._tensor(step.slot_mapping, torch.long), step.query_lens, step.context_lens,
+                                 [self._tensor(t, torch.long) for t in step.prefill_tables],
+                                 num_prefill_tokens=sum(step.query_lens))
+        if step.decode_tables:
+            width = max(len(t) for t in step.decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in step.decode_tables]
+            meta.decode_block_tables = self._tensor(padded, torch.int32)
+            meta.decode_context_lens = self._tensor(step.decode_lens, torch.int32)
+        lora_meta = None
+        if self.lora_layers and any(s >= 0 for s in adapter_slots):
+            lora_meta = build_lora_meta(self._tensor(step.token_slots, torch.int32), self.config.max_loras)
+        with lora_step(lora_meta):
+            return self.model(self._tensor(step.input_ids, torch.long), self._tensor(step.positions, torch.long),
+                              self.kv_caches, meta)
+
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
+
+
+@dataclass
+class _StepInputs:
+    """One step's flattened inputs, as host lists."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    token_slots: list[int] = field(default_factory=list)
+    last_index: dict[int, int] = field(default_factory=dict)     # batch index -> row of its last token
+    query_lens: list[int] = field(default_factory=list)          # prefill sequences
+    context_lens: list[int] = field(default_factory=list)
+    prefill_tables: list[list[int]] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)  # decode sequences
+    decode_lens: list[int] = field(default_factory=list)

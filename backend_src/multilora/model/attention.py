@@ -25,8 +25,8 @@ class AttentionMetadata:
     context_lens: list[int]             # tokens in the cache per prefill sequence after this step
     block_tables: list[torch.Tensor]    # per prefill sequence, int64 block ids covering its context
     num_prefill_tokens: int = 0
-    decode_block_tables: torch.Tensor | None = None   # [D, max_blocks] int64, padded with 0
-    decode_context_lens: torch.Tensor | None = None   # [D] int64
+    decode_block_tables: torch.Tensor | None = None   # [D, max_blocks] int32, padded with any valid block
+    decode_context_lens: torch.Tensor | None = None   # [D] int32
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
             scaling = 1.0
         elif rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)   # on the default (model) device
         else:
             raise ValueError(f"rope type {rope_type!r} is not supported")
         if rope_type in ("dynamic", "longrope"):
@@ -25,7 +25,7 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
