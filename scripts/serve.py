@@ -55,6 +55,8 @@ def _env_name(flag: str) -> str:
 def _add(parser, flag, help_text, default=None, **kwargs):
     """An option whose default comes from its MULTILORA_* environment variable."""
     env = _env_name(flag)
+    if default not in (None, "") and "default:" not in help_text:
+        help_text += f" (default: {default})"
     parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help_text} [env {env}]", **kwargs)
 
 
@@ -78,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add(g, "--metrics-port", "Prometheus /metrics port", default=8002, type=int)
     _add(g, "--admin-key", "value of the admin header that unlocks the restricted APIs "
          "(default: random, saved in RUN_DIR/admin-key)")
-    _add(g, "--run-dir", "runtime directory (model repository copy, backend, random model)",
+    _add(g, "--run-dir", "runtime directory (model repository copy, backend, random model; default: .run)",
          default=os.path.join(REPO, ".run"))
     _add(g, "--tritonserver", "tritonserver binary (default: on PATH, else the nvidia-pytriton wheel's)")
     _add(g, "--ready-timeout", "seconds to wait for the model to be ready", default=600, type=float)
