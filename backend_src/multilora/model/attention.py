@@ -36,10 +36,12 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     flat[1].index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, num_heads, head_dim] -> [T, num_heads, head_dim]; causal within each sequence."""
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, num_heads, head_dim], k/v: the new tokens' [T, kv_heads, head_dim] (already in the cache)
+    -> [T, num_heads, head_dim]; causal within each sequence."""
     out = torch.empty_like(q)
-    _prefill_attention(q, kv_cache, meta, scale, out)
+    _prefill_attention(q, k, v, kv_cache, meta, scale, out)
     if meta.decode_block_tables is not None:
         p = meta.num_prefill_tokens
         out[p:] = _decode_attention(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
@@ -62,17 +64,27 @@ def _decode_attention(q, kv_cache, block_tables, context_lens, scale) -> torch.T
     return out.view(num_seqs, num_heads, -1)
 
 
-def _prefill_attention(q, kv_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-    num_heads = q.shape[1]
+def _prefill_attention(q, k_new, v_new, kv_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
     start = 0
     for query_len, context_len, block_table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
-        k = _expand_kv_heads(kv_cache[0, block_table].flatten(0, 1)[:context_len], num_heads, 1)   # [C, H, D]
-        v = _expand_kv_heads(kv_cache[1, block_table].flatten(0, 1)[:context_len], num_heads, 1)
-        query = q[start:start + query_len].transpose(0, 1)          # [H, Q, D]
-        # Query i sits at position context_len - query_len + i and sees keys up to it.
-        positions = torch.arange(context_len - query_len, context_len, device=q.device)
-        mask = torch.arange(context_len, device=q.device)[None, :] <= positions[:, None]
-        attended = F.scaled_dot_product_attention(query, k.transpose(0, 1), v.transpose(0, 1),
-                                                  attn_mask=mask, scale=scale)
-        out[start:start + query_len] = attended.transpose(0, 1)
+        rows = slice(start, start + query_len)
+        if query_len == context_len:
+            # A whole prompt at once: its keys are the new ones, no need to read the cache.
+            k, v, causal = k_new[rows], v_new[rows], None
+        else:
+            k = kv_cache[0, block_table].flatten(0, 1)[:context_len]          # [C, kv_heads, D]
+            v = kv_cache[1, block_table].flatten(0, 1)[:context_len]
+            # Query i sits at position context_len - query_len + i and sees keys up to it.
+            positions = torch.arange(context_len - query_len, context_len, device=q.device)
+            causal = torch.arange(context_len, device=q.device)[None, :] <= positions[:, None]
+        out[rows] = _attend(q[rows], k, v, causal, scale)
         start += query_len
+
+
+def _attend(q, k, v, mask, scale) -> torch.Tensor:
+    """q [Q, H, D], k/v [C, kv_heads, D]; mask None = causal with Q == C."""
+    num_heads = q.shape[1]
+    k = _expand_kv_heads(k, num_heads, 1).transpose(0, 1)
+    v = _expand_kv_heads(v, num_heads, 1).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out.transpose(0, 1)

@@ -51,7 +51,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.apply(q, k, cos, sin)
         write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, kv_cache, meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
 
