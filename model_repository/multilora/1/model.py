@@ -134,16 +134,16 @@ class TritonPythonModel:
 
     def _on_output(self, request_id, out):
         stream = self._streams[request_id]
+        final = out.finished or out.error is not None
         if out.error is not None:
-            response, flags = pb_utils.InferenceResponse(error=triton_error(out.error)), FINAL
-        elif out.finished or (stream.parsed.stream and out.outputs[0].delta_token_ids):
-            arrays = response_arrays(stream.parsed, out, final=out.finished)
-            tensors = [pb_utils.Tensor(name, array) for name, array in arrays.items()]
-            response, flags = pb_utils.InferenceResponse(output_tensors=tensors), FINAL if out.finished else 0
+            response = pb_utils.InferenceResponse(error=triton_error(out.error))
+        elif final or (stream.parsed.stream and out.outputs[0].delta_token_ids):
+            arrays = response_arrays(stream.parsed, out, final=final)
+            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
         else:
             return  # non-streaming requests answer once; an empty delta says nothing
-        self._send(stream, response, flags)
-        if out.finished:
+        self._send(stream, response, FINAL if final else 0)
+        if final:
             del self._streams[request_id]
             self._record(stream, out)
 
