@@ -1,0 +1,232 @@
+"""Paged decode attention: the Triton kernels (in Triton's interpreter, on CPU) against the torch
+twin, and the twin against plain SDPA per sequence."""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+# bfloat16 only on a GPU (test at the end): the interpreter mis-reads it.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+NUM_BLOCKS = 40
+
+
+@pytest.fixture(scope="module")
+def attn():
+    """A private copy of kernels/attention.py whose Triton kernels are interpreted.
+
+    A copy, because `multilora_kernels.attention` may already be imported by other
+    tests with compiled kernels, and Triton picks the mode at decoration time.
+    """
+    name = "_attention_interpreted"
+    saved = os.environ.get(INTERPRET_ENV)
+    os.environ[INTERPRET_ENV] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / "attention.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop(INTERPRET_ENV)
+        else:
+            os.environ[INTERPRET_ENV] = saved
+    yield module
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Route paged_decode_attention on CPU tensors to the interpreted Triton kernels."""
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+
+
+def _case(context_lens, heads, kv_heads, head_dim, block_size, dtype, gen, pad_blocks=3, pad_id=0):
+    """q, kv_cache, block_tables, context_lens: distinct random blocks per sequence, rows padded.
+
+    Each row holds its sequence's blocks in shuffled order, then `pad_id` up to a width of
+    `pad_blocks` more entries than the longest sequence needs.
+    """
+    lens = torch.tensor(context_lens)
+    needed = [math.ceil(n / block_size) for n in context_lens]
+    width = max(needed + [1]) + pad_blocks
+    ids = torch.randperm(NUM_BLOCKS, generator=gen)
+    assert sum(needed) <= NUM_BLOCKS
+    tables = torch.full((len(context_lens), width), pad_id, dtype=torch.int64)
+    start = 0
+    for d, n in enumerate(needed):
+        tables[d, :n] = ids[start:start + n]
+        start += n
+    q = torch.randn(len(context_lens), heads, head_dim, generator=gen).to(dtype)
+    kv = torch.randn(2, NUM_BLOCKS, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    return q, kv, tables, lens
+
+
+def _sdpa_per_sequence(q, kv, tables, lens, scale):
+    """Naive reference: gather each sequence's keys in order, repeat KV heads, SDPA in fp64."""
+    heads, kv_heads, block_size = q.shape[1], kv.shape[3], kv.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for d, n in enumerate(lens.tolist()):
+        if n <= 0:
+            continue
+        blocks = tables[d, :math.ceil(n / block_size)]
+        k = kv[0, blocks].flatten(0, 1)[:n].double().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, Dh]
+        v = kv[1, blocks].flatten(0, 1)[:n].double().repeat_interleave(heads // kv_heads, dim=1)
+        query = q[d].double()[:, None, :]  # [H, 1, Dh]
+        out[d] = F.scaled_dot_product_attention(query, k.transpose(0, 1), v.transpose(0, 1), scale=scale)[:, 0]
+    return out
+
+
+SHAPES = [  # heads, kv_heads, head_dim, block_size
+    (4, 2, 16, 4),   # GQA, group 2
+    (4, 4, 32, 16),  # MHA
+    (4, 1, 16, 16),  # MQA, group 4
+    (4, 2, 32, 4),
+]
+
+
+@pytest.mark.parametrize("num_splits,block_n,dtype", [
+    (1, 16, torch.float32), (1, 16, torch.float16), (3, 16, torch.float32), (3, 16, torch.float16),
+    (None, None, torch.float32),  # the public entry point with its own split choice and tile
+])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-KVH{}-Dh{}-BS{}".format(*s))
+def test_kernel_matches_ref(attn, triton_on_cpu, shape, num_splits, block_n, dtype):
+    heads, kv_heads, head_dim, bs = shape
+    gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + bs)
+    lens = [1, bs, bs + 1, 3 * bs + 2, 37]  # ragged, one block, block edges, several tiles
+    q, kv, tables, context_lens = _case(lens, heads, kv_heads, head_dim, bs, dtype, gen)
+    scale = head_dim ** -0.5
+    expected = attn.paged_decode_attention_ref(q, kv, tables, context_lens, scale)
+
+    out = torch.full_like(q, float("nan"))
+    if num_splits is None:
+        assert attn.paged_decode_attention(q, kv, tables, context_lens, scale, out) is out
+    else:
+        attn._decode_triton(q, kv, tables, context_lens, scale, out, num_splits=num_splits, block_n=block_n)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_single_sequence_many_splits(attn, triton_on_cpu, num_splits, index_dtype):
+    """D = 1, a context of several tiles cut into up to 8 splits (some empty), int32/int64 indices."""
+    gen = torch.Generator().manual_seed(num_splits)
+    q, kv, tables, lens = _case([101], 4, 2, 16, 4, torch.float32, gen, pad_blocks=20)
+    expected = attn.paged_decode_attention_ref(q, kv, tables, lens, 0.3)
+    out = torch.empty_like(q)
+    attn._decode_triton(q, kv, tables.to(index_dtype), lens.to(index_dtype), 0.3, out,
+                        num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_padding_entries_are_never_read(attn, triton_on_cpu, num_splits):
+    """Table entries past each row's context may be garbage ids: the kernel never reads them."""
+    gen = torch.Generator().manual_seed(7)
+    q, kv, tables, lens = _case([5, 17, 2], 4, 2, 16, 4, torch.float32, gen, pad_blocks=4)
+    expected = attn.paged_decode_attention_ref(q, kv, tables, lens, 0.25)
+    poisoned = tables.clone()
+    for d, n in enumerate(lens.tolist()):
+        poisoned[d, math.ceil(n / 4):] = 2**40  # far outside the cache
+    out = torch.empty_like(q)
+    attn._decode_triton(q, kv, poisoned, lens, 0.25, out, num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    torch.testing.assert_close(attn.paged_decode_attention_ref(q, kv, poisoned, lens, 0.25), expected)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_rows_without_keys_give_zero(attn, triton_on_cpu, num_splits):
+    """context_len 0 (a padded batch row under a CUDA graph) gives 0, never NaN; others unaffected."""
+    gen = torch.Generator().manual_seed(8)
+    q, kv, tables, lens = _case([9, 1, 30], 4, 2, 16, 4, torch.float32, gen)
+    lens[1] = 0
+    out = torch.full_like(q, float("nan"))
+    attn._decode_triton(q, kv, tables, lens, 0.25, out, num_splits=num_splits, block_n=16)
+    expected = attn.paged_decode_attention_ref(q, kv, tables, lens, 0.25)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(expected[1], out[1])
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_writes_into_a_strided_out_and_reads_a_strided_q(attn, triton_on_cpu):
+    """q and out as views into wider buffers (decode rows after prefill rows, a fused qkv)."""
+    gen = torch.Generator().manual_seed(9)
+    q, kv, tables, lens = _case([6, 21], 4, 2, 16, 4, torch.float32, gen)
+    fused = torch.randn(2, 8, 16, generator=gen)  # q heads then 4 other heads
+    fused[:, :4] = q
+    buffer = torch.randn(5, 4, 16, generator=gen)
+    before = buffer.clone()
+
+    result = attn.paged_decode_attention(fused[:, :4], kv, tables, lens, 0.25, out=buffer[3:])
+
+    assert result.data_ptr() == buffer[3:].data_ptr()
+    torch.testing.assert_close(buffer[3:], attn.paged_decode_attention_ref(q, kv, tables, lens, 0.25))
+    assert torch.equal(buffer[:3], before[:3])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-KVH{}-Dh{}-BS{}".format(*s))
+def test_ref_matches_sdpa_per_sequence(attn, shape):
+    heads, kv_heads, head_dim, bs = shape
+    gen = torch.Generator().manual_seed(10)
+    q, kv, tables, lens = _case([1, bs, bs + 1, 2 * bs + 3, 0], heads, kv_heads, head_dim, bs, torch.float32, gen)
+    out = attn.paged_decode_attention_ref(q, kv, tables, lens, 0.2)
+    torch.testing.assert_close(out.double(), _sdpa_per_sequence(q, kv, tables, lens, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_num_splits_depends_on_shapes_only(attn):
+    split = attn._num_splits
+    # Llama-3-8B (KVH 8) on 132 SMs: fill ~4 programs per SM, at most 64 splits.
+    assert split(1, 8, 8192, 32, 132) == 64
+    assert split(16, 8, 8192, 32, 132) == 5
+    assert split(64, 8, 8192, 32, 132) == 2
+    assert split(66, 8, 8192, 32, 132) == 1 and split(256, 8, 8192, 32, 132) == 1
+    assert split(1, 8, 64, 32, 132) == 2  # never more splits than tiles in the table's capacity
+
+
+def test_dispatch_follows_device_and_env(attn, monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    q, kv, tables, lens = _case([3, 7], 4, 2, 16, 4, torch.float32, gen)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("Triton path taken")
+
+    monkeypatch.setattr(attn, "_decode_triton", fail)
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
+    torch.testing.assert_close(attn.paged_decode_attention(q, kv, tables, lens, 0.3),
+                               attn.paged_decode_attention_ref(q, kv, tables, lens, 0.3))
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    with pytest.raises(AssertionError, match="Triton path taken"):
+        attn.paged_decode_attention(q, kv, tables, lens, 0.3)
+
+
+def test_compiled_kernels_on_cpu_say_how_to_fix(monkeypatch):
+    import multilora_kernels.attention as compiled
+
+    if not isinstance(compiled._decode_kernel, compiled.triton.runtime.JITFunction):
+        pytest.skip("multilora_kernels.attention was imported with interpreted kernels")
+    monkeypatch.setenv(compiled.INTERPRET_ENV, "1")
+    q, kv = torch.ones(1, 2, 16), torch.ones(2, 3, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        compiled.paged_decode_attention(q, kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3]), 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_seqs", [1, 16, 256])
+def test_cuda_bf16_llama_shapes_match_ref(num_seqs):
+    from multilora_kernels.attention import paged_decode_attention, paged_decode_attention_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    kw = dict(device="cuda", generator=gen)
+    lens = torch.randint(1, 2048, (num_seqs,), **kw)
+    lens[0] = 2048
+    kv = torch.randn(2, num_seqs * 128 + 1, 16, 8, 128, **kw).bfloat16()
+    tables = (torch.randperm(num_seqs * 128, **kw).view(num_seqs, 128) + 1).int()
+    q = torch.randn(num_seqs, 32, 128, **kw).bfloat16()
+    out = paged_decode_attention(q, kv, tables, lens, 128 ** -0.5)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, kv, tables, lens, 128 ** -0.5), rtol=2e-2, atol=2e-2)
