@@ -31,6 +31,9 @@ def test_perf_analyzer_streams_mixed_adapters_without_errors(server):
     env = {**os.environ, "PYTHON": sys.executable, "URL": server.grpc_url, "REQUESTS": "12", "CONCURRENCY": "4"}
     run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=240)
     output = run.stdout + run.stderr
+    assert "error while loading shared libraries" not in output, (
+        f"perf_analyzer cannot start ({output.strip()}); it needs Debian's libb64-0d and the "
+        "nvidia-cuda-runtime-cu12 wheel, which `make venv` installs")
     assert run.returncode == 0, output
     assert "error" not in output.lower(), output
     assert "Request concurrency: 4" in output
