@@ -2,6 +2,7 @@
 twin, and the twin against plain SDPA per sequence."""
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
 INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
 # bfloat16 only on a GPU (test at the end): the interpreter mis-reads it.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
@@ -214,6 +216,24 @@ def test_compiled_kernels_on_cpu_say_how_to_fix(monkeypatch):
     q, kv = torch.ones(1, 2, 16), torch.ones(2, 3, 4, 1, 16)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         compiled.paged_decode_attention(q, kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3]), 1.0)
+
+
+def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
+    """bench/bench_attention.py end to end on CPU (interpreter, tiny shapes), as the H200 run uses it."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv(INTERPRET_ENV, "1")  # the bench sets it for --device cpu; restored afterwards
+    spec = importlib.util.spec_from_file_location("_bench_attention", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--device", "cpu", "--dtype", "float32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                     "--block-size", "4", "--seqs", "2", "--contexts", "9", "--table-tokens", "32",
+                     "--warmup", "0", "--iters", "1"])
+    result = json.loads((tmp_path / "attention.json").read_text())
+    assert rc == 0
+    [case] = result["cases"]
+    assert (case["seqs"], case["context"], case["table_width"]) == (2, 9, 8)
+    assert case["ok"] and case["torch_err"] < 1e-5 and case["floor_us"] > 0
+    assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2  # the interpreter mis-reads bf16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,295 @@
+"""Benchmark the paged decode attention kernel against the engine's current torch path.
+
+Llama-3-8B attention shapes (H 32, KVH 8, Dh 128, block size 16), bf16, decode batches
+of D sequences with a context of C tokens each. For each case: the kernel replayed from
+a CUDA graph (how a graphed decode step sees it) and eager (wrapper + launch), the torch
+path the engine runs today (gather + repeat_interleave + SDPA, copied from
+`model/attention.py`), the HBM floor (K/V bytes the step must read, plus q, out and
+block tables, / bandwidth), and the kernel's error against `paged_decode_attention_ref`.
+Each timed call reads its own blocks of a cache cycled past the 50 MB L2, so small
+cases are not L2-resident. Prints a table and writes $OUT/attention.json (else
+bench/attention.json).
+
+    python bench/bench_attention.py                    # H200: D in 1,16,64,256 x C in 128,1024,4096
+    python bench/bench_attention.py --sweep            # also time launch configs, recommend one
+    python bench/bench_attention.py --device cpu --dtype float32 --heads 4 --kv-heads 2 \\
+        --head-dim 16 --seqs 1,3 --contexts 5,40 --iters 1 --warmup 0   # smoke test, interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+L2_BYTES = 50 * 2**20
+MAX_SETS = 512  # distinct block-table sets cycled by the timed calls
+SWEEP = dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(2, 3), split_factor=(0.5, 1, 2))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", default="1,16,64,256", help="comma-separated decode batch sizes D")
+    p.add_argument("--contexts", default="128,1024,4096", help="comma-separated context lengths C")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--table-tokens", type=int, default=0,
+                   help="pad every block table to this many tokens (a graphed engine's fixed width); 0 = C")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu runs the kernel in Triton's interpreter (smoke test only)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--graph-calls", type=int, default=20, help="kernel calls captured per CUDA graph (at least)")
+    p.add_argument("--skip-torch", action="store_true", help="do not time the current torch path")
+    p.add_argument("--sweep", action="store_true", help=f"time every launch config of {SWEEP}")
+    p.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the floor (H200)")
+    return p.parse_args(argv)
+
+
+def load_kernels(device: str):
+    """kernels/attention.py loaded by path, so the bench needs only torch, triton and the repo."""
+    if device == "cpu":  # read when the kernels are decorated and when they run
+        os.environ["MULTILORA_TRITON_INTERPRET_KERNELS"] = "1"
+    name = "multilora_kernels_attention_bench"
+    spec = importlib.util.spec_from_file_location(name, REPO / "kernels" / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- the torch path today
+
+
+def _expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
+    return x if x.shape[dim] == num_heads else x.repeat_interleave(num_heads // x.shape[dim], dim=dim)
+
+
+def torch_decode_attention(q, kv_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """`_decode_attention` of backend_src/multilora/model/attention.py, verbatim."""
+    num_seqs, num_heads = q.shape[0], q.shape[1]
+    k = kv_cache[0, block_tables].flatten(1, 2)                       # [D, C, kv_heads, head_dim]
+    v = kv_cache[1, block_tables].flatten(1, 2)
+    k = _expand_kv_heads(k, num_heads, 2).transpose(1, 2)             # [D, H, C, head_dim]
+    v = _expand_kv_heads(v, num_heads, 2).transpose(1, 2)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [D, C]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.view(num_seqs, num_heads, -1)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Median milliseconds of a callable: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: str, warmup: int, iters: int):
+        self.cuda = device == "cuda"
+        self.warmup, self.iters = warmup, iters
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        return statistics.median(self._once(fn) for _ in range(max(1, self.iters)))
+
+    def _once(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def graph(self, calls: list) -> float | None:
+        """Per-call time of `calls` (one callable each) replayed from one CUDA graph."""
+        if not self.cuda:
+            return None
+        for fn in calls[:2]:
+            fn()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in calls:
+                fn()
+        ms = self(graph.replay) / len(calls)
+        del graph
+        return ms
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+class Case:
+    """A decode batch: D sequences of C tokens, `sets` disjoint block-table sets over one cache."""
+
+    def __init__(self, args, num_seqs: int, context: int):
+        dtype, dev = getattr(torch, args.dtype), args.device
+        self.num_seqs, self.context = num_seqs, context
+        bs = args.block_size
+        blocks_per_seq = math.ceil(context / bs)
+        width = max(blocks_per_seq, math.ceil(args.table_tokens / bs))
+        self.kv_bytes = 2 * num_seqs * context * args.kv_heads * args.head_dim * _elem(dtype)
+        self.floor_bytes = (self.kv_bytes + 2 * num_seqs * args.heads * args.head_dim * _elem(dtype)
+                            + 4 * num_seqs * blocks_per_seq + 8 * num_seqs)
+        per_set = 2 * num_seqs * blocks_per_seq * bs * args.kv_heads * args.head_dim * _elem(dtype)
+        self.sets = 1 if dev == "cpu" else max(1, min(MAX_SETS, math.ceil(3 * L2_BYTES / per_set)))
+        num_blocks = self.sets * num_seqs * blocks_per_seq + 1  # block 0: the padding entry
+        gen = torch.Generator().manual_seed(num_seqs * 100003 + context)
+        self.kv = torch.randn(2, num_blocks, bs, args.kv_heads, args.head_dim, dtype=dtype, device=dev)
+        ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).view(self.sets, num_seqs, blocks_per_seq)
+        tables = torch.zeros(self.sets, num_seqs, width, dtype=torch.int32)
+        tables[:, :, :blocks_per_seq] = ids.int()
+        self.tables = tables.to(dev)
+        self.lens = torch.full((num_seqs,), context, dtype=torch.int32, device=dev)
+        self.q = torch.randn(num_seqs, args.heads, args.head_dim, dtype=dtype, device=dev)
+        self.out = torch.empty_like(self.q)
+        self.scale = args.head_dim ** -0.5
+
+    def kernel_calls(self, k, count: int, **config) -> list:
+        """`count` kernel calls cycling through the table sets (private launcher when configured)."""
+        def call(table):
+            if config:
+                return lambda: k._decode_triton(self.q, self.kv, table, self.lens, self.scale, self.out, **config)
+            return lambda: k.paged_decode_attention(self.q, self.kv, table, self.lens, self.scale, self.out)
+        count = max(count, self.sets)
+        return [call(self.tables[i % self.sets]) for i in range(count)]
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1e3
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max |expected|)."""
+    return (actual.float() - expected.float()).abs().max().item(), expected.float().abs().max().item()
+
+
+def bench_case(k, timer: Timer, args, num_seqs: int, context: int) -> dict:
+    case = Case(args, num_seqs, context)
+    table = case.tables[0]
+    expected = k.paged_decode_attention_ref(case.q, case.kv, table, case.lens, case.scale)
+    err, magnitude = max_error(k.paged_decode_attention(case.q, case.kv, table, case.lens, case.scale), expected)
+    calls = case.kernel_calls(k, args.graph_calls)
+    eager = itertools.cycle(calls)
+    row = dict(
+        seqs=num_seqs, context=context, dtype=args.dtype, table_width=table.shape[1], l2_sets=case.sets,
+        splits=k._num_splits(num_seqs, args.kv_heads, table.shape[1] * args.block_size, k._BLOCK_N,
+                             k._num_sms(case.q.device)),
+        kv_mb=case.kv_bytes / 1e6, floor_us=case.floor_bytes / args.bandwidth * 1e6,
+        kernel_graph_us=_us(timer.graph(calls)), kernel_eager_us=_us(timer(lambda: next(eager)())),
+        torch_us=None, torch_err=None, max_abs_err=err, ok=err <= TOL[case.q.dtype] * max(1.0, magnitude),
+    )
+    if not args.skip_torch:
+        row["torch_us"] = _us(timer(lambda: torch_decode_attention(case.q, case.kv, table, case.lens, case.scale)))
+        row["torch_err"] = max_error(torch_decode_attention(case.q, case.kv, table, case.lens, case.scale), expected)[0]
+    if args.sweep and timer.cuda:
+        row["sweep"] = sweep_case(k, timer, case, row["splits"], args)
+    del case
+    return row
+
+
+def sweep_case(k, timer: Timer, case: Case, default_splits: int, args) -> list[dict]:
+    """Graph time of every launch config of SWEEP (the split count scaled around the default)."""
+    results = []
+    for block_n, warps, stages, factor in itertools.product(*SWEEP.values()):
+        splits = max(1, min(k._MAX_SPLITS, round(default_splits * factor)))
+        if factor != 1 and splits == default_splits:
+            continue
+        config = dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
+        try:
+            us = _us(timer.graph(case.kernel_calls(k, args.graph_calls, **config)))
+        except Exception as exc:  # a config that does not compile or fit: report it, keep going
+            print(f"  config {config} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        results.append(dict(config, split_factor=factor, us=us))
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'D':>4} {'C':>5} {'split':>5} {'KV MB':>8} {'floor_us':>9} {'graph_us':>9} {'%floor':>7} "
+          f"{'eager_us':>9} {'torch_us':>9} {'torch/k':>8} {'max_err':>8} ok")
+    for r in rows:
+        best = r["kernel_graph_us"] or r["kernel_eager_us"]
+        graph = f"{r['kernel_graph_us']:9.1f}" if r["kernel_graph_us"] is not None else f"{'-':>9}"
+        torch_us = f"{r['torch_us']:9.1f}" if r["torch_us"] is not None else f"{'-':>9}"
+        ratio = f"{r['torch_us'] / best:7.1f}x" if r["torch_us"] is not None else f"{'-':>8}"
+        print(f"{r['seqs']:4d} {r['context']:5d} {r['splits']:5d} {r['kv_mb']:8.2f} {r['floor_us']:9.2f} {graph} "
+              f"{100 * r['floor_us'] / best:6.1f}% {r['kernel_eager_us']:9.1f} {torch_us} {ratio} "
+              f"{r['max_abs_err']:8.2g} {'ok' if r['ok'] else 'FAIL'}")
+
+
+def recommend(rows: list[dict]) -> dict | None:
+    """The sweep config with the best geometric-mean slowdown against each case's fastest."""
+    keys = ("block_n", "num_warps", "num_stages", "split_factor")
+    slowdowns: dict[tuple, list[float]] = {}
+    for r in rows:
+        fastest = min((s["us"] for s in r.get("sweep", [])), default=None)
+        for s in r.get("sweep", []):
+            slowdowns.setdefault(tuple(s[key] for key in keys), []).append(s["us"] / fastest)
+    complete = {c: v for c, v in slowdowns.items() if len(v) == len(rows)}
+    if not complete:
+        return None
+    best = min(complete, key=lambda c: statistics.geometric_mean(complete[c]))
+    print("\nsweep: geomean slowdown vs each case's fastest config (best 8 of", len(complete), ")")
+    for config in sorted(complete, key=lambda c: statistics.geometric_mean(complete[c]))[:8]:
+        print(f"  {dict(zip(keys, config))}: {statistics.geometric_mean(complete[config]):.3f}"
+              f"  worst {max(complete[config]):.2f}")
+    return dict(zip(keys, best), geomean_slowdown=statistics.geometric_mean(complete[best]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --device cpu for a smoke test", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and args.dtype == "bfloat16":
+        print("Triton's interpreter mis-reads bfloat16: use --dtype float32 or float16 on cpu", file=sys.stderr)
+        return 2
+    k = load_kernels(args.device)
+    torch.manual_seed(0)
+    timer = Timer(args.device, args.warmup, args.iters)
+    rows = []
+    for num_seqs in (int(d) for d in args.seqs.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            rows.append(bench_case(k, timer, args, num_seqs, context))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    print_table(rows)
+    best = recommend(rows) if args.sweep else None
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "attention.json"
+    out.write_text(json.dumps(dict(device=device_name, args=vars(args), cases=rows, recommended=best), indent=1))
+    print(f"\nwrote {out}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
