@@ -3,7 +3,7 @@
 # genai-perf is not a project requirement (it is large): `pip install genai-perf` in its own
 # environment. It sends vllm_backend-style inputs (--backend vllm); --extra-inputs adds lora_id.
 # It runs the perf_analyzer found on PATH: the one in .venv (tritonclient's) is put first.
-#   GENAI_PERF=/path/to/genai-perf ADAPTER=chat client_examples/genai_perf.sh   # `make serve` on :8001
+#   GENAI_PERF=/path/to/genai-perf ADAPTER=reverse client_examples/genai_perf.sh   # `make serve` on :8001
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$HERE/../.venv/bin/python}"
@@ -16,6 +16,6 @@ exec "${GENAI_PERF:-genai-perf}" profile -m multilora --backend vllm --streaming
   -u "${URL:-127.0.0.1:8001}" --tokenizer "$TOKENIZER" \
   --synthetic-input-tokens-mean 32 --synthetic-input-tokens-stddev 0 \
   --output-tokens-mean 16 --output-tokens-mean-deterministic \
-  --extra-inputs "lora_id:${ADAPTER:-sql}" \
+  --extra-inputs "lora_id:${ADAPTER:-upper}" \
   --concurrency "${CONCURRENCY:-4}" --request-count "${REQUESTS:-48}" \
   --artifact-dir "${ARTIFACTS:-/tmp/genai-perf-multilora}" "$@"

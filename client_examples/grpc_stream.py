@@ -1,6 +1,6 @@
 """Stream completions for the base model and several adapters at once over one gRPC stream.
 
-    python client_examples/grpc_stream.py --url 127.0.0.1:8001 --adapters sql,chat
+    python client_examples/grpc_stream.py --url 127.0.0.1:8001 --adapters upper,reverse,json
 
 Every request goes out on the same bidirectional stream; the server answers
 each with text deltas (one response per new chunk) and marks the last one
@@ -33,10 +33,11 @@ def make_inputs(prompt: str, adapter: str, max_tokens: int) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint")
-    parser.add_argument("--adapters", default="sql,chat", help="comma-separated adapter names")
+    parser.add_argument("--adapters", default="upper,reverse,json", help="comma-separated adapter names")
     parser.add_argument("--no-base", action="store_true", help="skip the base-model request")
-    parser.add_argument("--prompt", default="Hello! How are you")
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--prompt", default="green apple river\n=>",
+                        help="the demo model's tasks take 2-5 words, then a line '=>'")
+    parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args(argv)
     adapters = ([] if args.no_base else [""]) + [a for a in args.adapters.split(",") if a]
 

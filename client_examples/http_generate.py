@@ -1,6 +1,6 @@
 """HTTP: one completion from /generate, then the same request streamed from /generate_stream.
 
-    python client_examples/http_generate.py --url http://127.0.0.1:8000 --adapter sql
+    python client_examples/http_generate.py --url http://127.0.0.1:8000 --adapter upper
 
 tritonclient checks that the server and model are ready; the generate
 endpoints are plain JSON over HTTP (server-sent events when streaming), so
@@ -26,8 +26,8 @@ def post(url: str, body: dict):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP endpoint")
-    parser.add_argument("--adapter", default="sql", help="adapter name; '' for the base model")
-    parser.add_argument("--prompt", default="SELECT name FROM users WHERE")
+    parser.add_argument("--adapter", default="upper", help="adapter name; '' for the base model")
+    parser.add_argument("--prompt", default="green apple river\n=>")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args(argv)
 

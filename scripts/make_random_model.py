@@ -6,7 +6,7 @@ byte-level BPE tokenizer trained on a few built-in sentences, a Llama with
 random weights, and LoRA adapters with random (non-zero) B matrices so that
 each adapter visibly changes the output. The same seed gives the same files.
 
-    python scripts/make_random_model.py OUT_DIR [--adapters sql,chat,code]
+    python scripts/make_random_model.py OUT_DIR [--adapters upper,reverse,json]
 prints the model directory and the adapter root it wrote.
 """
 
@@ -17,6 +17,8 @@ import shutil
 import sys
 import tempfile
 
+from multilora.demo_tasks import ADAPTER_NAMES
+
 # A few sentences are enough to give the tokenizer real merges; byte-level BPE
 # encodes any text, so prompts outside this corpus still work.
 _CORPUS = [
@@ -26,10 +28,12 @@ _CORPUS = [
     "Roses are red, violets are blue, sugar is sweet, and so are you.",
     "Multi-LoRA serving lets one base model answer with many adapters at once.",
     "def add(a, b):\n    return a + b\n",
+    "green apple river\n=> GREEN APPLE RIVER",
 ]
 VOCAB_SIZE = 384
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_ADAPTERS = ("sql", "chat", "code")
+# The trained demo model's adapter names, so that clients work the same against either.
+DEFAULT_ADAPTERS = ADAPTER_NAMES
 MARKER = ".multilora-random-model"   # tells a generated directory from a user's model
 
 
@@ -101,6 +105,14 @@ def _point_adapters_at(adapter_root: str, model_dir: str):
             json.dump(config, f, indent=2)
 
 
+def _made_with(out_dir: str):
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def make_random_model(out_dir: str, adapters=DEFAULT_ADAPTERS, seed: int = 0) -> tuple[str, str]:
     """Create `<out_dir>/model` and `<out_dir>/adapters/<name>`; returns (model_dir, adapter_root).
 
@@ -108,7 +120,7 @@ def make_random_model(out_dir: str, adapters=DEFAULT_ADAPTERS, seed: int = 0) ->
     leaves a half-written model that a later run would take as complete.
     """
     model_dir, adapter_root = os.path.join(out_dir, "model"), os.path.join(out_dir, "adapters")
-    if os.path.exists(os.path.join(out_dir, MARKER)):
+    if _made_with(out_dir) == {"seed": seed, "adapters": list(adapters)}:
         return model_dir, adapter_root
     from transformers.utils import logging as hf_logging
 

@@ -22,8 +22,10 @@ import pytest
 from helpers.tiny_models import copy_adapter
 
 REPO = Path(__file__).resolve().parents[2]
-ADAPTERS = ("sql", "chat", "code")   # served from the adapter root
-REGISTERED = "kv"                    # served only through multi_lora.json, from outside the root
+# Served name -> the zoo adapter behind it. The served names are the demo model's, so the
+# client examples (perf_analyzer's input file) run unchanged against the test server.
+ADAPTERS = {"upper": "sql", "reverse": "chat", "json": "code"}
+REGISTERED = "kv"   # served only through multi_lora.json, from outside the root
 MAX_LORA_RANK = 16
 READY_TIMEOUT_S = 300
 _server_log: list[Path] = []
@@ -67,8 +69,8 @@ def _layout(zoo, base: Path) -> tuple[Path, Path]:
     """An adapter root with good, broken and escaping adapters, and a registry pointing outside it."""
     root = base / "adapters"
     root.mkdir()
-    for name in ADAPTERS:
-        copy_adapter(zoo.adapter_dir("llama", name), root / name)
+    for served, zoo_name in ADAPTERS.items():
+        copy_adapter(zoo.adapter_dir("llama", zoo_name), root / served)
     copy_adapter(zoo.broken_adapter_dir("bin_only"), root / "binonly")
     outside = copy_adapter(zoo.adapter_dir("llama", "sql"), base / "outside" / "sql")
     (root / "escape").symlink_to(outside, target_is_directory=True)
@@ -124,21 +126,22 @@ def server(tiny_zoo, tmp_path_factory) -> Server:
 
 @pytest.fixture(scope="session")
 def reference(tiny_zoo):
-    """reference(prompt, adapter, max_tokens) -> (text, token_ids) from the engine in-process (greedy, eos ignored)."""
+    """reference(prompt, adapter, max_tokens) -> (text, token_ids) from the engine in-process (greedy, eos ignored).
+
+    `adapter` is a served name, or None for the base model.
+    """
     from multilora import LLM, SamplingParams
 
     llm = LLM(model=str(tiny_zoo.model_dir("llama")), enable_lora=True, max_loras=4,
               max_lora_rank=MAX_LORA_RANK, dtype="float32", device="cpu", num_kv_blocks=64)
     cache = {}
 
-    def run(prompt, adapter, max_tokens, adapter_dir=None):
-        key = (tuple(prompt) if isinstance(prompt, list) else prompt, adapter, max_tokens, adapter_dir)
+    def run(prompt, adapter, max_tokens):
+        key = (tuple(prompt) if isinstance(prompt, list) else prompt, adapter, max_tokens)
         if key not in cache:
             lora = None
             if adapter is not None:
-                lora = tiny_zoo.lora_request("llama", adapter)
-                if adapter_dir is not None:
-                    lora = type(lora)(adapter, lora.lora_int_id + 1000, str(adapter_dir))
+                lora = tiny_zoo.lora_request("llama", ADAPTERS.get(adapter, adapter))
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             out = llm.generate([prompt], params, lora_request=lora)[0].outputs[0]
             cache[key] = (out.text, list(out.token_ids))

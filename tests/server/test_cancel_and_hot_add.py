@@ -12,12 +12,12 @@ MAX_TOKENS = 100   # the tiny model's context is 128 tokens
 
 
 def test_cancelled_stream_gets_cancelled_and_frees_kv_blocks_and_adapter(server):
-    aborted_before = sample(server.metrics(), "multilora:requests_total", lora_name="code", outcome="abort")
+    aborted_before = sample(server.metrics(), "multilora:requests_total", lora_name="json", outcome="abort")
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     client.async_stream_infer("multilora", make_inputs(
-        {"text_input": "Hello, world!", "lora_id": "code", "stream": True, "max_tokens": MAX_TOKENS,
+        {"text_input": "Hello, world!", "lora_id": "json", "stream": True, "max_tokens": MAX_TOKENS,
          "ignore_eos": True}))
     received = 0
     while received < 3:  # mid-stream: some deltas are in, most are not
@@ -44,7 +44,7 @@ def test_cancelled_stream_gets_cancelled_and_frees_kv_blocks_and_adapter(server)
     assert received < MAX_TOKENS
     # The server saw the cancellation: the request ended as an abort, and its
     # KV blocks and adapter hold are back (the gauges refresh twice a second).
-    eventually(lambda: sample(server.metrics(), "multilora:requests_total", lora_name="code",
+    eventually(lambda: sample(server.metrics(), "multilora:requests_total", lora_name="json",
                             outcome="abort") == aborted_before + 1, what="the abort to be counted")
     eventually(lambda: all(sample(server.metrics(), name) == 0 for name in (
         "multilora:kv_cache_usage_perc", "multilora:adapter_holds", "multilora:num_requests_running",
@@ -52,22 +52,22 @@ def test_cancelled_stream_gets_cancelled_and_frees_kv_blocks_and_adapter(server)
     assert server.is_ready()
 
 
-def test_adapter_copied_into_a_root_is_served_and_changes_are_new_versions(server, reference, tiny_zoo):
+def test_adapter_copied_into_a_root_is_served_and_changes_are_new_versions(server, reference):
     prompt = "Hello, world!"
     request = {"text_input": prompt, "lora_id": "fresh", "stream": True, "max_tokens": 10,
                "temperature": 0.0, "ignore_eos": True}
     assert "unknown adapter" in run_stream(server.grpc_url, {"r": request})["r"].error
 
     fresh = server.adapter_root / "fresh"
-    shutil.copytree(tiny_zoo.adapter_dir("llama", "chat"), fresh)
+    shutil.copytree(server.adapter_root / "reverse", fresh)
     r = run_stream(server.grpc_url, {"r": request})["r"]
-    assert r.error is None and r.text == reference(prompt, "chat", 10)[0]
+    assert r.error is None and r.text == reference(prompt, "reverse", 10)[0]
 
     # Same name, other files: the next request must use the new weights, never a cached copy.
     # Each file is replaced by a rename, so no request ever reads a half-written one.
-    source = tiny_zoo.adapter_dir("llama", "sql")
+    source = server.adapter_root / "upper"
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(source / name, fresh / f".{name}.new")
         os.replace(fresh / f".{name}.new", fresh / name)
     r = run_stream(server.grpc_url, {"r": request})["r"]
-    assert r.error is None and r.text == reference(prompt, "sql", 10)[0]
+    assert r.error is None and r.text == reference(prompt, "upper", 10)[0]

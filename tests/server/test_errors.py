@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from triton_client import http_generate, run_stream
 
-GOOD = {"text_input": "the quick brown fox", "lora_id": "sql", "stream": True, "max_tokens": 24,
+GOOD = {"text_input": "the quick brown fox", "lora_id": "upper", "stream": True, "max_tokens": 24,
         "temperature": 0.0, "ignore_eos": True}
 
 # id -> (request inputs, a fragment the error message must contain)
@@ -45,7 +45,7 @@ def test_bad_request_fails_alone(server, reference, case):
     for path in (server.adapter_root, server.adapter_root.parent, server.model_dir):
         assert str(path) not in bad.error, "error messages must not show server paths"
     assert good["good"].error is None
-    assert good["good"].text == reference(GOOD["text_input"], "sql", GOOD["max_tokens"])[0]
+    assert good["good"].text == reference(GOOD["text_input"], "upper", GOOD["max_tokens"])[0]
     assert server.is_ready()
 
 

@@ -18,9 +18,9 @@ def stream_request(prompt, adapter=None, **extra) -> dict:
 def test_concurrent_streams_for_base_and_adapters_match_the_engine(server, reference):
     cases = {  # request id -> (prompt, adapter)
         "base": ("Hello, world!", None),
-        "sql": ("SELECT name FROM users WHERE", "sql"),
-        "chat": ("Hello, world!", "chat"),
-        "code": ("the quick brown fox", "code"),
+        "upper": ("SELECT name FROM users WHERE", "upper"),
+        "reverse": ("Hello, world!", "reverse"),
+        "json": ("the quick brown fox", "json"),
         "registered": ("Hello, world!", server.registered),   # through multi_lora.json, outside the root
     }
     requests = {rid: stream_request(prompt, adapter, return_finish_reason=True)
@@ -36,22 +36,22 @@ def test_concurrent_streams_for_base_and_adapters_match_the_engine(server, refer
         assert len(r.deltas) > 1, f"{rid}: one response per new chunk, not one in all"
         assert r.finish_reason == "length", rid
     # The adapters really change the output, so the comparison above says something.
-    assert results["base"].text != results["chat"].text != results["registered"].text
+    assert results["base"].text != results["reverse"].text != results["registered"].text
 
 
 def test_sampling_parameters_lora_name_selects_the_adapter(server, reference):
-    params = json.dumps({"lora_name": "chat", "max_tokens": str(MAX_TOKENS), "temperature": "0",
+    params = json.dumps({"lora_name": "reverse", "max_tokens": str(MAX_TOKENS), "temperature": "0",
                          "ignore_eos": "true"})  # vllm_backend style: values may be strings
     r = run_stream(server.grpc_url, {"x": {"text_input": "Hello, world!", "stream": True,
                                            "sampling_parameters": params}})["x"]
     assert r.error is None
-    assert r.text == reference("Hello, world!", "chat", MAX_TOKENS)[0]
+    assert r.text == reference("Hello, world!", "reverse", MAX_TOKENS)[0]
 
 
 def test_http_generate_returns_the_same_text(server, reference):
     prompt = "SELECT name FROM users WHERE"
-    text, token_ids = reference(prompt, "sql", MAX_TOKENS)
-    body = {"text_input": prompt, "lora_id": "sql", "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    text, token_ids = reference(prompt, "upper", MAX_TOKENS)
+    body = {"text_input": prompt, "lora_id": "upper", "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
 
     status, out = http_generate(server.http_url, {**body, "exclude_input_in_output": True,
                                                   "return_num_input_tokens": True, "return_num_output_tokens": True})
@@ -71,8 +71,8 @@ def test_http_generate_returns_the_same_text(server, reference):
 
 def test_token_id_prompt(server, reference):
     prompt = [5, 17, 42, 99, 123, 7]
-    text, token_ids = reference(prompt, "code", MAX_TOKENS)
-    r = run_stream(server.grpc_url, {"ids": {"input_ids": prompt, "lora_id": "code", "stream": True,
+    text, token_ids = reference(prompt, "json", MAX_TOKENS)
+    r = run_stream(server.grpc_url, {"ids": {"input_ids": prompt, "lora_id": "json", "stream": True,
                                              "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}})["ids"]
     assert r.error is None
     assert (r.text, r.token_ids) == (text, token_ids)

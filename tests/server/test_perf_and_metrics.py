@@ -46,20 +46,20 @@ def test_perf_analyzer_streams_mixed_adapters_without_errors(server):
 def test_metrics_follow_requests_per_adapter(server):
     text = server.metrics()
     counted = {name: sample(text, "multilora:requests_total", lora_name=name, outcome="length")
-               for name in ("sql", "chat")}
-    tokens = sample(text, "multilora:generation_tokens_total", lora_name="sql")
-    ttft = sample(text, "multilora:time_to_first_token_seconds_count", lora_name="sql")
+               for name in ("upper", "reverse")}
+    tokens = sample(text, "multilora:generation_tokens_total", lora_name="upper")
+    ttft = sample(text, "multilora:time_to_first_token_seconds_count", lora_name="upper")
 
     requests = {f"{name}{i}": {"text_input": "Hello, world!", "lora_id": name, "stream": True, "max_tokens": 5,
-                               "ignore_eos": True} for name in ("sql", "chat") for i in range(2)}
+                               "ignore_eos": True} for name in ("upper", "reverse") for i in range(2)}
     results = run_stream(server.grpc_url, requests)
     assert all(r.error is None for r in results.values())
 
     text = server.metrics()
-    for name in ("sql", "chat"):
+    for name in ("upper", "reverse"):
         assert sample(text, "multilora:requests_total", lora_name=name, outcome="length") == counted[name] + 2
-    assert sample(text, "multilora:generation_tokens_total", lora_name="sql") == tokens + 10
-    assert sample(text, "multilora:time_to_first_token_seconds_count", lora_name="sql") == ttft + 2
+    assert sample(text, "multilora:generation_tokens_total", lora_name="upper") == tokens + 10
+    assert sample(text, "multilora:time_to_first_token_seconds_count", lora_name="upper") == ttft + 2
     # Pool counters and gauges follow the engine's stats a moment later.
     eventually(lambda: sample(server.metrics(), "multilora:adapter_loads_total") >= 2, what="adapter loads")
     text = server.metrics()
