@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     print()
     for i, adapter in enumerate(adapters):
-        print(f"{adapter or 'base':>6}: {args.prompt!r} -> {texts[i]!r}")
+        print(f"{adapter or 'base':>8}: {args.prompt!r} -> {texts[i]!r}")
     return 1 if errors else 0
 
 
