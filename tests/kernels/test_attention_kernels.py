@@ -1,5 +1,5 @@
-"""Paged decode attention: the Triton kernels (in Triton's interpreter, on CPU) against the torch
-twin, and the twin against plain SDPA per sequence."""
+"""Paged decode and prefill attention: the Triton kernels (in Triton's interpreter, on CPU) against
+their torch twins, and the twins against plain SDPA per sequence."""
 
 import importlib.util
 import json
@@ -218,6 +218,110 @@ def test_compiled_kernels_on_cpu_say_how_to_fix(monkeypatch):
         compiled.paged_decode_attention(q, kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3]), 1.0)
 
 
+def _prefill_case(query_lens, context_lens, shape, dtype, gen):
+    """q [T, H, Dh] for sequences with `query_lens` new tokens each, and their cache and tables."""
+    heads, kv_heads, head_dim, bs = shape
+    _, kv, tables, lens = _case(context_lens, heads, kv_heads, head_dim, bs, dtype, gen)
+    query_start = torch.tensor([0, *query_lens]).cumsum(0)
+    q = torch.randn(int(query_start[-1]), heads, head_dim, generator=gen).to(dtype)
+    return q, kv, tables, query_start, lens
+
+
+def _sdpa_prefill_per_sequence(q, kv, tables, query_start, lens, scale):
+    """Naive reference: per sequence, SDPA in fp64 with the causal mask offset by the cached tokens."""
+    heads, kv_heads, block_size = q.shape[1], kv.shape[3], kv.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for n, ctx in enumerate(lens.tolist()):
+        begin, end = query_start[n].item(), query_start[n + 1].item()
+        if begin == end:
+            continue
+        blocks = tables[n, :math.ceil(ctx / block_size)]
+        k = kv[0, blocks].flatten(0, 1)[:ctx].double().repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        v = kv[1, blocks].flatten(0, 1)[:ctx].double().repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        positions = torch.arange(ctx - (end - begin), ctx)
+        mask = torch.arange(ctx)[None, :] <= positions[:, None]
+        out[begin:end] = F.scaled_dot_product_attention(q[begin:end].double().transpose(0, 1), k, v, attn_mask=mask,
+                                                        scale=scale).transpose(0, 1)
+    return out
+
+
+# (query_len, context_len) per sequence: a whole prompt, a chunk after cached tokens, one token,
+# an idle sequence, a chunk of several query tiles (tiles are 64 // G tokens).
+PREFILL_SEQS = [(7, 7), (5, 23), (1, 9), (0, 4), (40, 45)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "H{}-KVH{}-Dh{}-BS{}".format(*s))
+def test_prefill_kernel_matches_ref(attn, triton_on_cpu, shape, dtype):
+    gen = torch.Generator().manual_seed(20 + shape[1])
+    query_lens, context_lens = zip(*PREFILL_SEQS)
+    q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, shape, dtype, gen)
+    scale = shape[2] ** -0.5
+    expected = attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, scale)
+    out = torch.full_like(q, float("nan"))
+    assert attn.paged_prefill_attention(q, kv, tables, query_start.int(), lens, scale, out) is out
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+def test_prefill_kernel_small_key_tiles(attn, triton_on_cpu):
+    """Key tiles of 16 over block size 4: causal masks that cut through the middle of tiles."""
+    gen = torch.Generator().manual_seed(21)
+    q, kv, tables, query_start, lens = _prefill_case([19, 3], [19, 50], (4, 2, 16, 4), torch.float32, gen)
+    out = torch.empty_like(q)
+    attn._prefill_triton(q, kv, tables, query_start, lens, 0.3, out, block_n=16)
+    torch.testing.assert_close(out, attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.3),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-KVH{}-Dh{}-BS{}".format(*s))
+def test_prefill_ref_matches_sdpa_per_sequence(attn, shape):
+    gen = torch.Generator().manual_seed(22)
+    query_lens, context_lens = zip(*PREFILL_SEQS)
+    q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, shape, torch.float32, gen)
+    out = attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.2)
+    expected = _sdpa_prefill_per_sequence(q, kv, tables, query_start, lens, 0.2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_decode_agree_on_single_tokens(attn, triton_on_cpu):
+    """A prefill step of one token per sequence is a decode step."""
+    gen = torch.Generator().manual_seed(23)
+    q, kv, tables, lens = _case([3, 17, 9], 4, 2, 16, 4, torch.float32, gen)
+    prefill = attn.paged_prefill_attention(q, kv, tables, torch.arange(4), lens, 0.3)
+    torch.testing.assert_close(prefill, attn.paged_decode_attention(q, kv, tables, lens, 0.3), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("query_lens", [[0], [1], [16, 0, 17, 33], [5] * 7])
+def test_prefill_tiles_cover_each_query_once(attn, query_lens):
+    block_q = 16
+    query_start = torch.tensor([0, *query_lens]).cumsum(0)
+    num_tokens = sum(query_lens)
+    seqs, firsts = attn._prefill_tiles(query_start, num_tokens, block_q)
+    assert seqs.shape == (math.ceil(num_tokens / block_q) + len(query_lens),)
+    covered = []
+    for seq, first in zip(seqs.tolist(), firsts.tolist()):
+        if seq >= 0:
+            assert first < query_lens[seq]
+            covered += [(seq, i) for i in range(first, min(first + block_q, query_lens[seq]))]
+    assert sorted(covered) == [(n, i) for n, q_len in enumerate(query_lens) for i in range(q_len)]
+
+
+def test_prefill_dispatch_follows_device_and_env(attn, monkeypatch):
+    gen = torch.Generator().manual_seed(24)
+    q, kv, tables, query_start, lens = _prefill_case([3, 2], [3, 9], (4, 2, 16, 4), torch.float32, gen)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("Triton path taken")
+
+    monkeypatch.setattr(attn, "_prefill_triton", fail)
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
+    torch.testing.assert_close(attn.paged_prefill_attention(q, kv, tables, query_start, lens, 0.3),
+                               attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.3))
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    with pytest.raises(AssertionError, match="Triton path taken"):
+        attn.paged_prefill_attention(q, kv, tables, query_start, lens, 0.3)
+
+
 def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
     """bench/bench_attention.py end to end on CPU (interpreter, tiny shapes), as the H200 run uses it."""
     monkeypatch.setenv("OUT", str(tmp_path))
@@ -250,3 +354,20 @@ def test_cuda_bf16_llama_shapes_match_ref(num_seqs):
     q = torch.randn(num_seqs, 32, 128, **kw).bfloat16()
     out = paged_decode_attention(q, kv, tables, lens, 128 ** -0.5)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, kv, tables, lens, 128 ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_prefill_llama_shapes_match_ref():
+    from multilora_kernels.attention import paged_prefill_attention, paged_prefill_attention_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    kw = dict(device="cuda", generator=gen)
+    query_lens = torch.tensor([512, 1, 300, 1000], device="cuda")
+    lens = query_lens + torch.tensor([0, 700, 2000, 48], device="cuda")
+    kv = torch.randn(2, 4 * 256 + 1, 16, 8, 128, **kw).bfloat16()
+    tables = (torch.randperm(4 * 256, **kw).view(4, 256) + 1).int()
+    query_start = torch.cat([query_lens.new_zeros(1), query_lens.cumsum(0)]).int()
+    q = torch.randn(int(query_lens.sum()), 32, 128, **kw).bfloat16()
+    out = paged_prefill_attention(q, kv, tables, query_start, lens, 128 ** -0.5)
+    expected = paged_prefill_attention_ref(q, kv, tables, query_start, lens, 128 ** -0.5)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
