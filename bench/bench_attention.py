@@ -7,13 +7,14 @@ path the engine runs today (gather + repeat_interleave + SDPA, copied from
 `model/attention.py`), the HBM floor (K/V bytes the step must read, plus q, out and
 block tables, / bandwidth), and the kernel's error against `paged_decode_attention_ref`.
 Each timed call reads its own blocks of a cache cycled past the 50 MB L2, so small
-cases are not L2-resident. Prints a table and writes $OUT/attention.json (else
-bench/attention.json).
+cases are not L2-resident. Then prefill cases (N sequences of Q new tokens after P cached
+ones): `paged_prefill_attention` against the torch path of today (per-sequence SDPA) and
+its compute floor. Prints tables and writes $OUT/attention.json (else bench/attention.json).
 
     python bench/bench_attention.py                    # H200: D in 1,16,64,256 x C in 128,1024,4096
     python bench/bench_attention.py --sweep            # also time launch configs, recommend one
-    python bench/bench_attention.py --device cpu --dtype float32 --heads 4 --kv-heads 2 \\
-        --head-dim 16 --seqs 1,3 --contexts 5,40 --iters 1 --warmup 0   # smoke test, interpreter
+    python bench/bench_attention.py --device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 \\
+        --seqs 1,3 --contexts 5,40 --prefill 2:9:5 --iters 1 --warmup 0   # smoke test, interpreter
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--graph-calls", type=int, default=20, help="kernel calls captured per CUDA graph (at least)")
+    p.add_argument("--prefill", default="1:2048:0,1:2048:2048,4:512:1536,16:128:1920",
+                   help="comma-separated prefill cases N:Q:P (N sequences, Q new tokens, P cached); '' = none")
+    p.add_argument("--tflops", type=float, default=790.0, help="matrix TFLOP/s for the prefill floor (H200 bf16)")
     p.add_argument("--skip-torch", action="store_true", help="do not time the current torch path")
     p.add_argument("--sweep", action="store_true", help=f"time every launch config of {SWEEP}")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the floor (H200)")
@@ -90,6 +94,28 @@ def torch_decode_attention(q, kv_cache, block_tables, context_lens, scale) -> to
     mask = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [D, C]
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out.view(num_seqs, num_heads, -1)
+
+
+def torch_prefill_attention(q, k_new, v_new, kv_cache, query_lens, context_lens, block_tables, scale):
+    """`_prefill_attention` + `_attend` of backend_src/multilora/model/attention.py (same logic)."""
+    out = torch.empty_like(q)
+    start = 0
+    for query_len, context_len, block_table in zip(query_lens, context_lens, block_tables):
+        rows = slice(start, start + query_len)
+        if query_len == context_len:  # a whole prompt: its own new keys, causal SDPA
+            k, v, mask = k_new[rows], v_new[rows], None
+        else:
+            k = kv_cache[0, block_table].flatten(0, 1)[:context_len]
+            v = kv_cache[1, block_table].flatten(0, 1)[:context_len]
+            positions = torch.arange(context_len - query_len, context_len, device=q.device)
+            mask = torch.arange(context_len, device=q.device)[None, :] <= positions[:, None]
+        num_heads = q.shape[1]
+        k = _expand_kv_heads(k, num_heads, 1).transpose(0, 1)
+        v = _expand_kv_heads(v, num_heads, 1).transpose(0, 1)
+        out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k, v, attn_mask=mask,
+                                                   is_causal=mask is None, scale=scale).transpose(0, 1)
+        start += query_len
+    return out
 
 
 # ----------------------------------------------------------------------------- timing
@@ -228,6 +254,40 @@ def sweep_case(k, timer: Timer, case: Case, default_splits: int, args) -> list[d
     return results
 
 
+def bench_prefill(k, timer: Timer, args, spec: str) -> dict:
+    """One prefill case "N:Q:P": N sequences, Q new tokens each after P cached ones."""
+    num_seqs, query_len, cached = (int(x) for x in spec.split(":"))
+    dtype, dev, bs = getattr(torch, args.dtype), args.device, args.block_size
+    context = query_len + cached
+    blocks_per_seq = math.ceil(context / bs)
+    kv = torch.randn(2, num_seqs * blocks_per_seq, bs, args.kv_heads, args.head_dim, dtype=dtype, device=dev)
+    tables = torch.randperm(num_seqs * blocks_per_seq, device=dev).view(num_seqs, blocks_per_seq).int()
+    lens = torch.full((num_seqs,), context, dtype=torch.int32, device=dev)
+    query_start = torch.arange(num_seqs + 1, dtype=torch.int32, device=dev) * query_len
+    q = torch.randn(num_seqs * query_len, args.heads, args.head_dim, dtype=dtype, device=dev)
+    scale = args.head_dim ** -0.5
+    # The new tokens' K/V, as the model holds them (already written to the cache).
+    slots = (tables.long()[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)[:, cached:context].flatten()
+    k_new, v_new = (kv[i].flatten(0, 1)[slots] for i in range(2))
+    out = torch.empty_like(q)
+    kernel = lambda: k.paged_prefill_attention(q, kv, tables, query_start, lens, scale, out)  # noqa: E731
+    expected = k.paged_prefill_attention_ref(q, kv, tables, query_start, lens, scale)
+    kernel()
+    err, magnitude = max_error(out, expected)
+    # QK^T and PV over the visible (causal) keys: 2 matmuls x 2 FLOP per multiply-add.
+    visible = num_seqs * args.heads * sum(cached + i + 1 for i in range(query_len))
+    row = dict(seqs=num_seqs, query_len=query_len, cached=cached, dtype=args.dtype,
+               floor_us=4 * visible * args.head_dim / (args.tflops * 1e12) * 1e6,
+               kernel_us=_us(timer(kernel)), torch_us=None, torch_err=None, max_abs_err=err,
+               ok=err <= TOL[dtype] * max(1.0, magnitude))
+    if not args.skip_torch:
+        torch_path = lambda: torch_prefill_attention(  # noqa: E731
+            q, k_new, v_new, kv, [query_len] * num_seqs, [context] * num_seqs, list(tables.long()), scale)
+        row["torch_us"] = _us(timer(torch_path))
+        row["torch_err"] = max_error(torch_path(), expected)[0]
+    return row
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -242,6 +302,17 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['seqs']:4d} {r['context']:5d} {r['splits']:5d} {r['kv_mb']:8.2f} {r['floor_us']:9.2f} {graph} "
               f"{100 * r['floor_us'] / best:6.1f}% {r['kernel_eager_us']:9.1f} {torch_us} {ratio} "
               f"{r['max_abs_err']:8.2g} {'ok' if r['ok'] else 'FAIL'}")
+
+
+def print_prefill_table(rows: list[dict]) -> None:
+    print(f"\n{'N':>4} {'Q':>5} {'cached':>6} {'floor_us':>9} {'kernel_us':>10} {'%floor':>7} {'torch_us':>9} "
+          f"{'torch/k':>8} {'max_err':>8} ok")
+    for r in rows:
+        torch_us = f"{r['torch_us']:9.1f}" if r["torch_us"] is not None else f"{'-':>9}"
+        ratio = f"{r['torch_us'] / r['kernel_us']:7.2f}x" if r["torch_us"] is not None else f"{'-':>8}"
+        print(f"{r['seqs']:4d} {r['query_len']:5d} {r['cached']:6d} {r['floor_us']:9.1f} {r['kernel_us']:10.1f} "
+              f"{100 * r['floor_us'] / r['kernel_us']:6.1f}% {torch_us} {ratio} {r['max_abs_err']:8.2g} "
+              f"{'ok' if r['ok'] else 'FAIL'}")
 
 
 def recommend(rows: list[dict]) -> dict | None:
@@ -282,13 +353,17 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     print_table(rows)
     best = recommend(rows) if args.sweep else None
+    prefill_rows = [bench_prefill(k, timer, args, spec) for spec in args.prefill.split(",") if spec]
+    if prefill_rows:
+        print_prefill_table(prefill_rows)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "attention.json"
-    out.write_text(json.dumps(dict(device=device_name, args=vars(args), cases=rows, recommended=best), indent=1))
+    out.write_text(json.dumps(dict(device=device_name, args=vars(args), cases=rows, recommended=best,
+                                   prefill=prefill_rows), indent=1))
     print(f"\nwrote {out}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(r["ok"] for r in rows + prefill_rows) else 1
 
 
 if __name__ == "__main__":

@@ -331,12 +331,14 @@ def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     rc = bench.main(["--device", "cpu", "--dtype", "float32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                      "--block-size", "4", "--seqs", "2", "--contexts", "9", "--table-tokens", "32",
-                     "--warmup", "0", "--iters", "1"])
+                     "--prefill", "2:9:5,1:6:0", "--warmup", "0", "--iters", "1"])
     result = json.loads((tmp_path / "attention.json").read_text())
     assert rc == 0
     [case] = result["cases"]
     assert (case["seqs"], case["context"], case["table_width"]) == (2, 9, 8)
     assert case["ok"] and case["torch_err"] < 1e-5 and case["floor_us"] > 0
+    assert [(c["seqs"], c["query_len"], c["cached"]) for c in result["prefill"]] == [(2, 9, 5), (1, 6, 0)]
+    assert all(c["ok"] and c["torch_err"] < 1e-5 and c["floor_us"] > 0 for c in result["prefill"])
     assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2  # the interpreter mis-reads bf16
 
 
