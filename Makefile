@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# perf_analyzer (tests, load tests) needs libb64; the compose file is checked with docker-compose.
+SYSTEM_PACKAGES := libb64-0d docker-compose
 
 .PHONY: venv test serve clean
 
@@ -10,6 +12,8 @@ venv: $(STAMP)
 
 # The venv is rebuilt when a requirements file or the package metadata changes.
 $(STAMP): requirements.txt requirements-test.txt requirements-serve.txt pyproject.toml
+	dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-serve.txt
