@@ -2,14 +2,16 @@
 
 The KV cache of a layer is [2, num_blocks, block_size, num_kv_heads, head_dim];
 token slot `block_table[p // block_size] * block_size + p % block_size` holds
-position p of a sequence. This pure-torch version runs everywhere; a fused GPU
-kernel can replace `paged_attention` behind the same signature.
+position p of a sequence. Decode tokens go through the paged decode kernel
+(Triton on GPUs, its torch twin elsewhere); prefill chunks use torch SDPA.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from multilora_kernels.attention import paged_decode_attention
 
 
 @dataclass
@@ -44,24 +46,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     _prefill_attention(q, k, v, kv_cache, meta, scale, out)
     if meta.decode_block_tables is not None:
         p = meta.num_prefill_tokens
-        out[p:] = _decode_attention(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        paged_decode_attention(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out=out[p:])
     return out
 
 
 def _expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
     return x if x.shape[dim] == num_heads else x.repeat_interleave(num_heads // x.shape[dim], dim=dim)
-
-
-def _decode_attention(q, kv_cache, block_tables, context_lens, scale) -> torch.Tensor:
-    """One query per sequence, all sequences in one batched attention over padded contexts."""
-    num_seqs, num_heads = q.shape[0], q.shape[1]
-    k = kv_cache[0, block_tables].flatten(1, 2)                       # [D, C, kv_heads, head_dim]
-    v = kv_cache[1, block_tables].flatten(1, 2)
-    k = _expand_kv_heads(k, num_heads, 2).transpose(1, 2)             # [D, H, C, head_dim]
-    v = _expand_kv_heads(v, num_heads, 2).transpose(1, 2)
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [D, C]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    return out.view(num_seqs, num_heads, -1)
 
 
 def _prefill_attention(q, k_new, v_new, kv_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
