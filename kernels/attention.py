@@ -33,7 +33,7 @@ _LOG2E = 1.4426950408889634
 # 72 registers, 21.6 KB shared memory, 128-bit loads, the next tile's K and V copied
 # asynchronously while this one is computed); `bench/bench_attention.py --sweep` times the
 # alternatives on a GPU.
-_BLOCK_N = 32  # context tokens per loop iteration (one K and one V tile)
+_BLOCK_N = 64  # context tokens per loop iteration (one K and one V tile)
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 # Split contexts until D * KVH * splits reaches this many programs per SM: an SM needs
