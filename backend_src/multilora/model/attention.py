@@ -74,7 +74,9 @@ def _prefill_attention(q, k_new, v_new, kv_cache, meta: AttentionMetadata, scale
 def _attend(q, k, v, mask, scale) -> torch.Tensor:
     """q [Q, H, D], k/v [C, kv_heads, D]; mask None = causal with Q == C."""
     num_heads = q.shape[1]
-    k = _expand_kv_heads(k, num_heads, 1).transpose(0, 1)
-    v = _expand_kv_heads(v, num_heads, 1).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-    return out.transpose(0, 1)
+    # 4-D [1, H, Q, D] inputs: SDPA's flash and memory-efficient kernels take only those (3-D falls back to math).
+    k = _expand_kv_heads(k, num_heads, 1).transpose(0, 1)[None]
+    v = _expand_kv_heads(v, num_heads, 1).transpose(0, 1)[None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=mask is None,
+                                         scale=scale)
+    return out[0].transpose(0, 1)
