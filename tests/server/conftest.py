@@ -93,24 +93,21 @@ def _stop(proc: subprocess.Popen):
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def server(tiny_zoo, tmp_path_factory) -> Server:
-    base = tmp_path_factory.mktemp("server")
-    root, registry = _layout(tiny_zoo, base)
-    model_dir = tiny_zoo.model_dir("llama")
+def launch(base: Path, model_args: list[str]):
+    """Starts scripts/serve.py on free ports with `model_args`; yields a ready Server, stops it after."""
     http, grpc, metrics = _free_ports(3)
     log = base / "server.log"
     _server_log.append(log)
-    cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), "--model", str(model_dir),
-           "--adapter-roots", str(root), "--registry", str(registry), "--run-dir", str(base / "run"),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--dtype", "float32", "--device", "cpu", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
-           "--num-kv-blocks", "128", "--block-size", "16", "--ready-timeout", str(READY_TIMEOUT_S)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {"MULTILORA_TEST_THREADS": "1"}
     admin_key = "test-admin-key"
-    cmd += ["--admin-key", admin_key]
+    cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *model_args, "--run-dir", str(base / "run"),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--dtype", "float32", "--device", "cpu", "--ready-timeout", str(READY_TIMEOUT_S),
+           "--admin-key", admin_key]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {"MULTILORA_TEST_THREADS": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    model_dir = Path(model_args[model_args.index("--model") + 1])
+    root = Path(model_args[model_args.index("--adapter-roots") + 1])
     srv = Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}", root, model_dir,
                  log, admin_key)
     try:
@@ -122,6 +119,23 @@ def server(tiny_zoo, tmp_path_factory) -> Server:
         yield srv
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_zoo, tmp_path_factory) -> Server:
+    base = tmp_path_factory.mktemp("server")
+    root, registry = _layout(tiny_zoo, base)
+    yield from launch(base, ["--model", str(tiny_zoo.model_dir("llama")), "--adapter-roots", str(root),
+                             "--registry", str(registry), "--max-loras", "2",
+                             "--max-lora-rank", str(MAX_LORA_RANK), "--num-kv-blocks", "128", "--block-size", "16"])
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory) -> Server:
+    """The built-in demo model and its adapters, as `make serve` serves them."""
+    yield from launch(tmp_path_factory.mktemp("demo_server"),
+                      ["--model", str(REPO / "models" / "demo-llama"),
+                       "--adapter-roots", str(REPO / "models" / "demo-adapters")])
 
 
 @pytest.fixture(scope="session")
@@ -161,6 +175,7 @@ def _tail(path: Path, lines: int = 150) -> str:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and "server" in item.fixturenames and _server_log:
-        report.sections.append(("Triton server log (tail)", _tail(_server_log[-1])))
+    if report.failed and {"server", "demo_server"} & set(item.fixturenames):
+        for log in _server_log:
+            report.sections.append((f"Triton server log (tail of {log.parent.name})", _tail(log)))
 
