@@ -66,11 +66,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_kernels(device: str):
-    """kernels/attention.py loaded by path, so the bench needs only torch, triton and the repo."""
+    """(kernels/attention.py, kernels/prefill_attention.py) loaded by path, so the bench needs
+    only torch, triton and the repo; prefill_attention.py's `multilora_kernels.attention`
+    imports resolve to the attention.py loaded here."""
     if device == "cpu":  # read when the kernels are decorated and when they run
         os.environ["MULTILORA_TRITON_INTERPRET_KERNELS"] = "1"
-    name = "multilora_kernels_attention_bench"
-    spec = importlib.util.spec_from_file_location(name, REPO / "kernels" / "attention.py")
+    decode = _load_by_path("multilora_kernels_attention_bench", "attention.py")
+    saved = sys.modules.get("multilora_kernels.attention")
+    sys.modules["multilora_kernels.attention"] = decode
+    try:
+        prefill = _load_by_path("multilora_kernels_prefill_attention_bench", "prefill_attention.py")
+    finally:
+        if saved is None:
+            sys.modules.pop("multilora_kernels.attention")
+        else:
+            sys.modules["multilora_kernels.attention"] = saved
+    return decode, prefill
+
+
+def _load_by_path(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "kernels" / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -342,7 +357,7 @@ def main(argv=None) -> int:
     if args.device == "cpu" and args.dtype == "bfloat16":
         print("Triton's interpreter mis-reads bfloat16: use --dtype float32 or float16 on cpu", file=sys.stderr)
         return 2
-    k = load_kernels(args.device)
+    k, prefill_k = load_kernels(args.device)
     torch.manual_seed(0)
     timer = Timer(args.device, args.warmup, args.iters)
     rows = []
@@ -353,7 +368,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     print_table(rows)
     best = recommend(rows) if args.sweep else None
-    prefill_rows = [bench_prefill(k, timer, args, spec) for spec in args.prefill.split(",") if spec]
+    prefill_rows = [bench_prefill(prefill_k, timer, args, spec) for spec in args.prefill.split(",") if spec]
     if prefill_rows:
         print_prefill_table(prefill_rows)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"

@@ -1,5 +1,6 @@
-"""Paged decode and prefill attention: the Triton kernels (in Triton's interpreter, on CPU) against
-their torch twins, and the twins against plain SDPA per sequence."""
+"""Paged decode and prefill attention (kernels/attention.py, kernels/prefill_attention.py): the
+Triton kernels (in Triton's interpreter, on CPU) against their torch twins, and the twins against
+plain SDPA per sequence."""
 
 import importlib.util
 import json
@@ -15,33 +16,49 @@ import torch.nn.functional as F
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
 INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+SHARED = "multilora_kernels.attention"  # prefill_attention.py imports its launch helpers from it
 # bfloat16 only on a GPU (test at the end): the interpreter mis-reads it.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 NUM_BLOCKS = 40
 
 
-@pytest.fixture(scope="module")
-def attn():
-    """A private copy of kernels/attention.py whose Triton kernels are interpreted.
+def _load_interpreted(name: str, filename: str, attention=None):
+    """Executes a private copy of kernels/`filename` with its Triton kernels interpreted.
 
     A copy, because `multilora_kernels.attention` may already be imported by other
     tests with compiled kernels, and Triton picks the mode at decoration time.
+    `attention`: the copy that `from multilora_kernels.attention import ...` gets meanwhile.
     """
-    name = "_attention_interpreted"
-    saved = os.environ.get(INTERPRET_ENV)
+    saved = os.environ.get(INTERPRET_ENV), sys.modules.get(SHARED)
     os.environ[INTERPRET_ENV] = "1"
+    if attention is not None:
+        sys.modules[SHARED] = attention
     try:
-        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / "attention.py")
+        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / filename)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     finally:
-        if saved is None:
-            os.environ.pop(INTERPRET_ENV)
-        else:
-            os.environ[INTERPRET_ENV] = saved
-    yield module
-    sys.modules.pop(name, None)
+        for key, mapping, value in ((INTERPRET_ENV, os.environ, saved[0]), (SHARED, sys.modules, saved[1])):
+            if value is None:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = value
+    return module
+
+
+@pytest.fixture(scope="module")
+def attn():
+    """kernels/attention.py (decode), interpreted."""
+    yield _load_interpreted("_attention_interpreted", "attention.py")
+    sys.modules.pop("_attention_interpreted", None)
+
+
+@pytest.fixture(scope="module")
+def prefill(attn):
+    """kernels/prefill_attention.py, interpreted, over the interpreted attention.py's helpers."""
+    yield _load_interpreted("_prefill_attention_interpreted", "prefill_attention.py", attention=attn)
+    sys.modules.pop("_prefill_attention_interpreted", None)
 
 
 @pytest.fixture
@@ -218,6 +235,18 @@ def test_compiled_kernels_on_cpu_say_how_to_fix(monkeypatch):
         compiled.paged_decode_attention(q, kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3]), 1.0)
 
 
+def test_compiled_prefill_kernel_on_cpu_says_how_to_fix(monkeypatch):
+    import multilora_kernels.prefill_attention as compiled
+
+    if not isinstance(compiled._prefill_kernel, compiled.triton.runtime.JITFunction):
+        pytest.skip("multilora_kernels.prefill_attention was imported with an interpreted kernel")
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    q, kv = torch.ones(1, 2, 16), torch.ones(2, 3, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="before multilora_kernels.prefill_attention is imported"):
+        compiled.paged_prefill_attention(q, kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([0, 1]),
+                                         torch.tensor([3]), 1.0)
+
+
 def _prefill_case(query_lens, context_lens, shape, dtype, gen):
     """q [T, H, Dh] for sequences with `query_lens` new tokens each, and their cache and tables."""
     heads, kv_heads, head_dim, bs = shape
@@ -252,51 +281,51 @@ PREFILL_SEQS = [(7, 7), (5, 23), (1, 9), (0, 4), (40, 45)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "H{}-KVH{}-Dh{}-BS{}".format(*s))
-def test_prefill_kernel_matches_ref(attn, triton_on_cpu, shape, dtype):
+def test_prefill_kernel_matches_ref(prefill, triton_on_cpu, shape, dtype):
     gen = torch.Generator().manual_seed(20 + shape[1])
     query_lens, context_lens = zip(*PREFILL_SEQS)
     q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, shape, dtype, gen)
     scale = shape[2] ** -0.5
-    expected = attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, scale)
+    expected = prefill.paged_prefill_attention_ref(q, kv, tables, query_start, lens, scale)
     out = torch.full_like(q, float("nan"))
-    assert attn.paged_prefill_attention(q, kv, tables, query_start.int(), lens, scale, out) is out
+    assert prefill.paged_prefill_attention(q, kv, tables, query_start.int(), lens, scale, out) is out
     torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
-def test_prefill_kernel_small_key_tiles(attn, triton_on_cpu):
+def test_prefill_kernel_small_key_tiles(prefill, triton_on_cpu):
     """Key tiles of 16 over block size 4: causal masks that cut through the middle of tiles."""
     gen = torch.Generator().manual_seed(21)
     q, kv, tables, query_start, lens = _prefill_case([19, 3], [19, 50], (4, 2, 16, 4), torch.float32, gen)
     out = torch.empty_like(q)
-    attn._prefill_triton(q, kv, tables, query_start, lens, 0.3, out, block_n=16)
-    torch.testing.assert_close(out, attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.3),
+    prefill._prefill_triton(q, kv, tables, query_start, lens, 0.3, out, block_n=16)
+    torch.testing.assert_close(out, prefill.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.3),
                                **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-KVH{}-Dh{}-BS{}".format(*s))
-def test_prefill_ref_matches_sdpa_per_sequence(attn, shape):
+def test_prefill_ref_matches_sdpa_per_sequence(prefill, shape):
     gen = torch.Generator().manual_seed(22)
     query_lens, context_lens = zip(*PREFILL_SEQS)
     q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, shape, torch.float32, gen)
-    out = attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.2)
+    out = prefill.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.2)
     expected = _sdpa_prefill_per_sequence(q, kv, tables, query_start, lens, 0.2)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_decode_agree_on_single_tokens(attn, triton_on_cpu):
+def test_prefill_decode_agree_on_single_tokens(attn, prefill, triton_on_cpu):
     """A prefill step of one token per sequence is a decode step."""
     gen = torch.Generator().manual_seed(23)
     q, kv, tables, lens = _case([3, 17, 9], 4, 2, 16, 4, torch.float32, gen)
-    prefill = attn.paged_prefill_attention(q, kv, tables, torch.arange(4), lens, 0.3)
-    torch.testing.assert_close(prefill, attn.paged_decode_attention(q, kv, tables, lens, 0.3), **TOL[torch.float32])
+    chunked = prefill.paged_prefill_attention(q, kv, tables, torch.arange(4), lens, 0.3)
+    torch.testing.assert_close(chunked, attn.paged_decode_attention(q, kv, tables, lens, 0.3), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("query_lens", [[0], [1], [16, 0, 17, 33], [5] * 7])
-def test_prefill_tiles_cover_each_query_once(attn, query_lens):
+def test_prefill_tiles_cover_each_query_once(prefill, query_lens):
     block_q = 16
     query_start = torch.tensor([0, *query_lens]).cumsum(0)
     num_tokens = sum(query_lens)
-    seqs, firsts = attn._prefill_tiles(query_start, num_tokens, block_q)
+    seqs, firsts = prefill._prefill_tiles(query_start, num_tokens, block_q)
     assert seqs.shape == (math.ceil(num_tokens / block_q) + len(query_lens),)
     covered = []
     for seq, first in zip(seqs.tolist(), firsts.tolist()):
@@ -306,20 +335,20 @@ def test_prefill_tiles_cover_each_query_once(attn, query_lens):
     assert sorted(covered) == [(n, i) for n, q_len in enumerate(query_lens) for i in range(q_len)]
 
 
-def test_prefill_dispatch_follows_device_and_env(attn, monkeypatch):
+def test_prefill_dispatch_follows_device_and_env(prefill, monkeypatch):
     gen = torch.Generator().manual_seed(24)
     q, kv, tables, query_start, lens = _prefill_case([3, 2], [3, 9], (4, 2, 16, 4), torch.float32, gen)
 
     def fail(*args, **kwargs):
         raise AssertionError("Triton path taken")
 
-    monkeypatch.setattr(attn, "_prefill_triton", fail)
+    monkeypatch.setattr(prefill, "_prefill_triton", fail)
     monkeypatch.delenv(INTERPRET_ENV, raising=False)
-    torch.testing.assert_close(attn.paged_prefill_attention(q, kv, tables, query_start, lens, 0.3),
-                               attn.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.3))
+    torch.testing.assert_close(prefill.paged_prefill_attention(q, kv, tables, query_start, lens, 0.3),
+                               prefill.paged_prefill_attention_ref(q, kv, tables, query_start, lens, 0.3))
     monkeypatch.setenv(INTERPRET_ENV, "1")
     with pytest.raises(AssertionError, match="Triton path taken"):
-        attn.paged_prefill_attention(q, kv, tables, query_start, lens, 0.3)
+        prefill.paged_prefill_attention(q, kv, tables, query_start, lens, 0.3)
 
 
 def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
@@ -360,7 +389,7 @@ def test_cuda_bf16_llama_shapes_match_ref(num_seqs):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_prefill_llama_shapes_match_ref():
-    from multilora_kernels.attention import paged_prefill_attention, paged_prefill_attention_ref
+    from multilora_kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 
     gen = torch.Generator(device="cuda").manual_seed(13)
     kw = dict(device="cuda", generator=gen)
