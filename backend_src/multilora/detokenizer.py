@@ -47,15 +47,19 @@ class IncrementalDetokenizer:
             return self._stopped_text
         return self._committed + self._pending
 
-    def append(self, token_id: int) -> Optional[str]:
+    def append(self, token_id: int, check_stop: bool = True) -> Optional[str]:
         """Add a generated token; return the stop string it completed, if any.
 
         After a stop string `text` ends just before it and the caller must
-        finish the request: appending more is a bug.
+        finish the request: appending more is a bug. With `check_stop=False`
+        (before min_tokens) the new text is never searched for stop strings.
         """
         assert self.stop_reason is None, "append() after a stop string finished the request"
         self.token_ids.append(token_id)
         self._decode_new_token()
+        if not check_stop:
+            self._searched = self._current_len()
+            return None
         return self._find_stop() if self._stop else None
 
     def take_delta(self, finished: bool) -> str:

@@ -20,7 +20,7 @@ class InvalidRequestError(MultiLoRAError, ValueError):
 
 
 class PromptTooLongError(InvalidRequestError):
-    """The prompt (plus max_tokens) can never fit the model's context or the KV cache."""
+    """The prompt can never fit the model's context (max_model_len) or the KV cache."""
 
 
 class AdapterNotFoundError(MultiLoRAError):

@@ -42,12 +42,19 @@ class LLM:
         engine = self.llm_engine
         seqs = [engine.make_sequence(f"llm-{next(self._ids)}", prompt, p, lora)
                 for prompt, p, lora in zip(prompts, params_list, loras)]
-        for seq in seqs:
-            engine.add_sequence(seq)
         finals: dict[str, RequestOutput] = {}
-        while len(finals) < len(seqs):
-            for out in engine.step():
-                if out.finished:
-                    finals[out.request_id] = out
-            logger.debug("generate: %d/%d requests finished", len(finals), len(seqs))
+        try:
+            for seq in seqs:
+                engine.add_sequence(seq)
+            while len(finals) < len(seqs):
+                assert engine.has_unfinished_requests(), "requests unfinished but none scheduled"
+                for out in engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                logger.debug("generate: %d/%d requests finished", len(finals), len(seqs))
+        except BaseException:
+            for seq in seqs:      # free what the unfinished ones hold, even on Ctrl-C
+                if seq.request_id not in finals:
+                    engine.abort_request(seq.request_id)
+            raise
         return [finals[seq.request_id] for seq in seqs]

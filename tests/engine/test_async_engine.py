@@ -105,7 +105,7 @@ def test_shutdown_gives_every_request_one_final_output(tiny_zoo):
     engine.shutdown()
     for collector in collectors:
         assert collector.done.is_set()
-        assert isinstance(collector.outputs[-1].error, RequestCancelledError)
+        assert isinstance(collector.outputs[-1].error, EngineStoppedError)
     with pytest.raises(EngineStoppedError):
         engine.add_request("late", "hi", greedy(2), None, Collector())
 

@@ -4,8 +4,9 @@ One background thread owns the LLMEngine: it drains an inbound queue (add,
 abort, shutdown) and calls `step()`; nothing else touches scheduler state.
 Request validation and adapter loading (disk reads) run on a small worker pool
 before a request reaches that thread, so a slow adapter load never stalls
-decoding. Each request's outputs go to its `on_output` callback, called from
-the engine thread; exactly one of them has `finished=True`.
+decoding. Each request's outputs go to its `on_output` callback; exactly one of
+them has `finished=True`, whatever happens: errors, aborts, engine failures and
+shutdown all end a request through `_finish`.
 """
 
 import asyncio
@@ -13,11 +14,14 @@ import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
+
+import torch
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import EngineStats, LLMEngine
-from multilora.errors import EngineStoppedError, MultiLoRAError, RequestCancelledError
+from multilora.errors import EngineStoppedError, InvalidRequestError, MultiLoRAError, RequestCancelledError
 from multilora.lora.request import LoRARequest
 from multilora.outputs import CompletionOutput, RequestOutput
 from multilora.sampling_params import SamplingParams
@@ -28,9 +32,14 @@ OutputCallback = Callable[[RequestOutput], None]
 
 
 def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> RequestOutput:
-    reason = "abort" if isinstance(error, RequestCancelledError) else None
-    return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], reason)], True, lora_request,
+    return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "abort")], True, lora_request,
                          error=error)
+
+
+@dataclass
+class _Request:
+    on_output: OutputCallback
+    lora_request: Optional[LoRARequest]
 
 
 class AsyncLLMEngine:
@@ -38,8 +47,7 @@ class AsyncLLMEngine:
         self.engine = LLMEngine(config, on_adapter_loaded)
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.Queue = queue.Queue()
-        self._callbacks: dict[str, OutputCallback] = {}     # engine thread only
-        self._pending: dict[str, OutputCallback] = {}       # submitted, still being prepared
+        self._live: dict[str, _Request] = {}    # every request without its final output yet
         self._lock = threading.Lock()
         self._stopped = False
         self._stats = self.engine.stats()
@@ -50,70 +58,90 @@ class AsyncLLMEngine:
     # ---- public API (any thread) ----------------------------------------
     def add_request(self, request_id: str, prompt, params: SamplingParams,
                     lora_request: Optional[LoRARequest] = None, on_output: OutputCallback = None) -> None:
+        """Submits a request; its outputs, errors included, arrive through `on_output`."""
         with self._lock:
             if self._stopped:
                 raise EngineStoppedError("the engine is shutting down; retry on another instance")
-            self._pending[request_id] = on_output
-        self._prepare_pool.submit(self._prepare, request_id, prompt, params, lora_request, on_output)
+            duplicate = request_id in self._live
+            if not duplicate:
+                self._live[request_id] = _Request(on_output, lora_request)
+                self._prepare_pool.submit(self._prepare, request_id, prompt, params, lora_request)
+        if duplicate:
+            error = InvalidRequestError(f"request id {request_id!r} is already in use; send a unique id")
+            _deliver(on_output, error_output(request_id, error, lora_request))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
     async def generate(self, request_id: str, prompt, params: SamplingParams,
                        lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs; raises its error, if any, after the last one."""
+        """Yields the request's outputs; raises its error, if any, after the last one.
+
+        Leaving the loop early (break, cancellation) aborts the request.
+        """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self.add_request(request_id, prompt, params, lora_request,
                          lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
         try:
-            while True:
+            while not finished:
                 out = await outputs.get()
+                finished = out.finished
                 if out.error is not None:
                     raise out.error
                 yield out
-                if out.finished:
-                    return
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
+        finally:
+            if not finished:
+                self.abort(request_id)
 
     def stats(self) -> EngineStats:
-        return self._stats
+        return self._stats      # replaced, never mutated, by the engine thread
 
     def shutdown(self) -> None:
-        """Aborts every request still in flight (each gets its final output), then stops the thread."""
+        """Ends every request still in flight (each gets its final output), then stops the thread."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
-        self._prepare_pool.shutdown(wait=True)
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
         self._inbox.put(("shutdown", None))
         self._thread.join()
 
     # ---- preparation (worker threads) -----------------------------------
-    def _prepare(self, request_id, prompt, params, lora_request, on_output) -> None:
+    def _prepare(self, request_id, prompt, params, lora_request) -> None:
         try:
             seq = self.engine.make_sequence(request_id, prompt, params, lora_request)
         except MultiLoRAError as error:
-            with self._lock:
-                self._pending.pop(request_id, None)
-            _deliver(on_output, error_output(request_id, error, lora_request))
+            self._finish(request_id, error_output(request_id, error, lora_request))
             return
-        self._inbox.put(("add", (seq, on_output)))
+        except Exception:
+            logger.exception("Preparing request %s failed", request_id)
+            self._finish(request_id, error_output(request_id, MultiLoRAError("internal error; see the server log"),
+                                                  lora_request))
+            return
+        self._inbox.put(("add", seq))
 
     # ---- engine thread --------------------------------------------------
     def _run(self) -> None:
-        running = True
-        while running:
-            block = not self.engine.has_unfinished_requests()
-            running = self._drain_inbox(block)
-            if running and self.engine.has_unfinished_requests():
-                self._step()
+        device = self.engine.runner.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)     # Triton kernels and graphs launch on the current device
+        try:
+            running = True
+            while running:
+                running = self._drain_inbox(block=not self.engine.has_unfinished_requests())
+                if running and self.engine.has_unfinished_requests():
+                    self._step()
+                self._stats = self.engine.stats()
+        except Exception:
+            logger.exception("The engine thread failed; no more requests are served")
+        finally:
+            with self._lock:
+                self._stopped = True
+            self._end_all(EngineStoppedError("the server is shutting down; retry on another instance"))
             self._stats = self.engine.stats()
-        for request_id in list(self._callbacks):
-            self._abort(request_id, "the server is shutting down")
-        logger.info("Engine thread stopped")
+            logger.info("Engine thread stopped")
 
     def _drain_inbox(self, block: bool) -> bool:
         while True:
@@ -125,47 +153,63 @@ class AsyncLLMEngine:
             if kind == "shutdown":
                 return False
             if kind == "add":
-                self._add(*item)
+                self._add(item)
             else:
-                self._abort(item, "the request was cancelled")
+                self._abort(item, RequestCancelledError("the request was cancelled"))
 
-    def _add(self, seq, on_output) -> None:
+    def _add(self, seq) -> None:
         with self._lock:
-            cancelled = self._pending.pop(seq.request_id, None) is None
-        if cancelled:
-            _deliver(on_output, error_output(seq.request_id, RequestCancelledError("the request was cancelled")))
-            return
+            live = seq.request_id in self._live
+        if not live:
+            return      # aborted while being prepared: already answered, nothing allocated
         try:
             self.engine.add_sequence(seq)
         except MultiLoRAError as error:
-            _deliver(on_output, error_output(seq.request_id, error, seq.lora_request))
-            return
-        self._callbacks[seq.request_id] = on_output
+            self._finish(seq.request_id, error_output(seq.request_id, error, seq.lora_request))
 
-    def _abort(self, request_id: str, why: str) -> None:
+    def _abort(self, request_id: str, error: MultiLoRAError) -> None:
+        try:
+            final = self.engine.abort_request(request_id)
+        except Exception:       # scheduler state broken by an engine bug: still answer the client
+            logger.exception("Aborting request %s failed", request_id)
+            final = None
         with self._lock:
-            pending = self._pending.pop(request_id, None) is not None
-        if pending:
-            return      # still being prepared: _add sees it gone and answers CANCELLED
-        callback = self._callbacks.pop(request_id, None)
-        final = self.engine.abort_request(request_id)
-        if callback is not None and final is not None:
-            final.error = RequestCancelledError(why)
-            _deliver(callback, final)
+            request = self._live.get(request_id)
+        if request is None:
+            return
+        final = final or error_output(request_id, error, request.lora_request)
+        final.error = error
+        self._finish(request_id, final)
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception:       # an engine bug: fail the requests in flight, keep serving
-            logger.exception("Engine step failed; failing %d in-flight requests", len(self._callbacks))
-            for request_id in list(self._callbacks):
-                callback = self._callbacks.pop(request_id)
-                self.engine.abort_request(request_id)
-                _deliver(callback, error_output(request_id, MultiLoRAError("internal engine error; see server log")))
+        except Exception:       # an engine bug: end the requests in flight, keep serving if we can
+            logger.exception("Engine step failed; failing %d in-flight requests", len(self.engine.requests))
+            self._end_all(MultiLoRAError("internal engine error; see the server log"))
             return
         for out in outputs:
-            callback = self._callbacks.pop(out.request_id) if out.finished else self._callbacks.get(out.request_id)
-            _deliver(callback, out)
+            if out.finished:
+                self._finish(out.request_id, out)
+            else:
+                with self._lock:
+                    request = self._live.get(out.request_id)
+                _deliver(request and request.on_output, out)
+
+    def _end_all(self, error: MultiLoRAError) -> None:
+        """Ends every live request with `error`."""
+        with self._lock:
+            request_ids = list(self._live)
+        for request_id in request_ids:
+            self._abort(request_id, error)
+
+    def _finish(self, request_id: str, out: RequestOutput) -> None:
+        """Delivers a request's final output, once: whoever removes it from `_live` answers."""
+        with self._lock:
+            request = self._live.pop(request_id, None)
+        if request is not None:
+            out.lora_request = out.lora_request or request.lora_request
+            _deliver(request.on_output, out)
 
 
 def _deliver(callback: Optional[OutputCallback], out: RequestOutput) -> None:

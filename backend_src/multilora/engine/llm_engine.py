@@ -138,8 +138,7 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        for slot, adapter in self.adapter_pool.take_pending_writes():
-            self.runner.write_adapter(slot, adapter)
+        self._write_adapters()
         if not batch:
             return []
         adapter_slots = [self.adapter_pool.slot_of(s.adapter_id) if s.adapter_id else -1 for s in batch.seqs]
@@ -153,6 +152,16 @@ class LLMEngine:
                 outputs.append(self._append_token(seq, token))
         return outputs
 
+    def _write_adapters(self) -> None:
+        writes = self.adapter_pool.take_pending_writes()
+        for i, (slot, adapter) in enumerate(writes):
+            try:
+                self.runner.write_adapter(slot, adapter)
+            except BaseException:
+                # Keep the unwritten ones queued: a slot must never be served with stale weights.
+                self.adapter_pool.requeue_writes(writes[i:])
+                raise
+
     def _sample_row(self, seq: Sequence) -> SampleRow:
         params = seq.params
         seed = None if params.seed is None else derive_step_seed(params.seed, len(seq.output_token_ids))
@@ -163,8 +172,8 @@ class LLMEngine:
         now = time.time()
         seq.first_token_time = seq.first_token_time or now
         seq.output_token_ids.append(token)
-        stop_string = seq.detokenizer.append(token)
         params, generated = seq.params, len(seq.output_token_ids)
+        stop_string = seq.detokenizer.append(token, check_stop=generated >= params.min_tokens)
         reason = None
         if token in self.eos_token_ids and not params.ignore_eos and generated >= params.min_tokens:
             reason, seq.stop_reason = "stop", None

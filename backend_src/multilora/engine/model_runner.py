@@ -80,7 +80,8 @@ class ModelRunner:
         most = self.config.max_num_seqs * -(-max_model_len // self.config.block_size)
         blocks = min(int(budget // block_bytes), most)
         if blocks < 1:
-            raise ValueError("no memory left for the KV cache; lower gpu_memory_utilization use or the model size")
+            raise ValueError("no memory left for the KV cache; raise gpu_memory_utilization, set num_kv_blocks, "
+                             "or use a smaller model")
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.config.block_size,
                     blocks * block_bytes / (1 << 30))
         return blocks
@@ -131,7 +132,7 @@ class ModelRunner:
         for i in order:
             seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            step.input_ids.extend(seq.token_ids[start:end])
+            step.input_ids.extend(seq.token_slice(start, end))
             step.positions.extend(range(start, end))
             step.slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
             step.token_slots.extend([adapter_slots[i]] * num_new)

@@ -97,7 +97,7 @@ class Scheduler:
             budget -= num_new
 
     def preempt(self, seq: Sequence) -> None:
-        """Frees the newest sequence's KV blocks and slot hold; it is recomputed when readmitted."""
+        """Frees a running sequence's KV blocks and slot hold; it is recomputed when readmitted."""
         self.running.remove(seq)
         self._release(seq)
         seq.status = SequenceStatus.WAITING

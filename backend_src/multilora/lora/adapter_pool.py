@@ -118,6 +118,10 @@ class AdapterPool:
         writes, self._pending_writes = self._pending_writes, []
         return writes
 
+    def requeue_writes(self, writes: list[tuple[int, object]]) -> None:
+        """Puts back writes that failed, ahead of newer ones (which must win on the same slot)."""
+        self._pending_writes = writes + self._pending_writes
+
     @property
     def num_holds(self) -> int:
         return sum(self._holds.values())
