@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 from io_tensors import parse_request, response_arrays  # this directory
@@ -68,6 +69,8 @@ class TritonPythonModel:
         self._engine = AsyncLLMEngine(EngineConfig.from_dict(config.engine),
                                       on_adapter_loaded=lambda name, s: self._outbox.put(("load", name, s)))
         self._streams: dict[str, _Stream] = {}
+        # Adapter names are resolved off Triton's execute thread: a hub entry may download.
+        self._resolve_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="multilora-resolve")
         self._sender = threading.Thread(target=self._send_loop, name="multilora-sender", daemon=True)
         self._sender.start()
         logger.info("serving %s; adapters from %s", config.engine.get("model"), config.adapter_roots)
@@ -84,14 +87,18 @@ class TritonPythonModel:
         try:
             parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()})
             params = SamplingParams(**parsed.sampling)
-            lora = self._resolver.resolve(parsed.adapter_name) if parsed.adapter_name else None
         except Exception as e:  # a request's own fault: answer it alone
             sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)
+            self._metrics.record_finished(None, None, getattr(e, "code", "INTERNAL"))
             return
         request_id = uuid.uuid4().hex
         # Queued before add_request, so the sender knows the stream before its first output.
         self._outbox.put(("new", request_id, _Stream(sender, parsed)))
+        self._resolve_pool.submit(self._start, request_id, parsed, params)
+
+    def _start(self, request_id, parsed, params):
         try:
+            lora = self._resolver.resolve(parsed.adapter_name) if parsed.adapter_name else None
             self._engine.add_request(request_id, parsed.prompt, params, lora,
                                      on_output=lambda out: self._outbox.put(("out", request_id, out)))
         except Exception as e:
@@ -129,17 +136,27 @@ class TritonPythonModel:
         elif kind == "fail":
             stream = self._streams.pop(request_id)
             self._send(stream, pb_utils.InferenceResponse(error=triton_error(payload)), FINAL)
+            self._metrics.record_finished(stream.parsed.adapter_name, None, getattr(payload, "code", "INTERNAL"))
         elif request_id in self._streams:
             self._on_output(request_id, payload)
 
     def _on_output(self, request_id, out):
         stream = self._streams[request_id]
         final = out.finished or out.error is not None
+        if stream.cancelled and not final:
+            self._engine.abort(request_id)  # again: the first abort may have passed it while it was resolved
+            return
         if out.error is not None:
             response = pb_utils.InferenceResponse(error=triton_error(out.error))
         elif final or (stream.parsed.stream and out.outputs[0].delta_token_ids):
-            arrays = response_arrays(stream.parsed, out, final=final)
-            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+            try:
+                arrays = response_arrays(stream.parsed, out, final=final)
+                response = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+            except Exception as e:  # a response we cannot build still ends its request
+                response, final = pb_utils.InferenceResponse(error=triton_error(e)), True
+                if not out.finished:
+                    self._engine.abort(request_id)
         else:
             return  # non-streaming requests answer once; an empty delta says nothing
         self._send(stream, response, FINAL if final else 0)
@@ -167,6 +184,7 @@ class TritonPythonModel:
 
     def finalize(self):
         """Abort what is still running (Triton has already waited for in-flight requests), then stop."""
+        self._resolve_pool.shutdown(wait=True)
         self._engine.shutdown()  # every unfinished request gets its final (aborted) output first
         self._outbox.put(("stop", None, None))
         self._sender.join(timeout=30)

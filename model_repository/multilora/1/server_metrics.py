@@ -15,10 +15,10 @@ TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 LOAD_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 # EngineStats cumulative counters -> the counter that follows them.
 _POOL_COUNTERS = {
-    "adapter_pool_hits": "adapter pool lookups that found the adapter already loaded",
-    "adapter_pool_misses": "adapter pool lookups that had to load the adapter",
-    "adapter_loads": "adapters loaded from disk into host memory",
-    "adapter_evictions": "adapters evicted from the pool",
+    "adapter_pool_hits": "requests admitted whose adapter was already in a GPU slot",
+    "adapter_pool_misses": "requests admitted whose adapter had to be copied into a GPU slot",
+    "adapter_loads": "adapters read from disk into host memory",
+    "adapter_evictions": "adapters pushed out of a GPU slot for another",
 }
 
 
@@ -43,7 +43,7 @@ class ServerMetrics:
             "num_requests_waiting": "requests waiting for a slot, KV blocks or an adapter slot",
             "kv_cache_usage_perc": "fraction of KV cache blocks in use (1 = full)",
             "adapter_holds": "adapter references held by unfinished requests",
-            "resident_adapters": "adapters loaded in the pool",
+            "resident_adapters": "adapters in GPU slots",
         }
         self._gauges = {key: f(key, text, gauge).Metric(labels=self._labels) for key, text in gauges.items()}
         self._pool = {key: f(key + "_total", text, counter).Metric(labels=self._labels)
@@ -73,6 +73,8 @@ class ServerMetrics:
     def record_finished(self, adapter_name: Optional[str], output, outcome: str):
         """A request's final output (a multilora RequestOutput) and how it ended."""
         self._adapter_metric(self._requests, adapter_name, outcome=outcome).increment(1)
+        if output is None:      # refused before it reached the engine
+            return
         generated = len(output.outputs[0].token_ids) if output.outputs else 0
         if output.prompt_token_ids:
             self._adapter_metric(self._prompt_tokens, adapter_name).increment(len(output.prompt_token_ids))
