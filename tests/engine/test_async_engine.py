@@ -5,33 +5,11 @@ import threading
 
 import pytest
 
-from helpers.engine_runs import greedy
+from helpers.engine_runs import OutputCollector, greedy
 from helpers.zoo import SHORT_PROMPTS
 from multilora import AsyncLLMEngine, EngineConfig
 from multilora.errors import AdapterNotFoundError, EngineStoppedError, InvalidRequestError, RequestCancelledError
 from multilora.lora.request import LoRARequest
-
-
-class Collector:
-    """Gathers one request's outputs; `done` is set by the final one."""
-
-    def __init__(self):
-        self.outputs = []
-        self.done = threading.Event()
-
-    def __call__(self, out):
-        assert not self.done.is_set(), "output after the final one"
-        self.outputs.append(out)
-        if out.finished:
-            self.done.set()
-
-    def wait(self):
-        assert self.done.wait(60), "no final output within 60 s"
-        return self.outputs[-1]
-
-    @property
-    def text_from_deltas(self) -> str:
-        return "".join(o.outputs[0].delta_text for o in self.outputs)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +25,12 @@ def test_streams_deltas_that_add_up_to_the_reference(tiny_zoo, engine):
     requests = [(SHORT_PROMPTS[0], "sql"), (SHORT_PROMPTS[2], None), (SHORT_PROMPTS[1], "code")]
     collectors = []
     for i, (prompt, adapter) in enumerate(requests):
-        collector = Collector()
+        collector = OutputCollector()
         lora = tiny_zoo.lora_request("llama", adapter) if adapter else None
         engine.add_request(f"s{i}", prompt, greedy(8), lora, collector)
         collectors.append(collector)
     for (prompt, adapter), collector in zip(requests, collectors):
-        final = collector.wait()
+        final = collector.final()
         assert final.error is None
         assert final.outputs[0].token_ids == tiny_zoo.reference("llama", adapter, prompt, 8)
         assert collector.text_from_deltas == final.outputs[0].text
@@ -61,22 +39,22 @@ def test_streams_deltas_that_add_up_to_the_reference(tiny_zoo, engine):
 
 
 def test_request_errors_arrive_as_a_final_output(engine):
-    bad_adapter = Collector()
+    bad_adapter = OutputCollector()
     engine.add_request("e1", "hi", greedy(4), LoRARequest("nope", 999, "/nonexistent/adapter"), bad_adapter)
-    empty = Collector()
+    empty = OutputCollector()
     engine.add_request("e2", "", greedy(4), None, empty)
-    assert isinstance(bad_adapter.wait().error, AdapterNotFoundError)
-    assert isinstance(empty.wait().error, InvalidRequestError)
+    assert isinstance(bad_adapter.final().error, AdapterNotFoundError)
+    assert isinstance(empty.final().error, InvalidRequestError)
     assert len(bad_adapter.outputs) == len(empty.outputs) == 1
 
 
 def test_abort_frees_everything_and_answers_cancelled(tiny_zoo, engine):
-    collector = Collector()
+    collector = OutputCollector()
     engine.add_request("long", SHORT_PROMPTS[0], greedy(100), tiny_zoo.lora_request("llama", "chat"), collector)
     while not collector.outputs:           # wait until it is running
         threading.Event().wait(0.01)
     engine.abort("long")
-    final = collector.wait()
+    final = collector.final()
     assert isinstance(final.error, RequestCancelledError)
     assert final.outputs[0].finish_reason == "abort"
     stats = _settled_stats(engine)
@@ -99,7 +77,7 @@ def test_async_iterator(tiny_zoo, engine):
 def test_shutdown_gives_every_request_one_final_output(tiny_zoo):
     config = EngineConfig(model=str(tiny_zoo.model_dir("llama")), dtype="float32", block_size=4, num_kv_blocks=64)
     engine = AsyncLLMEngine(config)
-    collectors = [Collector() for _ in range(3)]
+    collectors = [OutputCollector() for _ in range(3)]
     for i, collector in enumerate(collectors):
         engine.add_request(f"d{i}", SHORT_PROMPTS[i], greedy(1000), None, collector)
     engine.shutdown()
@@ -107,7 +85,7 @@ def test_shutdown_gives_every_request_one_final_output(tiny_zoo):
         assert collector.done.is_set()
         assert isinstance(collector.outputs[-1].error, EngineStoppedError)
     with pytest.raises(EngineStoppedError):
-        engine.add_request("late", "hi", greedy(2), None, Collector())
+        engine.add_request("late", "hi", greedy(2), None, OutputCollector())
 
 
 def _settled_stats(engine):

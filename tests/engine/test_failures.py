@@ -6,25 +6,10 @@ import threading
 
 import pytest
 
-from helpers.engine_runs import assert_idle, greedy, make_llm
+from helpers.engine_runs import OutputCollector, assert_idle, greedy, make_llm
 from helpers.zoo import SHORT_PROMPTS
 from multilora import AsyncLLMEngine, EngineConfig
 from multilora.errors import InvalidRequestError, MultiLoRAError
-
-
-class Collector:
-    def __init__(self):
-        self.outputs, self.done = [], threading.Event()
-
-    def __call__(self, out):
-        assert not self.done.is_set(), "output after the final one"
-        self.outputs.append(out)
-        if out.finished:
-            self.done.set()
-
-    def final(self):
-        assert self.done.wait(60), "no final output within 60 s"
-        return self.outputs[-1]
 
 
 @pytest.fixture()
@@ -41,7 +26,7 @@ def test_unexpected_error_while_preparing_ends_the_request(engine, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(engine.engine, "make_sequence", broken)
-    collector = Collector()
+    collector = OutputCollector()
     engine.add_request("a", "hi", greedy(4), None, collector)
     final = collector.final()
     assert type(final.error) is MultiLoRAError and final.error.code == "INTERNAL"
@@ -59,16 +44,16 @@ def test_failed_step_fails_in_flight_requests_and_the_engine_serves_on(tiny_zoo,
         return real_execute(*args, **kwargs)
 
     monkeypatch.setattr(runner, "execute", fail_once)
-    first = Collector()
+    first = OutputCollector()
     engine.add_request("f1", SHORT_PROMPTS[0], greedy(6), tiny_zoo.lora_request("llama", "sql"), first)
     assert first.final().error.code == "INTERNAL"
-    second = Collector()
+    second = OutputCollector()
     engine.add_request("f2", SHORT_PROMPTS[0], greedy(6), tiny_zoo.lora_request("llama", "sql"), second)
     assert second.final().outputs[0].token_ids == tiny_zoo.reference("llama", "sql", SHORT_PROMPTS[0], 6)
 
 
 def test_duplicate_request_id_is_refused_and_the_first_runs_on(tiny_zoo, engine):
-    first, second = Collector(), Collector()
+    first, second = OutputCollector(), OutputCollector()
     engine.add_request("dup", SHORT_PROMPTS[2], greedy(6), None, first)
     engine.add_request("dup", SHORT_PROMPTS[2], greedy(6), None, second)
     assert isinstance(second.final().error, InvalidRequestError)

@@ -1,5 +1,6 @@
 """Driving the engine in tests: building it small, stepping it, checking it is idle."""
 
+import threading
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -87,3 +88,25 @@ class StepTracker:
 def drain(engine, on_step: Optional[Callable[[object], None]] = None) -> StepTracker:
     """Step `engine` until it has no unfinished request; see StepTracker."""
     return StepTracker(engine, on_step).drain()
+
+
+class OutputCollector:
+    """An AsyncLLMEngine `on_output` callback that gathers one request's outputs and checks there is one final."""
+
+    def __init__(self):
+        self.outputs = []
+        self.done = threading.Event()
+
+    def __call__(self, out):
+        assert not self.done.is_set(), "output after the final one"
+        self.outputs.append(out)
+        if out.finished:
+            self.done.set()
+
+    def final(self):
+        assert self.done.wait(60), "no final output within 60 s"
+        return self.outputs[-1]
+
+    @property
+    def text_from_deltas(self) -> str:
+        return "".join(o.outputs[0].delta_text for o in self.outputs)
