@@ -1,8 +1,8 @@
 """Driving the engine in tests: building it small, stepping it, checking it is idle."""
 
-import threading
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 from multilora import LLM, SamplingParams
