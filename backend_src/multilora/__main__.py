@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--model", default=os.path.join(REPO, "models", "demo-llama"))
     parser.add_argument("--adapters", default=os.path.join(REPO, "models", "demo-adapters"),
                         help="adapter root: every subdirectory is an adapter, served by its name")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
