@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-base", action="store_true", help="skip the base-model request")
     parser.add_argument("--prompt", default="green apple river\n=>",
                         help="the demo model's tasks take 2-5 words, then a line '=>'")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=48,
+                        help="one token is one character for the demo model: 48 fits its longest answer")
     args = parser.parse_args(argv)
     adapters = ([] if args.no_base else [""]) + [a for a in args.adapters.split(",") if a]
 

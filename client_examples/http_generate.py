@@ -27,8 +27,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP endpoint")
     parser.add_argument("--adapter", default="upper", help="adapter name; '' for the base model")
-    parser.add_argument("--prompt", default="green apple river\n=>")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prompt", default="green apple river\n=>",
+                        help="the demo model's tasks take 2-5 words, then a line '=>'")
+    parser.add_argument("--max-tokens", type=int, default=48,
+                        help="one token is one character for the demo model: 48 fits its longest answer")
     args = parser.parse_args(argv)
 
     client = httpclient.InferenceServerClient(args.url.split("://", 1)[-1])
