@@ -250,7 +250,7 @@ multilora is ready (tritonserver pid {proc.pid})
   admin     shared-memory, logging and model-repository APIs need header {ADMIN_HEADER}: <{key_note}>
 Try:
   {_shown_path(sys.executable)} {_shown_path(os.path.join(REPO, "client_examples", "grpc_stream.py"))} --url {host}:{args.grpc_port}
-  curl -s {http}/v2/models/{MODEL_NAME}/generate -d '{{"text_input": "green apple river\\n=>", "max_tokens": 16}}'
+  curl -s {http}/v2/models/{MODEL_NAME}/generate -d '{{"text_input": "green apple river\\n=>", "max_tokens": 48}}'
 Ctrl-C stops the server.""", flush=True)
 
 

@@ -20,7 +20,7 @@ from io_tensors import parse_request, response_arrays  # this directory
 from multilora import AsyncLLMEngine, EngineConfig, SamplingParams
 from multilora.errors import MultiLoRAError
 from multilora.lora.resolver import AdapterResolver
-from server_metrics import ServerMetrics
+from server_metrics import REFUSED_LABEL, ServerMetrics
 from serving_config import load_serving_config
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -89,7 +89,7 @@ class TritonPythonModel:
             params = SamplingParams(**parsed.sampling)
         except Exception as e:  # a request's own fault: answer it alone
             sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)
-            self._metrics.record_finished(None, None, getattr(e, "code", "INTERNAL"))
+            self._metrics.record_finished(REFUSED_LABEL, None, getattr(e, "code", "INTERNAL"))
             return
         request_id = uuid.uuid4().hex
         # Queued before add_request, so the sender knows the stream before its first output.
@@ -136,7 +136,7 @@ class TritonPythonModel:
         elif kind == "fail":
             stream = self._streams.pop(request_id)
             self._send(stream, pb_utils.InferenceResponse(error=triton_error(payload)), FINAL)
-            self._metrics.record_finished(stream.parsed.adapter_name, None, getattr(payload, "code", "INTERNAL"))
+            self._metrics.record_finished(REFUSED_LABEL, None, getattr(payload, "code", "INTERNAL"))
         elif request_id in self._streams:
             self._on_output(request_id, payload)
 

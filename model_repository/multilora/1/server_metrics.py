@@ -11,6 +11,9 @@ import time
 from typing import Optional
 
 BASE_MODEL_LABEL = "(base)"  # not a valid adapter name, so it cannot collide with one
+# Requests refused before they reached the engine (unknown or malformed lora_id): one label,
+# so that clients cannot create label sets without limit.
+REFUSED_LABEL = "(refused)"
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 LOAD_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 # EngineStats cumulative counters -> the counter that follows them.
