@@ -17,6 +17,8 @@ from multilora import demo_tasks
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 N_HELDOUT = 40
+# PEFT calls a transformers method that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 
 def _eval_script():
