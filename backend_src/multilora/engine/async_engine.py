@@ -124,10 +124,10 @@ class AsyncLLMEngine:
 
     # ---- engine thread --------------------------------------------------
     def _run(self) -> None:
-        device = self.engine.runner.device
-        if device.type == "cuda":
-            torch.cuda.set_device(device)     # Triton kernels and graphs launch on the current device
         try:
+            device = self.engine.runner.device
+            if device.type == "cuda":
+                torch.cuda.set_device(device)     # Triton kernels and graphs launch on the current device
             running = True
             while running:
                 running = self._drain_inbox(block=not self.engine.has_unfinished_requests())

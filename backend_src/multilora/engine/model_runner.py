@@ -26,9 +26,14 @@ _ACTIVATION_RESERVE_BYTES = 2 << 30    # headroom on the GPU for activations and
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    """The engine's device, with an index for CUDA (torch.cuda.set_device needs one)."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torch.dtype:
@@ -46,6 +51,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, max_model_len: int):
         self.config = config
         self.device = resolve_device(config)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)    # weights, KV cache and CUDA graphs all on this GPU
         self.dtype = resolve_dtype(config, hf_config, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, config.model, self.dtype, self.device, config.load_format)
