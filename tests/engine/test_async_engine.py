@@ -5,18 +5,16 @@ import threading
 
 import pytest
 
-from helpers.engine_runs import OutputCollector, greedy
+from helpers.engine_runs import OutputCollector, async_engine_config, greedy
 from helpers.zoo import SHORT_PROMPTS
-from multilora import AsyncLLMEngine, EngineConfig
+from multilora import AsyncLLMEngine
 from multilora.errors import AdapterNotFoundError, EngineStoppedError, InvalidRequestError, RequestCancelledError
 from multilora.lora.request import LoRARequest
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_zoo):
-    config = EngineConfig(model=str(tiny_zoo.model_dir("llama")), enable_lora=True, max_loras=2, max_lora_rank=16,
-                          dtype="float32", block_size=4, num_kv_blocks=64)
-    engine = AsyncLLMEngine(config)
+    engine = AsyncLLMEngine(async_engine_config(tiny_zoo))
     yield engine
     engine.shutdown()
 
@@ -75,8 +73,7 @@ def test_async_iterator(tiny_zoo, engine):
 
 
 def test_shutdown_gives_every_request_one_final_output(tiny_zoo):
-    config = EngineConfig(model=str(tiny_zoo.model_dir("llama")), dtype="float32", block_size=4, num_kv_blocks=64)
-    engine = AsyncLLMEngine(config)
+    engine = AsyncLLMEngine(async_engine_config(tiny_zoo, enable_lora=False))
     collectors = [OutputCollector() for _ in range(3)]
     for i, collector in enumerate(collectors):
         engine.add_request(f"d{i}", SHORT_PROMPTS[i], greedy(1000), None, collector)

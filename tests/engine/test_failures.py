@@ -6,17 +6,15 @@ import threading
 
 import pytest
 
-from helpers.engine_runs import OutputCollector, assert_idle, greedy, make_llm
+from helpers.engine_runs import OutputCollector, async_engine_config, assert_idle, greedy, make_llm
 from helpers.zoo import SHORT_PROMPTS
-from multilora import AsyncLLMEngine, EngineConfig
+from multilora import AsyncLLMEngine
 from multilora.errors import InvalidRequestError, MultiLoRAError
 
 
 @pytest.fixture()
 def engine(tiny_zoo):
-    config = EngineConfig(model=str(tiny_zoo.model_dir("llama")), enable_lora=True, max_loras=2, max_lora_rank=16,
-                          dtype="float32", block_size=4, num_kv_blocks=64)
-    engine = AsyncLLMEngine(config)
+    engine = AsyncLLMEngine(async_engine_config(tiny_zoo))
     yield engine
     engine.shutdown()
 

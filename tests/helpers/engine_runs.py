@@ -110,3 +110,11 @@ class OutputCollector:
     @property
     def text_from_deltas(self) -> str:
         return "".join(o.outputs[0].delta_text for o in self.outputs)
+
+
+def async_engine_config(zoo: TinyZoo, kind: str = "llama", **overrides):
+    """An EngineConfig for AsyncLLMEngine tests on a tiny zoo model."""
+    from multilora import EngineConfig
+
+    values = dict(enable_lora=True, max_loras=2, max_lora_rank=16, dtype="float32", block_size=4, num_kv_blocks=64)
+    return EngineConfig(model=str(zoo.model_dir(kind)), **{**values, **overrides})
