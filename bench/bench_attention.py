@@ -27,10 +27,12 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py, also when loaded by path
+from timing import Timer, to_us  # noqa: E402
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,46 +138,6 @@ def torch_prefill_attention(q, k_new, v_new, kv_cache, query_lens, context_lens,
 # ----------------------------------------------------------------------------- timing
 
 
-class Timer:
-    """Median milliseconds of a callable: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: str, warmup: int, iters: int):
-        self.cuda = device == "cuda"
-        self.warmup, self.iters = warmup, iters
-
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        return statistics.median(self._once(fn) for _ in range(max(1, self.iters)))
-
-    def _once(self, fn) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    def graph(self, calls: list) -> float | None:
-        """Per-call time of `calls` (one callable each) replayed from one CUDA graph."""
-        if not self.cuda:
-            return None
-        for fn in calls[:2]:
-            fn()  # compile outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for fn in calls:
-                fn()
-        ms = self(graph.replay) / len(calls)
-        del graph
-        return ms
-
-
 # ----------------------------------------------------------------------------- one case
 
 
@@ -219,10 +181,6 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _us(ms: float | None) -> float | None:
-    return None if ms is None else ms * 1e3
-
-
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     """(max abs error, max |expected|)."""
     return (actual.float() - expected.float()).abs().max().item(), expected.float().abs().max().item()
@@ -240,11 +198,11 @@ def bench_case(k, timer: Timer, args, num_seqs: int, context: int) -> dict:
         splits=k._num_splits(num_seqs, args.kv_heads, table.shape[1] * args.block_size, k._BLOCK_N,
                              k._num_sms(case.q.device)),
         kv_mb=case.kv_bytes / 1e6, floor_us=case.floor_bytes / args.bandwidth * 1e6,
-        kernel_graph_us=_us(timer.graph(calls)), kernel_eager_us=_us(timer(lambda: next(eager)())),
+        kernel_graph_us=to_us(timer.graph(calls)), kernel_eager_us=to_us(timer(lambda: next(eager)())),
         torch_us=None, torch_err=None, max_abs_err=err, ok=err <= TOL[case.q.dtype] * max(1.0, magnitude),
     )
     if not args.skip_torch:
-        row["torch_us"] = _us(timer(lambda: torch_decode_attention(case.q, case.kv, table, case.lens, case.scale)))
+        row["torch_us"] = to_us(timer(lambda: torch_decode_attention(case.q, case.kv, table, case.lens, case.scale)))
         row["torch_err"] = max_error(torch_decode_attention(case.q, case.kv, table, case.lens, case.scale), expected)[0]
     if args.sweep and timer.cuda:
         row["sweep"] = sweep_case(k, timer, case, row["splits"], args)
@@ -261,7 +219,7 @@ def sweep_case(k, timer: Timer, case: Case, default_splits: int, args) -> list[d
             continue
         config = dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
         try:
-            us = _us(timer.graph(case.kernel_calls(k, args.graph_calls, **config)))
+            us = to_us(timer.graph(case.kernel_calls(k, args.graph_calls, **config)))
         except Exception as exc:  # a config that does not compile or fit: report it, keep going
             print(f"  config {config} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
@@ -293,12 +251,12 @@ def bench_prefill(k, timer: Timer, args, spec: str) -> dict:
     visible = num_seqs * args.heads * sum(cached + i + 1 for i in range(query_len))
     row = dict(seqs=num_seqs, query_len=query_len, cached=cached, dtype=args.dtype,
                floor_us=4 * visible * args.head_dim / (args.tflops * 1e12) * 1e6,
-               kernel_us=_us(timer(kernel)), torch_us=None, torch_err=None, max_abs_err=err,
+               kernel_us=to_us(timer(kernel)), torch_us=None, torch_err=None, max_abs_err=err,
                ok=err <= TOL[dtype] * max(1.0, magnitude))
     if not args.skip_torch:
         torch_path = lambda: torch_prefill_attention(  # noqa: E731
             q, k_new, v_new, kv, [query_len] * num_seqs, [context] * num_seqs, list(tables.long()), scale)
-        row["torch_us"] = _us(timer(torch_path))
+        row["torch_us"] = to_us(timer(torch_path))
         row["torch_err"] = max_error(torch_path(), expected)[0]
     return row
 

@@ -17,12 +17,13 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py, also when loaded by path
+from timing import Timer, to_us  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # (H_in, H_out) of Llama-3-8B's distinct projection shapes.
@@ -76,44 +77,6 @@ def make_slots(mix: str, num_tokens: int, num_slots: int, device: str) -> torch.
     return slots[torch.randperm(num_tokens, generator=gen)].to(torch.int32).to(device)
 
 
-class Timer:
-    """Median milliseconds of a callable: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: str, warmup: int, iters: int):
-        self.cuda = device == "cuda"
-        self.warmup, self.iters = warmup, iters
-
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = [self._once(fn) for _ in range(self.iters)]
-        return statistics.median(times)
-
-    def _once(self, fn) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    def graph(self, fn, calls: int) -> float | None:
-        """Per-call time of `fn` replayed `calls` times from one CUDA graph (no launch cost)."""
-        if not self.cuda:
-            return None
-        fn()  # compile outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        return self(graph.replay) / calls
-
-
 def floor_bytes(op: str, n_lora: int, n_used: int, num_tokens: int, h_in: int, h_out: int,
                 rank: int, elem: int) -> int:
     """Bytes that must cross HBM: adapter tokens' activations, used slots' weights, fp32 buf."""
@@ -160,14 +123,10 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
         rows.append(dict(
             layer=layer, op=op, tokens=num_tokens, mix=mix, h_in=h_in, h_out=h_out, slots=s, rank=r,
             used_slots=n_used, lora_tokens=n_lora, dtype=args.dtype,
-            kernel_graph_us=_us(timer.graph(kernel, args.graph_calls)), kernel_eager_us=_us(timer(kernel)),
-            ref_us=_us(timer(ref)), floor_us=nbytes / args.bandwidth * 1e6, bytes=nbytes, ok=ok, max_abs_err=err,
+            kernel_graph_us=to_us(timer.graph([kernel] * args.graph_calls)), kernel_eager_us=to_us(timer(kernel)),
+            ref_us=to_us(timer(ref)), floor_us=nbytes / args.bandwidth * 1e6, bytes=nbytes, ok=ok, max_abs_err=err,
         ))
     return rows
-
-
-def _us(ms: float | None) -> float | None:
-    return None if ms is None else ms * 1e3
 
 
 def print_table(rows: list[dict], meta_rows: list[dict]) -> None:
@@ -203,7 +162,7 @@ def main(argv=None) -> int:
         for mix in mixes:
             slots = make_slots(mix, num_tokens, args.slots, args.device)
             meta_rows.append(dict(tokens=num_tokens, mix=mix,
-                                  us=_us(timer(lambda: k.build_lora_meta(slots, args.slots)))))
+                                  us=to_us(timer(lambda: k.build_lora_meta(slots, args.slots)))))
             for layer in layers:
                 rows.extend(bench_case(k, timer, args, layer, num_tokens, mix))
     print_table(rows, meta_rows)
