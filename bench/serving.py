@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,8 +78,12 @@ def parse_args(argv=None):
     o.add_argument("--hf-requests", type=int, default=None, help="hf, hf-peft: requests (default: one batch)")
     o.add_argument("--unique-adapter-files", type=int, default=8, help="distinct weight files per rank (hard links)")
     o.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "multilora-serving"))
-    o.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.environ.get("TMPDIR", "/tmp"), "multilora-serving", "out"),
+    o.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                                       "multilora-serving", "out"),
                    help="where the JSON, PNG and logs go (default: $OUT, else under /tmp)")
+    o.add_argument("--target-timeout", default=None,
+                   help="with several targets: seconds each may run before it is stopped (its run is then "
+                        "missing); one value, or one per target, comma-separated")
     o.add_argument("--label", default=None, help="name of this run's files (default: from the options)")
     o.add_argument("--save-records", action="store_true", help="put every request's record in the JSON")
     o.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
@@ -166,7 +171,7 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
                                           Progress(f"{target} N={n} calib", calib.num_requests, args.progress_every))
                 closed = summarize(records)
                 wl = workload_for(args, n, rate=args.rate_fraction * closed["req_s"])
-                runs.append(_run_record(args, target, f"{label}-closed", calib, records, {}, {}, settings))
+                runs.append(_run_record(args, target, label, calib, records, {}, {}, settings, phase="calibration"))
             elif args.rate:
                 wl = workload_for(args, n, rate=args.rate)
             print(f"{target} N={n}: {wl.describe()}", flush=True)
@@ -228,12 +233,15 @@ class _TritonSession:
         self.server.close()
 
 
-def _run_record(args, target, label, wl, records, engine, memory, settings) -> dict:
+def _run_record(args, target, label, wl, records, engine, memory, settings, phase="measured") -> dict:
     stats = dict(engine.get("stats", {}))
-    for key in ("stream_errors",):
-        if key in engine:
-            stats[key] = engine[key]
-    return {"label": f"{label}-N{wl.num_adapters}", "target": target, "device": device_name(),
+    if "stream_errors" in engine:
+        stats["stream_errors"] = engine["stream_errors"]
+    # group: the label of the whole invocation (a multi-target parent gives each child LABEL-TARGET).
+    group = label[:-len(target) - 1] if label.endswith("-" + target) else label
+    suffix = "-closed" if phase == "calibration" else ""
+    return {"label": f"{group}{suffix}-N{wl.num_adapters}", "group": group, "phase": phase, "target": target,
+            "device": device_name(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
             "workload": dataclasses.asdict(wl), "engine_args": settings, "engine": stats,
             "summary": summarize(records, engine.get("load_windows", [])), "memory": memory,
@@ -252,10 +260,12 @@ def main(argv=None) -> int:
     label = args.label or f"serving-{args.preset}"
     if len(targets) > 1:     # each target in a fresh process: each starts with the whole GPU
         paths = []
-        for t in targets:
+        limits = [float(x) for x in args.target_timeout.split(",")] if args.target_timeout else [None]
+        limits = limits * len(targets) if len(limits) == 1 else limits
+        for t, limit in zip(targets, limits):
             argv_t = _replace_option(sys.argv[1:] if argv is None else list(argv), "--target", t)
             argv_t = _replace_option(argv_t, "--label", f"{label}-{t}")
-            code = subprocess.call([sys.executable, os.path.abspath(__file__), *argv_t])
+            code = _run_child([sys.executable, os.path.abspath(__file__), *argv_t], limit)
             path = out / f"{label}-{t}.json"
             if code != 0 or not path.is_file():
                 print(f"target {t} failed (exit code {code})", file=sys.stderr, flush=True)
@@ -276,6 +286,21 @@ def main(argv=None) -> int:
     return 0 if runs and all(r["summary"]["finished"] == r["summary"]["requests"] for r in runs) else 1
 
 
+def _run_child(cmd: list[str], timeout) -> int:
+    """A target's process; past `timeout` it gets SIGTERM (it then stops its server), then SIGKILL."""
+    child = subprocess.Popen(cmd)
+    try:
+        return child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"stopping {cmd[3:]} after {timeout:.0f}s", file=sys.stderr, flush=True)
+        child.terminate()
+        try:
+            return child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return child.wait()
+
+
 def _replace_option(argv: list[str], flag: str, value: str) -> list[str]:
     out, skip = [], False
     for i, a in enumerate(argv):
@@ -292,4 +317,6 @@ def _replace_option(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 if __name__ == "__main__":
+    # SIGTERM (timeout, Ctrl-C of a parent) unwinds like an exception, so a started server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())

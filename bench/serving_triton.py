@@ -59,6 +59,9 @@ class TritonServer:
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Its own session (so that a Ctrl-C of the benchmark reaches it through close() only): the
+        # pid file lets a wrapper script stop it if this process is killed outright.
+        log.with_suffix(".pid").write_text(f"{self.proc.pid}\n")
         self._wait_ready(ready_timeout + 30)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -93,6 +96,7 @@ class TritonServer:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)
+        self.log.with_suffix(".pid").unlink(missing_ok=True)
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ class MetricsWatcher:
         self._thread.join()
         after = self._pool(self._server.metrics())
         stats = {key: after[key] - self._before[key] for key in after}
+        stats.update({key: int(v) for key, v in stats.items() if key != "adapter_load_seconds_sum"})
         stats.update(mean_distinct_adapters_per_step=self._distinct / self.samples if self.samples else None,
                      distinct_sampled_every_s=METRICS_POLL_S, steps_sampled=self.samples,
                      max_waiting=self.max_waiting)

@@ -29,7 +29,7 @@ LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_
                  rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16")
 # The smoke configuration: seconds on a CPU.
 TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
             torch_dtype="float32")
 PRESETS = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -169,16 +169,18 @@ def _write_weights(path: Path, config: dict, rank: int, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn on the GPU when there is one: a rank-64 8B adapter is 168M numbers.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):
         for module, (fan_in, fan_out) in module_shapes(config).items():
             group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
-            a = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
-            b = torch.randn(fan_out, rank, generator=gen) * (0.1 / (fan_out * rank) ** 0.5)
-            tensors[f"{prefix}.lora_A.weight"] = a.bfloat16()
-            tensors[f"{prefix}.lora_B.weight"] = b.bfloat16()
+            a = torch.randn(rank, fan_in, generator=gen, device=device) / fan_in ** 0.5
+            b = torch.randn(fan_out, rank, generator=gen, device=device) * (0.1 / (fan_out * rank) ** 0.5)
+            tensors[f"{prefix}.lora_A.weight"] = a.bfloat16().cpu()
+            tensors[f"{prefix}.lora_B.weight"] = b.bfloat16().cpu()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Issue 8's serving runs on a GPU host that has only the image (python3 with torch,
+# transformers, peft, grpcio, matplotlib; no tritonserver, no tritonclient, no network):
+#   1. installs the carried Triton server 2.51 (nvidia-pytriton 0.7.0 unpacked, the 3.12 stub
+#      only), tritonclient 2.51 (gRPC; its perf_analyzer + libb64), numpy 1.26.4 (the stub
+#      needs numpy < 2), python-rapidjson and protobuf 4.25 into a virtual environment on top of
+#      the image's packages, with this checkout importable (a .pth file: the Python backend
+#      stub does not pass PYTHONPATH on);
+#   2. runs, each part under `timeout`, logs and JSON under $OUT:
+#      A  in-process vs the Triton server, 64 streams, streaming, base + 16 adapters (ranks
+#         8/16/64), zero errors expected; perf_analyzer --streaming at the same concurrency;
+#      B  128 rank-16 adapters, Zipf popularity, 64 streams, fixed lengths: the engine, HF
+#         transformers generate and HF + PEFT mixed adapter_names at the same batch and lengths;
+#      C  1024 adapters (ranks 8/16/64), max_loras 32, max_cpu_loras 128, Poisson arrivals at
+#         80% of the closed-loop req/s: every request finishes, TTFT p99, longest wait, ITL
+#         while adapters load vs warm, GPU memory from warm-up to end;
+#   3. prints the table and the issue's checks (bench/serving_summary.py) last.
+#
+#   bash bench/gpu_serving.sh                        # on the device: carry .carry/ (see below)
+#   PARTS="A" bash bench/gpu_serving.sh              # some parts only
+#   PYTHON=.venv/bin/python PRESET=tiny bash bench/gpu_serving.sh   # an installed env, tiny model
+#
+# CARRY (default .carry/) holds: triton-2.51-cp312.tar.xz (srv/ -> site-packages: pytriton/
+# with tritonserver/ and an empty __init__.py, nvidia_pytriton.libs/ without libpython 3.13;
+# client/ -> site-packages: tritonclient; bin/perf_analyzer), wheels/*.whl (numpy 1.26.4,
+# python-rapidjson, protobuf 4.25.9; cp312 manylinux) and libb64-0d_*.deb.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-/tmp/gpu_serving}"
+CARRY="${CARRY:-$REPO/.carry}"
+ENV_DIR="${ENV_DIR:-/tmp/multilora-env}"
+WORK="${WORK:-/tmp/multilora-serving}"
+PRESET="${PRESET:-llama3-8b}"
+PARTS="${PARTS:-A B C}"
+# Sizes: the defaults fit the three parts in ~9 minutes on an H200 (engine start-up included).
+CONCURRENCY="${CONCURRENCY:-64}" PROMPT_LEN="${PROMPT_LEN:-128:512}" PROMPT_LEN_B="${PROMPT_LEN_B:-256}"
+OUTPUT_LEN="${OUTPUT_LEN:-128}"
+REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${REQUESTS_C:-320}"
+# Each part's limit, and in A and B each target's (a target past its limit is stopped, its run missing).
+TIMEOUT_A="${TIMEOUT_A:-200}" TIMEOUT_B="${TIMEOUT_B:-230}" TIMEOUT_C="${TIMEOUT_C:-140}"
+TARGETS_A="${TARGETS_A:-90,105}" TARGETS_B="${TARGETS_B:-55,45,125}"
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+log() { echo "[gpu_serving $(date -u +%H:%M:%S)] $*"; }
+
+install_carry() {
+  local base=python3 x=/tmp/multilora-carry
+  [ -d "$CARRY" ] || { echo "no carry folder $CARRY; see this script's header" >&2; return 1; }
+  rm -rf "$ENV_DIR" "$x" && mkdir -p "$x/pp" || return 1
+  "$base" -m venv --without-pip "$ENV_DIR" || return 1
+  local site
+  site="$("$ENV_DIR/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
+  # The image's packages after the environment's own, so that numpy 1.26.4 here wins.
+  "$base" -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
+    > "$site/zz_image_packages.pth" || return 1
+  "$base" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$CARRY"/wheels/*.whl || return 1
+  tar -xJf "$CARRY"/triton-2.51-cp312.tar.xz -C "$x" || return 1
+  cp -a "$x/srv/." "$site/" && cp -a "$x/client/." "$site/" || return 1
+  # perf_analyzer links libb64.so.0d (Debian's package) and libcudart.so.12 (the wheel's copy).
+  dpkg -x "$CARRY"/libb64-0d_*.deb "$x/b64" || return 1
+  mkdir -p "$x/cudart12" && ln -sf "$(ls "$site"/nvidia_pytriton.libs/libcudart-*.so.12*)" "$x/cudart12/libcudart.so.12"
+  cat > "$ENV_DIR/bin/perf_analyzer" <<EOF
+#!/bin/sh
+LD_LIBRARY_PATH="$x/b64/usr/lib/x86_64-linux-gnu:$x/cudart12\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$x/bin/perf_analyzer" "\$@"
+EOF
+  chmod +x "$ENV_DIR/bin/perf_analyzer" "$x/bin/perf_analyzer"
+  # This checkout, importable by every interpreter of the environment (the stub's too).
+  ln -sfn "$REPO/kernels" "$x/pp/multilora_kernels"
+  printf '%s\n%s\n' "$REPO/backend_src" "$x/pp" > "$site/multilora_checkout.pth"
+}
+
+check_env() {
+  "$PY" - <<'EOF'
+import numpy, torch, transformers, multilora, multilora_kernels, tritonclient.grpc, pytriton, os
+assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: the Triton stub needs numpy < 2"
+print(f"python ok: numpy {numpy.__version__}, torch {torch.__version__} (cuda {torch.cuda.is_available()}), "
+      f"transformers {transformers.__version__}, multilora from {os.path.dirname(multilora.__file__)}")
+EOF
+}
+
+stop_leftover_servers() {   # servers started by a part that was killed outright (pid files of serving.py)
+  local f
+  for f in "$OUT"/*.pid; do
+    [ -f "$f" ] || continue
+    kill -TERM -- "-$(cat "$f")" 2>/dev/null && sleep 5 && kill -KILL -- "-$(cat "$f")" 2>/dev/null
+    rm -f "$f"
+  done
+}
+
+part() {   # part NAME TIMEOUT ARGS...: one bench/serving.py invocation, its log under $OUT
+  local name="$1" limit="$2"; shift 2
+  log "part $name (timeout ${limit}s): bench/serving.py $*"
+  timeout --kill-after=30 "$limit" "$PY" bench/serving.py --preset "$PRESET" --work "$WORK" --out "$OUT" \
+    --label "$name" --progress-every 15 "$@" 2>&1 | tee "$OUT/$name.log"
+  local code="${PIPESTATUS[0]}"
+  stop_leftover_servers
+  log "part $name: exit code $code$([ "$code" = 124 ] && echo ' (timed out)')"
+}
+
+START=$(date +%s)
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+else
+  log "installing the carried packages into $ENV_DIR"
+  install_carry > "$OUT/install.log" 2>&1 || { log "install failed:"; tail -20 "$OUT/install.log"; exit 1; }
+  PY="$ENV_DIR/bin/python"
+fi
+check_env || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+for p in $PARTS; do
+  case "$p" in
+    A) part A "$TIMEOUT_A" --target inproc,triton --adapters 16 --ranks 8,16,64 --base-share 0.25 \
+         --concurrency "$CONCURRENCY" --requests "$REQUESTS_A" --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --max-loras 16 \
+         --perf-analyzer --client-procs 4 --target-timeout "$TARGETS_A" ;;
+    B) part B "$TIMEOUT_B" --target inproc,hf,hf-peft --adapters 128 --ranks 16 --alpha 1.0 \
+         --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
+         --max-loras 64 --hf-batch "$CONCURRENCY" --target-timeout "$TARGETS_B" ;;
+    C) part C "$TIMEOUT_C" --target inproc --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
+         --concurrency "$CONCURRENCY" --rate-fraction 0.8 --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
+         --output-len "$OUTPUT_LEN" \
+         --save-records ;;
+    *) log "unknown part $p (A, B or C)" ;;
+  esac
+done
+
+log "all parts done in $(( $(date +%s) - START ))s"
+files=()
+for p in $PARTS; do [ -f "$OUT/$p.json" ] && files+=("$OUT/$p.json"); done
+"$PY" bench/serving_summary.py "${files[@]}"
