@@ -163,6 +163,7 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
             warm = dataclasses.replace(wl, num_requests=args.warmup if args.warmup is not None else args.concurrency,
                                        output_len=(WARMUP_TOKENS, WARMUP_TOKENS))
             print(f"{target} N={n}: warm-up ({warm.num_requests} requests)", flush=True)
+            memory.begin()
             session.load(make_requests(warm, vocab, seed_offset=1), args.concurrency, None)
             if args.rate_fraction:
                 calib = dataclasses.replace(wl, num_requests=max(args.concurrency, args.requests // 4))
@@ -176,7 +177,7 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
                 wl = workload_for(args, n, rate=args.rate)
             print(f"{target} N={n}: {wl.describe()}", flush=True)
             requests = make_requests(wl, vocab)
-            memory.begin()
+            memory.mark()
             session.begin()
             records, extra = session.load(requests, wl.concurrency,
                                           Progress(f"{target} N={n}", len(requests), args.progress_every))

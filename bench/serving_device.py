@@ -10,13 +10,15 @@ SAMPLE_EVERY_S = 0.5
 
 
 def device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    """GPU 0's name from nvidia-smi (asking torch would open a CUDA context in this process), else cpu."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                                 capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
     return "cpu"
 
 
@@ -40,6 +42,7 @@ class MemorySampler:
     def begin(self) -> None:
         self._series: list[tuple[float, float]] = []
         self._start = time.monotonic()
+        self._mark = None
         if self._on:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -53,12 +56,18 @@ class MemorySampler:
             if self._stop.wait(SAMPLE_EVERY_S):
                 return
 
+    def mark(self) -> None:
+        """The measured phase starts now (after warm-up): `first_gib` is the first sample from here."""
+        self._mark = time.monotonic() - self._start
+
     def end(self) -> dict:
         if not self._on:
             return {"peak_gib": None, "series": []}
         self._stop.set()
         self._thread.join()
         used = [u for _, u in self._series]
-        return {"peak_gib": max(used, default=None), "first_gib": used[0] if used else None,
-                "last_gib": used[-1] if used else None,
-                "growth_gib": (used[-1] - used[0]) if used else None, "series": self._series}
+        measured = [u for t, u in self._series if self._mark is None or t >= self._mark] or used[-1:]
+        return {"peak_gib": max(used, default=None), "warmup_start_gib": used[0] if used else None,
+                "first_gib": measured[0] if measured else None, "last_gib": used[-1] if used else None,
+                "growth_gib": (measured[-1] - measured[0]) if measured else None,
+                "measured_from_s": self._mark, "series": self._series}

@@ -148,15 +148,20 @@ def plot(runs: list[dict], path: Path) -> Optional[Path]:
     except ImportError:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    by_target: dict[str, list[dict]] = {}
+    # One line per (invocation, target): only the points of one --adapters sweep are joined.
+    series: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
-        by_target.setdefault(run["target"], []).append(run)
-    for target, group in sorted(by_target.items()):
-        group = sorted(group, key=lambda r: r["workload"]["num_adapters"])
-        n = [max(1, r["workload"]["num_adapters"]) for r in group]
-        axes[0][0].plot(n, [r["summary"]["output_tok_s"] for r in group], "o-", label=target)
-        axes[0][1].plot(n, [(r["summary"]["ttft_s"]["p99"] or 0) * 1e3 for r in group], "o-", label=f"{target} TTFT")
-        axes[0][1].plot(n, [(r["summary"]["tpot_s"]["p99"] or 0) * 1e3 for r in group], "s--", label=f"{target} TPOT")
+        if run.get("phase") != "calibration":
+            series.setdefault((run.get("group", ""), run["target"]), []).append(run)
+    for (group, target), members in sorted(series.items()):
+        members = sorted(members, key=lambda r: r["workload"]["num_adapters"])
+        n = [max(1, r["workload"]["num_adapters"]) for r in members]
+        name = f"{group} {target}".strip()
+        axes[0][0].plot(n, [r["summary"]["output_tok_s"] for r in members], "o-", label=name)
+        axes[0][1].plot(n, [(r["summary"]["ttft_s"]["p99"] or 0) * 1e3 for r in members], "o-", label=f"{name} TTFT")
+        axes[0][1].plot(n, [(r["summary"]["tpot_s"]["p99"] or 0) * 1e3 for r in members], "s--",
+                        label=f"{name} TPOT")
+    axes[0][1].set_yscale("log")
     for ax, title, ylabel in ((axes[0][0], "output throughput", "tok/s"), (axes[0][1], "p99 latency", "ms")):
         ax.set_xscale("log")
         ax.set_xlabel("adapters in the workload")
@@ -168,7 +173,7 @@ def plot(runs: list[dict], path: Path) -> Optional[Path]:
             values = run.get("cdf", {}).get(key) or []
             if values:
                 ys = [(i + 1) / len(values) for i in range(len(values))]
-                ax.plot([v * 1e3 for v in values], ys, label=run["label"][:32])
+                ax.plot([v * 1e3 for v in values], ys, label=f"{run['label'][:28]} {run['target']}")
         ax.set_xscale("log")
         ax.set_xlabel("ms")
         ax.set_title(title)

@@ -34,6 +34,8 @@ def _smoke(tmp_path: Path, target: str, *extra: str) -> list[dict]:
             str(tmp_path / "out"), "--label", "smoke", "--progress-every", "60", *extra]
     assert _serving().main(args) == 0
     report = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "out" / "smoke.png").stat().st_size > 0
     return report["runs"]
 
 
