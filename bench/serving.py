@@ -74,6 +74,9 @@ def parse_args(argv=None):
     o = p.add_argument_group("targets and output")
     o.add_argument("--client-procs", type=int, default=4, help="triton: client processes sharing the load")
     o.add_argument("--perf-analyzer", action="store_true", help="triton: also run perf_analyzer --streaming")
+    o.add_argument("--server-python", default=None,
+                   help="triton: the interpreter that runs scripts/serve.py and the server's Python backend "
+                        "(default: this one); its environment needs nvidia-pytriton, numpy < 2 and multilora")
     o.add_argument("--hf-batch", type=int, default=None, help="hf, hf-peft: batch size (default: --concurrency)")
     o.add_argument("--hf-requests", type=int, default=None, help="hf, hf-peft: requests (default: one batch)")
     o.add_argument("--unique-adapter-files", type=int, default=8, help="distinct weight files per rank (hard links)")
@@ -155,7 +158,8 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
     else:
         from serving_triton import MetricsWatcher, TritonServer
 
-        server = TritonServer(model_dir, root, settings, out / f"{label}-triton-run", out / f"{label}-triton.log")
+        server = TritonServer(model_dir, root, settings, Path(args.work) / f"run-{label}", out / f"{label}-server.log",
+                              python=args.server_python)
         session = _TritonSession(server, MetricsWatcher(server), args)
     try:
         for n in counts:

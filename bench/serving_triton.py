@@ -46,16 +46,18 @@ class TritonServer:
     """scripts/serve.py in its own process group; stopped (SIGINT, then SIGKILL) by close()."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, engine_args: dict, run_dir: Path, log: Path,
-                 ready_timeout: float = 600.0):
+                 ready_timeout: float = 600.0, python: Optional[str] = None):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         pairs = ",".join(f"{k}={v}" for k, v in engine_args.items() if v is not None)
-        cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), "--model", str(model_dir),
+        cmd = [python or sys.executable, str(REPO / "scripts" / "serve.py"), "--model", str(model_dir),
                "--adapter-roots", str(adapter_root), "--run-dir", str(run_dir), "--engine-arg", pairs,
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--ready-timeout", str(ready_timeout)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")}
+        if python:      # a server environment of its own: this process's PYTHONPATH is not for it
+            env.pop("PYTHONPATH", None)
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
