@@ -40,8 +40,8 @@ CONCURRENCY="${CONCURRENCY:-64}" PROMPT_LEN="${PROMPT_LEN:-128:512}" PROMPT_LEN_
 OUTPUT_LEN="${OUTPUT_LEN:-128}"
 REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${REQUESTS_C:-320}"
 # Each part's limit, and in A and B each target's (a target past its limit is stopped, its run missing).
-TIMEOUT_A="${TIMEOUT_A:-200}" TIMEOUT_B="${TIMEOUT_B:-230}" TIMEOUT_C="${TIMEOUT_C:-140}"
-TARGETS_A="${TARGETS_A:-90,105}" TARGETS_B="${TARGETS_B:-55,45,125}"
+TIMEOUT_A="${TIMEOUT_A:-190}" TIMEOUT_B="${TIMEOUT_B:-200}" TIMEOUT_C="${TIMEOUT_C:-140}"
+TARGETS_A="${TARGETS_A:-85,100}" TARGETS_B="${TARGETS_B:-55,40,100}"
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
 rm -rf "$RAW" && mkdir -p "$OUT" "$WORK" "$RAW"
 export PYTHONUNBUFFERED=1

@@ -22,7 +22,6 @@ starts with the whole GPU.
 """
 
 import argparse
-import asyncio
 import dataclasses
 import gc
 import json
@@ -36,7 +35,6 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from serving_device import MemorySampler, device_name   # noqa: E402
-from serving_driver import drive                          # noqa: E402
 from serving_report import cdf_points, load_runs, plot, records_json, summarize, table   # noqa: E402
 from serving_workload import PRESETS, Workload, make_requests, parse_range, write_adapters, write_model_dir  # noqa: E402
 
@@ -153,14 +151,12 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
     if target == "inproc":
         from serving_inproc import InprocTarget
 
-        tgt = InprocTarget(model_dir, root, settings)
-        session = _InprocSession(tgt)
+        session = InprocTarget(model_dir, root, settings)
     else:
-        from serving_triton import MetricsWatcher, TritonServer
+        from serving_triton import TritonTarget
 
-        server = TritonServer(model_dir, root, settings, Path(args.work) / f"run-{label}", out / f"{label}-server.log",
-                              python=args.server_python)
-        session = _TritonSession(server, MetricsWatcher(server), args)
+        session = TritonTarget(model_dir, root, settings, Path(args.work) / f"run-{label}", out / f"{label}-server.log",
+                               args.client_procs, python=args.server_python)
     try:
         for n in counts:
             wl = workload_for(args, n)
@@ -189,53 +185,14 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
             engine.update(extra)
             run = _run_record(args, target, label, wl, records, engine, memory.end(), settings)
             if target == "triton" and args.perf_analyzer and wl.concurrency:
-                from serving_triton import run_perf_analyzer
+                from serving_perf_analyzer import run_perf_analyzer
 
                 print(f"{target} N={n}: perf_analyzer --streaming at concurrency {wl.concurrency}", flush=True)
-                run["perf_analyzer"] = run_perf_analyzer(server.grpc_url, requests, wl.concurrency, out)
+                run["perf_analyzer"] = run_perf_analyzer(session.server.grpc_url, requests, wl.concurrency, out)
             runs.append(run)
     finally:
         session.close()
     return runs
-
-
-class _InprocSession:
-    def __init__(self, target):
-        self.target = target
-
-    def load(self, requests, concurrency, progress):
-        records = asyncio.run(drive(requests, concurrency, self.target.run, time.monotonic(), progress))
-        return records, {}
-
-    def begin(self):
-        self.target.begin()
-
-    def end(self):
-        return self.target.end()
-
-    def close(self):
-        self.target.close()
-
-
-class _TritonSession:
-    def __init__(self, server, watcher, args):
-        self.server, self.watcher, self.procs = server, watcher, args.client_procs
-
-    def load(self, requests, concurrency, progress):
-        from serving_triton import run_clients
-
-        records, stream_errors = run_clients(self.server.grpc_url, requests, concurrency, self.procs,
-                                             progress.update if progress else lambda *a: None)
-        return records, {"stream_errors": stream_errors}
-
-    def begin(self):
-        self.watcher.begin()
-
-    def end(self):
-        return self.watcher.end()
-
-    def close(self):
-        self.server.close()
 
 
 def _run_record(args, target, label, wl, records, engine, memory, settings, phase="measured") -> dict:

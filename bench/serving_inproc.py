@@ -1,10 +1,12 @@
 """The in-process target: multilora's AsyncLLMEngine, through its public streaming API (`generate`)."""
 
+import asyncio
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from serving_driver import drive
 from serving_report import RequestRecord
 from serving_workload import BenchRequest, adapter_name
 
@@ -51,6 +53,9 @@ class InprocTarget:
         except MultiLoRAError as error:
             record.error = f"{type(error).__name__}: {error}"
         record.end_s = time.monotonic()
+
+    def load(self, requests: list[BenchRequest], concurrency, progress) -> tuple[list[RequestRecord], dict]:
+        return asyncio.run(drive(requests, concurrency, self.run, time.monotonic(), progress)), {}
 
     # ---- measurements ----------------------------------------------------------------
     def begin(self) -> None:

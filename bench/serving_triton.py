@@ -4,20 +4,17 @@ The client must not be the bottleneck: it talks to the server's gRPC service wit
 and prebuilt protobuf requests (raw tensor bytes, no numpy per response), one bidirectional
 stream per client process carrying many requests (matched by request id), and the load is
 split over several processes (`--client-procs`). `perf_analyzer --streaming` at the same
-concurrency and workload is the independent check (`run_perf_analyzer`).
+concurrency and workload is the independent check (bench/serving_perf_analyzer.py).
 """
 
 import asyncio
-import json
 import multiprocessing as mp
 import os
-import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +25,6 @@ from serving_workload import BenchRequest, adapter_name
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "multilora"
-METRICS_POLL_S = 0.25
 
 
 def free_ports(n: int) -> list[int]:
@@ -99,81 +95,6 @@ class TritonServer:
             pass
         self.proc.wait(timeout=30)
         self.log.with_suffix(".pid").unlink(missing_ok=True)
-
-
-# ---- metrics ------------------------------------------------------------------------------
-
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def metric_samples(text: str, name: str) -> list[tuple[dict, float]]:
-    out = []
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and m["name"] == name:
-            out.append((dict(_LABEL.findall(m["labels"] or "")), float(m["value"])))
-    return out
-
-
-def metric_sum(text: str, name: str) -> float:
-    return sum(v for _, v in metric_samples(text, name))
-
-
-_POOL = {"adapter_loads": "multilora:adapter_loads_total", "adapter_evictions": "multilora:adapter_evictions_total",
-         "adapter_pool_hits": "multilora:adapter_pool_hits_total",
-         "adapter_pool_misses": "multilora:adapter_pool_misses_total",
-         "adapter_load_seconds_sum": "multilora:adapter_load_seconds_sum"}
-
-
-class MetricsWatcher:
-    """Polls /metrics: distinct running adapters (vLLM's lora_requests_info labels), waiting
-    requests, and when the adapter-load counter moves (= the windows in which adapters loaded)."""
-
-    def __init__(self, server: TritonServer):
-        self._server = server
-        self._stop = threading.Event()
-
-    def begin(self) -> None:
-        self._before = self._pool(self._server.metrics())
-        self.samples, self._distinct, self.max_waiting, self.windows = 0, 0, 0, []
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _pool(self, text: str) -> dict:
-        return {key: metric_sum(text, name) for key, name in _POOL.items()}
-
-    def _run(self) -> None:
-        loads, last_t = self._before["adapter_loads"], time.monotonic()
-        while not self._stop.wait(METRICS_POLL_S):
-            try:
-                text = self._server.metrics()
-            except OSError:
-                continue
-            now = time.monotonic()
-            running = metric_sum(text, "multilora:num_requests_running")
-            self.max_waiting = max(self.max_waiting, int(metric_sum(text, "multilora:num_requests_waiting")))
-            current = [labels for labels, value in metric_samples(text, "multilora:lora_requests_info") if value > 0]
-            if running and current:
-                names = current[0].get("running_lora_adapters", "")
-                self.samples += 1
-                self._distinct += len([n for n in names.split(",") if n])
-            new_loads = metric_sum(text, "multilora:adapter_loads_total")
-            if new_loads > loads:
-                self.windows.append((last_t, now))
-            loads, last_t = new_loads, now
-
-    def end(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        after = self._pool(self._server.metrics())
-        stats = {key: after[key] - self._before[key] for key in after}
-        stats.update({key: int(v) for key, v in stats.items() if key != "adapter_load_seconds_sum"})
-        stats.update(mean_distinct_adapters_per_step=self._distinct / self.samples if self.samples else None,
-                     distinct_sampled_every_s=METRICS_POLL_S, steps_sampled=self.samples,
-                     max_waiting=self.max_waiting)
-        return {"stats": stats, "load_windows": self.windows}
 
 
 # ---- the client ---------------------------------------------------------------------------
@@ -321,44 +242,29 @@ class _Slot:
         self.array[2 * self.index + 1] = tokens
 
 
-# ---- perf_analyzer -------------------------------------------------------------------------
+class TritonTarget:
+    """The server, the metrics watcher and the client processes behind the driver's interface."""
 
-def perf_analyzer_inputs(requests: list[BenchRequest], path: Path) -> Path:
-    rows = []
-    for r in requests:
-        row = {"input_ids": {"content": r.prompt_ids, "shape": [len(r.prompt_ids)]}, "stream": [True],
-               "ignore_eos": [True], "max_tokens": [r.output_len], "temperature": [0.0]}
-        if r.adapter_index is not None:
-            row["lora_id"] = [adapter_name(r.adapter_index)]
-        rows.append(row)
-    path.write_text(json.dumps({"data": rows}))
-    return path
+    name = "triton"
 
+    def __init__(self, model_dir: Path, adapter_root: Path, engine_args: dict, run_dir: Path, log: Path,
+                 client_procs: int, python: Optional[str] = None):
+        from serving_metrics import MetricsWatcher
 
-def run_perf_analyzer(url: str, requests: list[BenchRequest], concurrency: int, work: Path,
-                      binary: Optional[str] = None, timeout: float = 300) -> dict:
-    """perf_analyzer --streaming at the same concurrency over the same requests; its req/s."""
-    binary = binary or os.environ.get("PERF_ANALYZER") or str(Path(sys.executable).parent / "perf_analyzer")
-    inputs = perf_analyzer_inputs(requests, work / "perf_analyzer_inputs.json")
-    cmd = [binary, "-m", MODEL, "-i", "grpc", "-u", url, "--streaming", "--input-data", str(inputs),
-           "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-           "--measurement-request-count", str(max(concurrency, len(requests) // 2)),
-           "--max-trials", "3", "--stability-percentage", "999"]
-    env = dict(os.environ)
-    try:
-        import nvidia.cuda_runtime as cudart     # the wheel's perf_analyzer links libcudart.so.12
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([os.path.join(cudart.__path__[0], "lib"),
-                                                  env.get("LD_LIBRARY_PATH", "")])
-    except ImportError:
-        pass
-    try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return {"ok": False, "error": str(error)}
-    out = run.stdout + run.stderr
-    (work / "perf_analyzer.log").write_text(" ".join(cmd) + "\n" + out)
-    found = re.search(r"Client:.*?Throughput: ([\d.]+) infer/sec", out, re.S)
-    responses = re.search(r"Response Throughput: ([\d.]+)", out)
-    return {"ok": run.returncode == 0 and found is not None, "returncode": run.returncode,
-            "req_s": float(found[1]) if found else None, "responses_s": float(responses[1]) if responses else None,
-            "log": str(work / "perf_analyzer.log"), "tail": out.strip().splitlines()[-3:] if out.strip() else []}
+        self.server = TritonServer(model_dir, adapter_root, engine_args, run_dir, log, python=python)
+        self.watcher = MetricsWatcher(self.server)
+        self.procs = client_procs
+
+    def load(self, requests: list[BenchRequest], concurrency: Optional[int], progress) -> tuple[list, dict]:
+        records, stream_errors = run_clients(self.server.grpc_url, requests, concurrency, self.procs,
+                                             progress.update if progress else lambda *a: None)
+        return records, {"stream_errors": stream_errors}
+
+    def begin(self) -> None:
+        self.watcher.begin()
+
+    def end(self) -> dict:
+        return self.watcher.end()
+
+    def close(self) -> None:
+        self.server.close()
