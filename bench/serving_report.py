@@ -6,7 +6,8 @@ Definitions (client side, the same for every target):
 - ITL: every gap between two token-carrying responses of a stream, divided by the tokens of
   the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks),
   "warm" otherwise.
-- Output tok/s and req/s: over the measured window, first send to last final response.
+- Output tok/s and req/s: over the measured window, first send to last final response; the
+  steady_* figures stop at the last send, before the load drains (perf_analyzer's kind).
 """
 
 import json
@@ -77,6 +78,13 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
     for r in done:
         for (t0, _), (t1, n) in zip(r.token_times, r.token_times[1:]):
             (cold if _overlaps(t0, t1, load_windows) else warm).append((t1 - t0) / n)
+    # Steady state: until the last request is sent, a closed loop holds its full concurrency; after
+    # it, the load drains. What finished by then, over that span, is the rate a long run converges to
+    # (the figure perf_analyzer's measurement windows give).
+    last_send = max(sends) if sends else 0.0
+    steady_span = last_send - min(sends) if sends else 0.0
+    steady_tokens = sum(n for r in records for t, n in r.token_times if t <= last_send)
+    steady_done = sum(1 for r in done if r.end_s <= last_send)
     errors: dict[str, int] = {}
     for r in records:
         if r.error is not None:
@@ -87,6 +95,8 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
         "short": sum(1 for r in done if r.tokens != r.output_len),
         "seconds": window, "output_tokens": tokens,
         "output_tok_s": tokens / window if window else 0.0, "req_s": len(done) / window if window else 0.0,
+        "steady_output_tok_s": steady_tokens / steady_span if steady_span > 0 else None,
+        "steady_req_s": steady_done / steady_span if steady_span > 0 else None,
         "ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "itl_warm_s": _dist(warm), "itl_cold_s": _dist(cold),
         "itl_cold_over_warm": (_dist(cold)["mean"] / _dist(warm)["mean"]) if cold and warm else None,
         "distinct_adapters_requested": len({r.adapter for r in records if r.adapter}),

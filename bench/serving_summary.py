@@ -27,13 +27,19 @@ def checks(runs: list[dict]) -> list[str]:
         if inproc and triton:
             a, b = inproc["summary"], triton["summary"]
             ratio = b["output_tok_s"] / a["output_tok_s"] if a["output_tok_s"] else 0.0
+            steady = (b["steady_output_tok_s"] / a["steady_output_tok_s"]
+                      if a.get("steady_output_tok_s") and b.get("steady_output_tok_s") else None)
             lines.append(f"[{prefix} N={n}] server / in-process output tok/s = {b['output_tok_s']:.0f} / "
-                         f"{a['output_tok_s']:.0f} = {ratio:.2f}x (target >= 0.9x); errors: triton {b['errors']} "
-                         f"(+{triton['engine'].get('stream_errors', 0)} stream), inproc {a['errors']} (target 0)")
+                         f"{a['output_tok_s']:.0f} = {ratio:.2f}x (steady state "
+                         f"{'-' if steady is None else f'{steady:.2f}x'}; target >= 0.9x); errors: triton "
+                         f"{b['errors']} (+{triton['engine'].get('stream_errors', 0)} stream), inproc {a['errors']}"
+                         " (target 0)")
             pa = triton.get("perf_analyzer")
             if pa:
+                ours = b.get("steady_req_s")
                 lines.append(f"[{prefix} N={n}] client check: perf_analyzer --streaming {pa.get('req_s')} req/s vs "
-                             f"this client {b['req_s']:.2f} req/s at the same concurrency (ok={pa.get('ok')})")
+                             f"this client {'-' if ours is None else f'{ours:.2f}'} req/s in steady state "
+                             f"({b['req_s']:.2f} over the whole run) at the same concurrency (ok={pa.get('ok')})")
         for base in ("hf", "hf-peft"):
             if inproc and group.get(base):
                 other = group[base]["summary"]["output_tok_s"]

@@ -13,7 +13,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SUMMARY_KEYS = {"requests", "finished", "errors", "unfinished", "short", "seconds", "output_tokens", "output_tok_s",
-                "req_s", "ttft_s", "tpot_s", "itl_warm_s", "itl_cold_s", "itl_cold_over_warm",
+                "req_s", "steady_output_tok_s", "steady_req_s", "ttft_s", "tpot_s", "itl_warm_s", "itl_cold_s", "itl_cold_over_warm",
                 "distinct_adapters_requested"}
 DIST_KEYS = {"p50", "p90", "p99", "max", "mean", "count"}
 ENGINE_KEYS = {"adapter_loads", "adapter_evictions", "adapter_pool_hits", "adapter_pool_misses",
