@@ -44,7 +44,7 @@ TIMEOUT_A="${TIMEOUT_A:-190}" TIMEOUT_B="${TIMEOUT_B:-200}" TIMEOUT_C="${TIMEOUT
 TARGETS_A="${TARGETS_A:-85,100}" TARGETS_B="${TARGETS_B:-55,40,100}"
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
 rm -rf "$RAW" && mkdir -p "$OUT" "$WORK" "$RAW"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # no network there: fail fast, never wait
 log() { echo "[gpu_serving $(date -u +%H:%M:%S)] $*"; }
 
 X=/tmp/multilora-carry      # unpacked carry: client packages, perf_analyzer, libb64
