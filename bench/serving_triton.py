@@ -84,7 +84,7 @@ class TritonServer:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)     # the launcher forwards it; the model unloads
+            self.proc.send_signal(signal.SIGTERM)    # the launcher drains and stops the server
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
