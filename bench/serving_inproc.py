@@ -88,8 +88,10 @@ def _counters(stats) -> dict:
 
 
 class _StepSampler:
-    """Counts distinct running adapters once per EngineStats snapshot (= once per engine loop turn
-    it sees; turns shorter than STATS_POLL_S may be missed, which does not bias the mean)."""
+    """Counts distinct running adapters once per EngineStats snapshot the engine thread publishes
+    (once per loop turn, or every few tens of ms where the engine rate-limits its snapshots): the
+    mean over snapshots taken while requests run estimates the mean over steps, unbiased as long
+    as snapshot times do not depend on the adapter mix."""
 
     def __init__(self, engine):
         self._engine = engine
