@@ -10,8 +10,9 @@
 #   2. runs, each part under `timeout`, logs and JSON under $OUT:
 #      A  in-process vs the Triton server, 64 streams, streaming, base + 16 adapters (ranks
 #         8/16/64), zero errors expected; perf_analyzer --streaming at the same concurrency;
-#      B  128 rank-16 adapters, Zipf popularity, 64 streams, fixed lengths: the engine, HF
-#         transformers generate and HF + PEFT mixed adapter_names at the same batch and lengths;
+#      B  128 rank-16 adapters, Zipf popularity, 64 streams, fixed lengths: the engine (and its
+#         bound: 64 rows decoding together over the distinct adapters it batched), HF transformers
+#         generate and HF + PEFT mixed adapter_names at the same batch and lengths;
 #      C  1024 adapters (ranks 8/16/64), max_loras 32, max_cpu_loras 128, Poisson arrivals at
 #         80% of the closed-loop req/s: every request finishes, TTFT p99, longest wait, ITL
 #         while adapters load vs warm, GPU memory from warm-up to end;
@@ -138,7 +139,7 @@ for p in $PARTS; do
          --perf-analyzer --client-procs 4 --target-timeout "$TARGETS_A" ;;
     B) part B "$TIMEOUT_B" --target inproc,hf,hf-peft --adapters 128 --ranks 16 --alpha 1.0 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
-         --max-loras 64 --hf-batch "$CONCURRENCY" --target-timeout "$TARGETS_B" ;;
+         --max-loras 64 --hf-batch "$CONCURRENCY" --decode-bound --target-timeout "$TARGETS_B" ;;
     C) part C "$TIMEOUT_C" --target inproc --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
          --concurrency "$CONCURRENCY" --rate-fraction 0.8 --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
          --output-len "$OUTPUT_LEN" \

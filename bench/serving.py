@@ -75,6 +75,9 @@ def parse_args(argv=None):
     o.add_argument("--server-python", default=None,
                    help="triton: the interpreter that runs scripts/serve.py and the server's Python backend "
                         "(default: this one); its environment needs nvidia-pytriton, numpy < 2 and multilora")
+    o.add_argument("--decode-bound", action="store_true",
+                   help="inproc: after each run, the decode rate of a closed batch of --concurrency rows with "
+                        "as many distinct adapters as the run batched on average (the bound its tok/s is held to)")
     o.add_argument("--hf-batch", type=int, default=None, help="hf, hf-peft: batch size (default: --concurrency)")
     o.add_argument("--hf-requests", type=int, default=None, help="hf, hf-peft: requests (default: one batch)")
     o.add_argument("--unique-adapter-files", type=int, default=8, help="distinct weight files per rank (hard links)")
@@ -189,10 +192,33 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
 
                 print(f"{target} N={n}: perf_analyzer --streaming at concurrency {wl.concurrency}", flush=True)
                 run["perf_analyzer"] = run_perf_analyzer(session.server.grpc_url, requests, wl.concurrency, out)
+            if target == "inproc" and args.decode_bound:
+                run["decode_bound"] = _decode_bound(session, wl, engine, vocab, args)
             runs.append(run)
     finally:
         session.close()
     return runs
+
+
+def _decode_bound(session, wl: Workload, engine: dict, vocab: int, args) -> dict:
+    """A closed batch of `concurrency` requests at the workload's mean lengths, over D distinct adapters
+    (D = the run's mean distinct per step, rounded), decoding together: its tok/s is the bound."""
+    import random
+
+    from serving_report import decode_rate
+    from serving_workload import BenchRequest
+
+    mean = engine.get("stats", {}).get("mean_distinct_adapters_per_step") or 0
+    distinct = min(max(1, round(mean)), args.max_loras, wl.num_adapters) if wl.num_adapters else 0
+    rng = random.Random(wl.seed + 7)
+    prompt = round(sum(wl.prompt_len) / 2)
+    requests = [BenchRequest(i, (i % distinct) if distinct else None, [rng.randrange(3, vocab) for _ in range(prompt)],
+                             wl.output_len[1], None) for i in range(args.concurrency)]
+    print(f"inproc: decode bound, {args.concurrency} rows x ({prompt} + {wl.output_len[1]}) tokens, "
+          f"{distinct} distinct adapters", flush=True)
+    records, _ = session.load(requests, args.concurrency, None)
+    return {"distinct_adapters": distinct, "rows": args.concurrency, "prompt_len": prompt,
+            "output_len": wl.output_len[1], "decode_tok_s": decode_rate(records)}
 
 
 def _run_record(args, target, label, wl, records, engine, memory, settings, phase="measured") -> dict:

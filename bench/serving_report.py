@@ -103,6 +103,17 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
     }
 
 
+def decode_rate(records: list[RequestRecord]) -> Optional[float]:
+    """Tokens per second while every request of a closed batch is decoding: from the last first
+    token to the first end (no prefill and no finished rows in that span)."""
+    firsts = [r.first_token_s for r in records if r.first_token_s is not None]
+    ends = [r.end_s for r in records if r.end_s is not None]
+    if len(firsts) < len(records) or not ends or min(ends) <= max(firsts):
+        return None
+    t0, t1 = max(firsts), min(ends)
+    return sum(n for r in records for t, n in r.token_times if t0 < t <= t1) / (t1 - t0)
+
+
 def cdf_points(records: list[RequestRecord], limit: int = 400) -> dict:
     """Sorted TTFT and TPOT values, thinned to at most `limit` points, for the CDF plot."""
     done = [r for r in records if r.finished and r.first_token_s is not None]

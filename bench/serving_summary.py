@@ -47,6 +47,13 @@ def checks(runs: list[dict]) -> list[str]:
                 lines.append(f"[{prefix} N={n}] multilora / {base} output tok/s = {inproc['summary']['output_tok_s']:.0f}"
                              f" / {other:.1f} = {inproc['summary']['output_tok_s'] / other:.1f}x (target >= {goal})"
                              if other else f"[{prefix} N={n}] {base}: no throughput")
+        bound = inproc and inproc.get("decode_bound")
+        if bound and bound.get("decode_tok_s"):
+            got = inproc["summary"]["steady_output_tok_s"] or inproc["summary"]["output_tok_s"]
+            lines.append(f"[{prefix} N={n}] output tok/s {got:.0f} (steady state) = {got / bound['decode_tok_s']:.2f}x "
+                         f"the bound {bound['decode_tok_s']:.0f}: {bound['rows']} rows decoding together over "
+                         f"{bound['distinct_adapters']} distinct adapters at ({bound['prompt_len']} + "
+                         f"{bound['output_len']}) tokens (target >= 0.9x)")
         if inproc and inproc["workload"]["num_adapters"]:
             e = inproc["engine"]
             if e.get("mean_distinct_adapters_per_step") is not None:

@@ -51,7 +51,7 @@ def _check_run(run: dict, requests: int) -> None:
 
 
 def test_inproc_smoke_run_finishes_every_request(tmp_path):
-    runs = _smoke(tmp_path, "inproc", "--save-records")
+    runs = _smoke(tmp_path, "inproc", "--save-records", "--decode-bound")
     assert len(runs) == 1
     run = runs[0]
     assert run["target"] == "inproc" and run["workload"]["num_adapters"] == 20
@@ -62,6 +62,8 @@ def test_inproc_smoke_run_finishes_every_request(tmp_path):
     adapters = [r["adapter"] for r in records]
     assert None in adapters and len({a for a in adapters if a}) >= 3
     assert 0 < run["engine"]["mean_distinct_adapters_per_step"] <= 4      # never more than max_loras
+    bound = run["decode_bound"]
+    assert bound["rows"] == 4 and 1 <= bound["distinct_adapters"] <= 4 and bound["decode_tok_s"] is not None
 
 
 def test_poisson_run_at_a_fraction_of_the_closed_loop_rate(tmp_path):
