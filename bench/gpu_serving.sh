@@ -42,7 +42,7 @@ OUTPUT_LEN="${OUTPUT_LEN:-128}"
 REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${REQUESTS_C:-320}"
 # Each part's limit, and in A and B each target's (a target past its limit is stopped, its run missing).
 TIMEOUT_A="${TIMEOUT_A:-190}" TIMEOUT_B="${TIMEOUT_B:-200}" TIMEOUT_C="${TIMEOUT_C:-140}"
-TARGETS_A="${TARGETS_A:-85,100}" TARGETS_B="${TARGETS_B:-55,40,100}"
+TARGETS_A="${TARGETS_A:-85,100}" TARGETS_B="${TARGETS_B:-60,40,100}"
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
 rm -rf "$RAW" && mkdir -p "$OUT" "$WORK" "$RAW"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # no network there: fail fast, never wait

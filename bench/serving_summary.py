@@ -72,8 +72,9 @@ def checks(runs: list[dict]) -> list[str]:
                          f"{_ms(s['ttft_s']['max'])} (= the longest queue wait + its prefill); most waiting "
                          f"{r['engine'].get('max_waiting')}; ITL while adapters load / warm = "
                          f"{'-' if cold is None else f'{cold:.2f}x'} (target <= 1.2x; "
-                         f"{s['itl_cold_s']['count']} cold gaps); GPU memory {m.get('first_gib')} -> "
-                         f"{m.get('last_gib')} GiB, peak {m.get('peak_gib')} (target: flat)")
+                         f"{s['itl_cold_s']['count']} cold gaps); GPU memory at warm-up {m.get('warmup_start_gib')}, "
+                         f"run start {m.get('first_gib')}, end {m.get('last_gib')} GiB, peak {m.get('peak_gib')} "
+                         "(target: flat)")
     return lines
 
 
