@@ -3,7 +3,8 @@
 One call, side by side, through the public API (`LLM`, `LLMEngine.add_request / step / abort_request`):
 Llama-3-8B shapes in bf16 with `load_format="dummy"`, a tokenizer of the full 128256-token vocabulary
 (so detokenizing costs what it costs in production), random rank-16 PEFT adapters at real shapes. The
-floors (step_floors.py) are measured first, in the same process, at the same batch and context.
+floors (step_floors.py) are measured in the same process after the cases, at the base decode case's
+batch and mean context.
 
     PYTHONPATH=$PWD/backend_src:/tmp/pp python3 bench/decode_step.py --profile   # H200, ~4 min
     python3 bench/decode_step.py --quick     # 8 layers, fewer steps
@@ -58,6 +59,11 @@ class Size:
     layers: int | None = None       # None: the model's own
     matmul_n: int = 8192
     profile_steps: int = 5
+
+    @property
+    def decode_tokens(self) -> int:
+        """max_tokens of the rows kept decoding: enough that none ends during a case."""
+        return self.warmup_steps + max(2 * self.steps, 4 * (self.chunk_pairs + 2)) + 8
 
 
 SIZES = {"full": Size(), "quick": Size(output_len=64, steps=15, chunk_pairs=5, prefill_reps=1, layers=8),
@@ -128,10 +134,17 @@ class EngineDriver:
         seqs = [self.engine.requests[i] for i in ids]
         return all(s.num_computed_tokens >= len(s.prompt_token_ids) for s in seqs)
 
+    def mean_context(self, ids: list[str]) -> float:
+        return statistics.fmean(self.engine.requests[i].num_tokens for i in ids)
+
     def stop(self, ids: list[str]) -> None:
         for request_id in ids:
             self.engine.abort_request(request_id)
-        assert not self.engine.has_unfinished_requests(), "the bench left requests in the engine"
+        for _ in range(8):     # an engine that defers aborts to its next step gets that step
+            if not self.engine.has_unfinished_requests():
+                return
+            self.engine.step()
+        raise RuntimeError("the bench's aborted requests are still in the engine")
 
     def intervals(self, k: int, synced: bool = False) -> list[float]:
         """Milliseconds between consecutive step() returns (synced: the GPU drained at each)."""
@@ -150,7 +163,7 @@ class EngineDriver:
 
 def decode_params(size: Size, sampled: bool):
     """Enough tokens for every timed step; eos ignored so no row ends early. Sampled: half the rows seeded."""
-    tokens = size.warmup_steps + 2 * size.steps + 8
+    tokens = size.decode_tokens
     if not sampled:
         return lambda i: dict(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     return lambda i: dict(max_tokens=tokens, ignore_eos=True, seed=i if i % 2 == 0 else None, **SAMPLED)
@@ -162,13 +175,14 @@ def decode_case(driver: EngineDriver, sampled: bool = False, loras: list | None 
     lora_of = (lambda i: loras[i % len(loras)]) if loras else (lambda i: None)
     ids = driver.start(size.batch, decode_params(size, sampled), lora_of)
     driver.intervals(size.warmup_steps)
+    context = driver.mean_context(ids)
     free = driver.intervals(size.steps)
+    context = (context + driver.mean_context(ids)) / 2
     synced = driver.intervals(size.steps, synced=True)
     driver.stop(ids)
     return {"rows": size.batch, "adapters": len(loras or []), "sampled": sampled, "steps": len(free),
             "step_ms": statistics.median(free), "mean_ms": statistics.fmean(free),
-            "synced_step_ms": statistics.median(synced),
-            "context": size.prompt_len + size.warmup_steps + (size.steps + 1) / 2}
+            "synced_step_ms": statistics.median(synced), "context": context}
 
 
 def chunk_case(driver: EngineDriver) -> dict:
@@ -182,13 +196,12 @@ def chunk_case(driver: EngineDriver) -> dict:
     size = driver.size
     ids = driver.start(size.batch - 1, decode_params(size, sampled=False), lambda i: None)
     driver.intervals(size.warmup_steps)
-    pure, mixed, first = [], [], []
+    pure, mixed, first, late = [], [], [], 0
     for i in range(size.chunk_pairs + 2):              # the first two compile and warm the chunk's path
         plain = driver.intervals(2)
         request_id = driver.add(dict(max_tokens=1, temperature=0.0, ignore_eos=True))
         pair = driver.intervals(2)
-        if request_id in driver.engine.requests:
-            raise RuntimeError("the one-token request did not finish within its chunk's pair of steps")
+        late += request_id in driver.engine.requests   # then a later pair holds its row: say so
         if i >= 2:
             pure.append(sum(plain))
             mixed.append(sum(pair))
@@ -197,7 +210,8 @@ def chunk_case(driver: EngineDriver) -> dict:
     pure_pair = statistics.median(pure)
     return {"rows": size.batch, "chunk_tokens": size.prompt_len, "decode_rows": size.batch - 1,
             "pairs": len(mixed), "step_ms": statistics.median(mixed) - pure_pair / 2,
-            "decode_step_ms": pure_pair / 2, "first_interval_ms": statistics.median(first)}
+            "decode_step_ms": pure_pair / 2, "first_interval_ms": statistics.median(first),
+            "chunk_requests_unfinished_after_pair": late}
 
 
 def prefill_case(driver: EngineDriver) -> dict:
@@ -322,6 +336,10 @@ def print_report(report: dict) -> None:
                   f"{p['busy_us_per_step'] / 1e3:.2f} ms busy")
             for t in p["top"][:10]:
                 print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
+    late = report["cases"]["chunk_plus_decode"]["chunk_requests_unfinished_after_pair"]
+    if late:
+        print(f"note: {late} chunk requests were still unfinished after their pair of steps; "
+              "the chunk figure includes their extra rows")
     print(f"\n{'issue 7 target':26} {'this run':58} {'bound':17} met")
     for t in report["targets"]:
         print(f"{t['target']:26} {t['figure']:58} {t['bound']:17} {'yes' if t['met'] else 'NO'}")
@@ -350,16 +368,6 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ModelShapes.from_hf_config(model_config)
-    context = size.prompt_len + size.warmup_steps + (size.steps + 1) / 2
-
-    timer = Timer(device, warmup=3, iters=20 if device == "cuda" else 3)
-    tflops = matmul_tflops(device, dtype, size.matmul_n, timer)
-    floors = {"decode": decode_floors(shapes, size.batch, round(context), dtype, device, timer),
-              "matmul_tflops": tflops, "linear_params": shapes.linear_params,
-              "chunk_ms": prefill_floor_ms(shapes, size.prompt_len, tflops),
-              "prefill_ms": prefill_floor_ms(shapes, size.batch * size.prompt_len, tflops)}
-    if device == "cuda":
-        torch.cuda.empty_cache()   # the floors' buffers go before the engine measures free memory
 
     from multilora import LLM, LoRARequest
 
@@ -367,7 +375,7 @@ def main(argv=None) -> dict:
     model_dir = write_model(work, model_config)
     adapter_dirs = write_adapters(work, model_config, max(size.adapter_counts), size.rank)
     loras = [LoRARequest(d.name, i + 1, str(d)) for i, d in enumerate(adapter_dirs)]
-    max_len = size.prompt_len + max(size.output_len, size.warmup_steps + 2 * size.steps + 8) + 16
+    max_len = size.prompt_len + max(size.output_len, size.decode_tokens) + 16
     budget = max(args.max_num_batched_tokens, size.prompt_len + size.batch - 1)  # chunk + decode rows fit
     start = time.perf_counter()
     llm = LLM(str(model_dir), load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device,
@@ -388,6 +396,7 @@ def main(argv=None) -> dict:
              "closed_base": closed_case(driver),
              f"closed_{many}_adapters": closed_case(driver, loras[:many])}
     profile = [profile_case(driver, None), profile_case(driver, loras[:many])] if args.profile else None
+    floors = measure_floors(shapes, size, round(cases["decode_base"]["context"]), dtype, device)
 
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
               "model": "tiny llama" if args.tiny else f"Llama-3-8B shapes, {shapes.layers} layers",
@@ -401,6 +410,17 @@ def main(argv=None) -> dict:
     (out / "decode_step.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     return report
+
+
+def measure_floors(shapes: ModelShapes, size: Size, context: int, dtype: torch.dtype, device: str) -> dict:
+    """After the engine's cases, at the context the base decode case had (the engine keeps its memory:
+    an H200 holds both)."""
+    timer = Timer(device, warmup=3, iters=20 if device == "cuda" else 3)
+    tflops = matmul_tflops(device, dtype, size.matmul_n, timer)
+    return {"decode": decode_floors(shapes, size.batch, context, dtype, device, timer),
+            "matmul_tflops": tflops, "linear_params": shapes.linear_params,
+            "chunk_ms": prefill_floor_ms(shapes, size.prompt_len, tflops),
+            "prefill_ms": prefill_floor_ms(shapes, size.batch * size.prompt_len, tflops)}
 
 
 def warm_up(driver: EngineDriver, loras: list) -> None:

@@ -95,6 +95,10 @@ def test_decode_step_tiny_runs_every_case(tmp_path):
     assert chunk["pairs"] == size.chunk_pairs and chunk["decode_rows"] == size.batch - 1
     assert chunk["chunk_tokens"] == size.prompt_len and math.isfinite(chunk["step_ms"])
     assert chunk["first_interval_ms"] > 0
+    assert chunk["chunk_requests_unfinished_after_pair"] == 0
+    base = cases["decode_base"]
+    assert size.prompt_len < base["context"] < size.prompt_len + size.decode_tokens
+    assert floors["decode"]["context"] == round(base["context"])
     assert cases["prefill"]["reps"] == size.prefill_reps and cases["prefill"]["tokens"] == size.batch * size.prompt_len
     for name, adapters in (("closed_base", 0), (f"closed_{many}_adapters", many)):
         closed = cases[name]
