@@ -282,6 +282,7 @@ def profile_case(driver: EngineDriver, loras: list | None) -> dict:
     return {"adapters": len(loras or []), "unit": "GPU kernel" if cuda else "CPU op", "steps": steps,
             "launches_per_step": len(kernels) / steps,
             "copies_per_step": (len(events) - len(kernels)) / steps,
+            "graph_launches_per_step": sum(e.name == "cudaGraphLaunch" for e in prof.events()) / steps,
             "busy_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
             "top": [{"name": name, "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for name, t in top]}
 
@@ -289,7 +290,7 @@ def profile_case(driver: EngineDriver, loras: list | None) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def targets(floors: dict, cases: dict, counts: tuple[int, int]) -> list[dict]:
+def targets(floors: dict, cases: dict, counts: tuple[int, int], vocab: int) -> list[dict]:
     """Issue 7's "Done when" list, each with its figure from this run."""
     few, many = counts
     base = cases["decode_base"]["step_ms"]
@@ -301,6 +302,8 @@ def targets(floors: dict, cases: dict, counts: tuple[int, int]) -> list[dict]:
     prefill, prefill_floor = cases["prefill"]["ms"], floors["prefill_ms"]
     closed, closed_many = cases["closed_base"]["tokens_per_s"], cases[f"closed_{many}_adapters"]["tokens_per_s"]
     rows = [
+        ("floor, tokenizer", f"floor {floor:.2f} ms measured here; tokenizer {vocab} tokens", "same run, full",
+         vocab == floors["vocab"]),
         ("base decode step", f"{base:.2f} ms = {base / floor:.2f}x floor {floor:.2f} ms", "<= 1.2x",
          base / floor <= 1.2),
         (f"{few} adapters step", f"{d_few:.2f} ms = base {d_few - base:+.2f} ms", "<= base + 0.4 ms",
@@ -333,6 +336,7 @@ def print_report(report: dict) -> None:
         for p in report["profile"]:
             print(f"\nprofile, decode step with {p['adapters']} adapters: {p['launches_per_step']:.0f} "
                   f"{p['unit']} launches per step, {p['copies_per_step']:.0f} copies/fills, "
+                  f"{p['graph_launches_per_step']:.0f} graph launches, "
                   f"{p['busy_us_per_step'] / 1e3:.2f} ms busy")
             for t in p["top"][:10]:
                 print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
@@ -361,6 +365,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    began = time.perf_counter()
     size = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
     model_config = dict(TINY_MODEL if args.tiny else LLAMA3_8B, bos_token_id=256, eos_token_id=257)
     if size.layers:
@@ -368,48 +373,56 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ModelShapes.from_hf_config(model_config)
-
-    from multilora import LLM, LoRARequest
-
-    work = Path(tempfile.mkdtemp(prefix="decode-step-"))
-    model_dir = write_model(work, model_config)
-    adapter_dirs = write_adapters(work, model_config, max(size.adapter_counts), size.rank)
-    loras = [LoRARequest(d.name, i + 1, str(d)) for i, d in enumerate(adapter_dirs)]
-    max_len = size.prompt_len + max(size.output_len, size.decode_tokens) + 16
-    budget = max(args.max_num_batched_tokens, size.prompt_len + size.batch - 1)  # chunk + decode rows fit
-    start = time.perf_counter()
-    llm = LLM(str(model_dir), load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device,
-              enable_lora=True, max_loras=max(size.adapter_counts), max_lora_rank=size.rank,
-              max_num_seqs=size.batch, max_num_batched_tokens=budget, max_model_len=max_len,
-              num_kv_blocks=size.batch * -(-max_len // 16) + 16)
-    startup_s = time.perf_counter() - start
-    driver = EngineDriver(llm, size, model_config["vocab_size"])
-    warm_up(driver, loras)
-
-    few, many = size.adapter_counts
-    cases = {"prefill": prefill_case(driver),
-             "decode_base": decode_case(driver),
-             "decode_sampled": decode_case(driver, sampled=True),
-             f"decode_{few}_adapters": decode_case(driver, loras=loras[:few]),
-             f"decode_{many}_adapters": decode_case(driver, loras=loras[:many]),
-             "chunk_plus_decode": chunk_case(driver),
-             "closed_base": closed_case(driver),
-             f"closed_{many}_adapters": closed_case(driver, loras[:many])}
-    profile = [profile_case(driver, None), profile_case(driver, loras[:many])] if args.profile else None
+    with tempfile.TemporaryDirectory(prefix="decode-step-") as work:
+        llm, loras, engine = build_engine(Path(work), model_config, size, device, dtype, args.max_num_batched_tokens)
+        driver = EngineDriver(llm, size, model_config["vocab_size"])
+        warm_up(driver, loras)
+        cases = run_cases(driver, loras)
+        profile = [profile_case(driver, None), profile_case(driver, loras)] if args.profile else None
+        vocab = len(llm.get_tokenizer())
     floors = measure_floors(shapes, size, round(cases["decode_base"]["context"]), dtype, device)
 
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
               "model": "tiny llama" if args.tiny else f"Llama-3-8B shapes, {shapes.layers} layers",
-              "tokenizer_vocab": len(llm.get_tokenizer()), "size": asdict(size),
-              "engine": {"max_num_batched_tokens": budget, "max_num_seqs": size.batch, "max_loras": many,
-                         "max_model_len": max_len, "startup_s": startup_s},
-              "floors": floors, "cases": cases, "targets": targets(floors, cases, size.adapter_counts),
-              "profile": profile, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "tokenizer_vocab": vocab, "model_vocab": model_config["vocab_size"], "size": asdict(size),
+              "engine": engine, "floors": floors, "cases": cases, "profile": profile,
+              "targets": targets(floors, cases, size.adapter_counts, vocab),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - began}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     return report
+
+
+def build_engine(work: Path, model_config: dict, size: Size, device: str, dtype: torch.dtype, budget: int):
+    """The model folder, the adapters and one LLM for every case: the token budget fits a whole chunk
+    plus B-1 decode rows, and the KV cache every row at its longest."""
+    from multilora import LLM, LoRARequest
+
+    model_dir = write_model(work, model_config)
+    adapter_dirs = write_adapters(work, model_config, max(size.adapter_counts), size.rank)
+    loras = [LoRARequest(d.name, i + 1, str(d)) for i, d in enumerate(adapter_dirs)]
+    max_len = size.prompt_len + max(size.output_len, size.decode_tokens) + 16
+    settings = dict(load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device, enable_lora=True,
+                    max_loras=len(loras), max_lora_rank=size.rank, max_num_seqs=size.batch,
+                    max_num_batched_tokens=max(budget, size.prompt_len + size.batch - 1), max_model_len=max_len,
+                    num_kv_blocks=size.batch * -(-max_len // 16) + 16)
+    start = time.perf_counter()
+    llm = LLM(str(model_dir), **settings)
+    return llm, loras, dict(settings, startup_s=time.perf_counter() - start)
+
+
+def run_cases(driver: EngineDriver, loras: list) -> dict:
+    few, many = driver.size.adapter_counts
+    return {"prefill": prefill_case(driver),
+            "decode_base": decode_case(driver),
+            "decode_sampled": decode_case(driver, sampled=True),
+            f"decode_{few}_adapters": decode_case(driver, loras=loras[:few]),
+            f"decode_{many}_adapters": decode_case(driver, loras=loras[:many]),
+            "chunk_plus_decode": chunk_case(driver),
+            "closed_base": closed_case(driver),
+            f"closed_{many}_adapters": closed_case(driver, loras[:many])}
 
 
 def measure_floors(shapes: ModelShapes, size: Size, context: int, dtype: torch.dtype, device: str) -> dict:
@@ -418,7 +431,7 @@ def measure_floors(shapes: ModelShapes, size: Size, context: int, dtype: torch.d
     timer = Timer(device, warmup=3, iters=20 if device == "cuda" else 3)
     tflops = matmul_tflops(device, dtype, size.matmul_n, timer)
     return {"decode": decode_floors(shapes, size.batch, context, dtype, device, timer),
-            "matmul_tflops": tflops, "linear_params": shapes.linear_params,
+            "matmul_tflops": tflops, "linear_params": shapes.linear_params, "vocab": shapes.vocab,
             "chunk_ms": prefill_floor_ms(shapes, size.prompt_len, tflops),
             "prefill_ms": prefill_floor_ms(shapes, size.batch * size.prompt_len, tflops)}
 
