@@ -94,17 +94,12 @@ def write_adapters(work: Path, config: dict, count: int, rank: int) -> list[Path
 # ---------------------------------------------------------------- driving the engine
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 class EngineDriver:
     """Puts the engine in a known state (B sequences decoding at context C) and times its steps."""
 
-    def __init__(self, llm, size: Size, vocab: int):
+    def __init__(self, llm, size: Size, vocab: int, device: str):
         self.llm, self.engine, self.size = llm, llm.llm_engine, size
-        self.vocab = vocab
+        self.vocab, self.cuda = vocab, device == "cuda"
         self._ids = 0
         self._gen = torch.Generator().manual_seed(0)
 
@@ -146,18 +141,22 @@ class EngineDriver:
             self.engine.step()
         raise RuntimeError("the bench's aborted requests are still in the engine")
 
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
     def intervals(self, k: int, synced: bool = False) -> list[float]:
         """Milliseconds between consecutive step() returns (synced: the GPU drained at each)."""
-        sync()
+        self.sync()
         times, last = [], time.perf_counter()
         for _ in range(k):
             self.engine.step()
             if synced:
-                sync()
+                self.sync()
             now = time.perf_counter()
             times.append((now - last) * 1e3)
             last = now
-        sync()
+        self.sync()
         return times
 
 
@@ -223,10 +222,10 @@ def prefill_case(driver: EngineDriver) -> dict:
     times = []
     for _ in range(size.prefill_reps):
         prompts = driver.prompts(size.batch)
-        sync()
+        driver.sync()
         start = time.perf_counter()
         driver.llm.generate(prompts, params)
-        sync()
+        driver.sync()
         times.append((time.perf_counter() - start) * 1e3)
     return {"prompts": size.batch, "tokens": size.batch * size.prompt_len, "reps": len(times),
             "ms": statistics.median(times), "budget": driver.engine.config.max_num_batched_tokens}
@@ -240,10 +239,10 @@ def closed_case(driver: EngineDriver, loras: list | None = None) -> dict:
     prompts = driver.prompts(size.batch)
     requests = [loras[i % len(loras)] for i in range(size.batch)] if loras else None
     params = SamplingParams(max_tokens=size.output_len, temperature=0.0, ignore_eos=True)
-    sync()
+    driver.sync()
     start = time.perf_counter()
     outs = driver.llm.generate(prompts, params, requests)
-    sync()
+    driver.sync()
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == size.batch * size.output_len, tokens
@@ -261,7 +260,7 @@ def profile_case(driver: EngineDriver, loras: list | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     size = driver.size
-    cuda = torch.cuda.is_available()
+    cuda = driver.cuda
     lora_of = (lambda i: loras[i % len(loras)]) if loras else (lambda i: None)
     ids = driver.start(size.batch, decode_params(size, sampled=False), lora_of)
     driver.intervals(size.warmup_steps)
@@ -272,7 +271,7 @@ def profile_case(driver: EngineDriver, loras: list | None) -> dict:
     device = DeviceType.CUDA if cuda else DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == device]
     if not cuda:   # top-level ops only, so nested aten calls are not counted twice
-        events = [e for e in events if e.cpu_parent is None and e.name != "ProfilerStep*"]
+        events = [e for e in events if e.cpu_parent is None]
     kernels = [e for e in events if not e.name.startswith(("Memcpy", "Memset"))]
     by_name: dict[str, list[float]] = {}
     for e in kernels:
@@ -375,7 +374,7 @@ def main(argv=None) -> dict:
     shapes = ModelShapes.from_hf_config(model_config)
     with tempfile.TemporaryDirectory(prefix="decode-step-") as work:
         llm, loras, engine = build_engine(Path(work), model_config, size, device, dtype, args.max_num_batched_tokens)
-        driver = EngineDriver(llm, size, model_config["vocab_size"])
+        driver = EngineDriver(llm, size, model_config["vocab_size"], device)
         warm_up(driver, loras)
         cases = run_cases(driver, loras)
         profile = [profile_case(driver, None), profile_case(driver, loras)] if args.profile else None
