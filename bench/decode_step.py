@@ -331,14 +331,15 @@ def print_report(report: dict) -> None:
           f"{d['gemm_chain_ms']:.2f} [unfused {d['gemm_chain_unfused_ms']:.2f}] + lm_head {d['lm_head_ms']:.2f} + "
           f"KV read {d['kv_read_ms']:.2f} ms, {d['kv_bytes'] / 1e9:.2f} GB at {d['kv_read_tb_s']:.2f} TB/s); "
           f"matmul {floors['matmul_tflops']:.0f} TFLOP/s")
-    if report.get("profile"):
-        for p in report["profile"]:
-            print(f"\nprofile, decode step with {p['adapters']} adapters: {p['launches_per_step']:.0f} "
-                  f"{p['unit']} launches per step, {p['copies_per_step']:.0f} copies/fills, "
-                  f"{p['graph_launches_per_step']:.0f} graph launches, "
-                  f"{p['busy_us_per_step'] / 1e3:.2f} ms busy")
-            for t in p["top"][:10]:
-                print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
+    for p in report.get("profile") or []:
+        case = report["cases"][f"decode_{p['adapters']}_adapters" if p["adapters"] else "decode_base"]
+        busy = p["busy_us_per_step"] / 1e3
+        print(f"\nprofile, decode step with {p['adapters']} adapters: {p['launches_per_step']:.0f} "
+              f"{p['unit']} launches per step, {p['copies_per_step']:.0f} copies/fills, "
+              f"{p['graph_launches_per_step']:.0f} graph launches; busy {busy:.2f} ms of the "
+              f"{case['step_ms']:.2f} ms step (the rest: the device waits for the host)")
+        for t in p["top"][:10]:
+            print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
     late = report["cases"]["chunk_plus_decode"]["chunk_requests_unfinished_after_pair"]
     if late:
         print(f"note: {late} chunk requests were still unfinished after their pair of steps; "
