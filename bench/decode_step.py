@@ -358,7 +358,8 @@ def parse_args(argv):
     mode.add_argument("--quick", action="store_true", help="8 layers, fewer steps (a minute on an H200)")
     mode.add_argument("--tiny", action="store_true", help="a tiny model on CPU in seconds (the smoke test)")
     parser.add_argument("--profile", action="store_true", help="top kernels and launches per decode step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's token budget")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an EngineConfig field (JSON value), e.g. max_num_batched_tokens=4096; repeatable")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder of decode_step.json ($OUT)")
     return parser.parse_args(argv)
 
@@ -374,7 +375,8 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ModelShapes.from_hf_config(model_config)
     with tempfile.TemporaryDirectory(prefix="decode-step-") as work:
-        llm, loras, engine = build_engine(Path(work), model_config, size, device, dtype, args.max_num_batched_tokens)
+        overrides = dict(engine_arg(a) for a in args.engine_arg)
+        llm, loras, engine = build_engine(Path(work), model_config, size, device, dtype, overrides)
         driver = EngineDriver(llm, size, model_config["vocab_size"], device)
         warm_up(driver, loras)
         cases = run_cases(driver, loras)
@@ -395,19 +397,30 @@ def main(argv=None) -> dict:
     return report
 
 
-def build_engine(work: Path, model_config: dict, size: Size, device: str, dtype: torch.dtype, budget: int):
+def engine_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--engine-arg {text!r}: write KEY=VALUE, e.g. enforce_eager=true")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value            # a bare string
+
+
+def build_engine(work: Path, model_config: dict, size: Size, device: str, dtype: torch.dtype, overrides: dict):
     """The model folder, the adapters and one LLM for every case: the token budget fits a whole chunk
-    plus B-1 decode rows, and the KV cache every row at its longest."""
+    plus B-1 decode rows, and the KV cache every row at its longest. `overrides` are EngineConfig fields."""
     from multilora import LLM, LoRARequest
 
     model_dir = write_model(work, model_config)
     adapter_dirs = write_adapters(work, model_config, max(size.adapter_counts), size.rank)
     loras = [LoRARequest(d.name, i + 1, str(d)) for i, d in enumerate(adapter_dirs)]
     max_len = size.prompt_len + max(size.output_len, size.decode_tokens) + 16
-    settings = dict(load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device, enable_lora=True,
-                    max_loras=len(loras), max_lora_rank=size.rank, max_num_seqs=size.batch,
-                    max_num_batched_tokens=max(budget, size.prompt_len + size.batch - 1), max_model_len=max_len,
-                    num_kv_blocks=size.batch * -(-max_len // 16) + 16)
+    settings = {**dict(load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device,
+                       enable_lora=True, max_loras=len(loras), max_lora_rank=size.rank, max_num_seqs=size.batch,
+                       max_num_batched_tokens=2048, max_model_len=max_len,
+                       num_kv_blocks=size.batch * -(-max_len // 16) + 16), **overrides}
+    settings["max_num_batched_tokens"] = max(settings["max_num_batched_tokens"], size.prompt_len + size.batch - 1)
     start = time.perf_counter()
     llm = LLM(str(model_dir), **settings)
     return llm, loras, dict(settings, startup_s=time.perf_counter() - start)

@@ -117,3 +117,13 @@ def test_decode_step_tiny_runs_every_case(tmp_path):
     assert [p["adapters"] for p in report["profile"]] == [0, many]
     for p in report["profile"]:
         assert p["steps"] == size.profile_steps and p["launches_per_step"] > 0 and p["top"]
+
+
+def test_decode_step_engine_args_are_json_values_or_strings():
+    import decode_step
+
+    assert decode_step.engine_arg("max_num_batched_tokens=4096") == ("max_num_batched_tokens", 4096)
+    assert decode_step.engine_arg("enforce_eager=true") == ("enforce_eager", True)
+    assert decode_step.engine_arg("tokenizer=/models/x") == ("tokenizer", "/models/x")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        decode_step.engine_arg("enforce_eager")
