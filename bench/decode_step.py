@@ -6,9 +6,11 @@ Llama-3-8B shapes in bf16 with `load_format="dummy"`, a tokenizer of the full 12
 floors (step_floors.py) are measured in the same process after the cases, at the base decode case's
 batch and mean context.
 
-    PYTHONPATH=$PWD/backend_src:/tmp/pp python3 bench/decode_step.py --profile   # H200, ~4 min
-    python3 bench/decode_step.py --quick     # 8 layers, fewer steps
-    python3 bench/decode_step.py --tiny      # CPU, a tiny model, seconds (the smoke test)
+    mkdir -p /tmp/pp && ln -sfn $PWD/kernels /tmp/pp/multilora_kernels
+    PYTHONPATH=$PWD/backend_src:/tmp/pp python3 bench/decode_step.py --profile   # H200, a few minutes
+    ... bench/decode_step.py --quick      # 8 layers, fewer steps
+    ... bench/decode_step.py --tiny       # CPU, a tiny model, seconds (the smoke test)
+    ... bench/decode_step.py --engine-arg enforce_eager=true    # any EngineConfig field, repeatable
 
 A step's time is the interval between consecutive `step()` returns with no synchronisation in
 between (the step period a running server sees, which overlap of host and GPU shortens), median
