@@ -71,3 +71,9 @@ class EngineStoppedError(MultiLoRAError):
     """The engine is shutting down and accepts no more requests."""
 
     code = "UNAVAILABLE"
+
+
+class NonFiniteOutputError(MultiLoRAError):
+    """The model produced NaN/Inf logits for one request (typically its adapter's doing): that request ends alone."""
+
+    code = "INTERNAL"

@@ -1,13 +1,30 @@
-"""Sampler: one token id per row of a step's logits, each row under its own SamplingParams."""
+"""Sampler: one token id per row of a step's logits, each row under its own SamplingParams.
+
+The whole batch is sampled by a fixed number of tensor operations, whatever its
+size: temperature, top-k and top-p are per-row tensors, one sort serves every
+row (a `torch.topk` window when every filtered row has a small top_k), and a
+draw is argmax(probs / Exp(1) noise), which is exactly how torch.multinomial
+draws one sample. Only a seeded row's noise comes from its own generator, so a
+seeded row's token depends on its own logits row and step seed alone, and is
+the token the former one-row-at-a-time sampler drew (tests/helpers/per_row_sampler.py).
+
+Nothing here waits for the device: the result stays on it, and a row that
+cannot be sampled (logits not finite, every token banned) gets FAILED (-1)
+instead of failing the batch.
+"""
 
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from multilora.sampling_params import SamplingParams
 
+FAILED = -1                                # the token id of a row that could not be sampled
 _MASK64 = (1 << 64) - 1
+_F32 = np.finfo(np.float32)
+_WINDOW_LIMIT = 1024                       # a larger top_k ranks the whole vocabulary (one sort)
 
 
 @dataclass
@@ -25,67 +42,165 @@ class SampleRow:
     banned_token_ids: tuple[int, ...] = ()
 
 
-class Sampler:
-    """Greedy rows by one batched argmax; random rows one at a time.
+@dataclass(frozen=True)
+class SamplingTensors:
+    """One step's sampling parameters, on the logits' device, built by `SamplingTensors.build`.
 
-    A random row applies temperature, then top-k, then top-p, in float32, and
-    draws with its own generator when seeded. Its result depends only on its
-    own logits row and `step_seed`, never on the other rows.
+    Per-row tensors hold one entry per *random* row (not greedy), in batch order;
+    `random_rows` maps them to batch rows (None: every row is random).
     """
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
-        """logits [N, V] (any float dtype, any device) -> N token ids."""
-        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
-        logits = _mask_banned(logits, rows)
-        # torch.argmax breaks ties towards the lowest id; casting bf16/fp16 to
-        # float32 is exact, so argmax in the native dtype gives the same ids.
-        token_ids = torch.argmax(logits, dim=-1)
+    num_rows: int
+    random_rows: Optional[torch.Tensor]    # int64 [M]
+    top_k: torch.Tensor                    # int64 [M]; 0 = no top-k
+    scale: torch.Tensor                    # float32 [M]: temperature (CPU) or its reciprocal (CUDA), see _scale
+    top_p: torch.Tensor                    # float32 [M]; inf = no top-p
+    banned: Optional[torch.Tensor]         # int64 [2, P]: (batch row, token id) pairs that can never be picked
+    seeds: tuple[tuple[int, int], ...]     # (random row, step seed) of the seeded rows
+    window: int                            # logits ranked per random row: 0 = none, vocab size = a full sort
+    use_top_p: bool
+
+    @property
+    def num_random(self) -> int:
+        return self.top_k.shape[0]
+
+    @classmethod
+    def build(cls, rows: list[SampleRow], vocab_size: int, device: torch.device) -> "SamplingTensors":
+        """Packs the rows into two host tensors and copies them without waiting (pageable
+        host memory is staged at once, so the copy never blocks on the device)."""
+        random, top_k, scale, top_p, seeds = [], [], [], [], []
         for i, row in enumerate(rows):
-            if not row.params.greedy:
-                token_ids[i] = _sample_row(logits[i], row.params, row.step_seed)
-        return token_ids.tolist()  # the step's only device -> host sync
+            params = row.params
+            if params.greedy or params.temperature < _F32.tiny:
+                continue    # a temperature that underflows float32 would divide by zero: greedy is its limit
+            if row.step_seed is not None:
+                seeds.append((len(random), row.step_seed))
+            random.append(i)
+            top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
+            scale.append(_scale(params.temperature, device))
+            top_p.append(params.top_p if params.top_p < 1.0 else float("inf"))
+        banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
+        assert all(0 <= t < vocab_size for _, t in banned), f"banned id outside vocab of {vocab_size}"
+        all_random = len(random) == len(rows)
+        ints = torch.tensor(top_k + ([] if all_random else random) + [i for i, _ in banned] + [t for _, t in banned],
+                            dtype=torch.long).to(device, non_blocking=True)
+        floats = torch.tensor(scale + top_p, dtype=torch.float32).to(device, non_blocking=True)
+        m = len(random)
+        return cls(num_rows=len(rows), random_rows=None if all_random else ints[m:2 * m],
+                   top_k=ints[:m], scale=floats[:m], top_p=floats[m:],
+                   banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None,
+                   seeds=tuple(seeds), window=_window(top_k, top_p, vocab_size),
+                   use_top_p=any(p != float("inf") for p in top_p))
 
 
-def _mask_banned(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """A copy of `logits` with each row's banned ids at -inf (the input if none are banned)."""
-    pairs = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
-    if not pairs:
-        return logits
-    vocab_size = logits.shape[1]
-    assert all(0 <= t < vocab_size for _, t in pairs), f"banned id outside vocab of {vocab_size}"
-    index = torch.tensor(pairs, dtype=torch.long).to(logits.device)
-    masked = logits.clone()
-    masked[index[:, 0], index[:, 1]] = float("-inf")
-    return masked
+def _scale(temperature: float, device: torch.device) -> float:
+    """The float32 that reproduces the per-row sampler's `x / temperature` bit for bit.
+
+    torch divides a CUDA tensor by a Python number as x * (1 / float32(t)) (its
+    reciprocal in float32), and a CPU tensor by true division; the sampler
+    multiplies on CUDA and divides on the CPU by this value. A temperature past
+    float32's range is clamped there, where it is already as flat as float32 gets.
+    """
+    t = np.float32(min(temperature, float(_F32.max)))
+    return float(np.float32(1.0) / t) if device.type == "cuda" else float(t)
 
 
-def _sample_row(row: torch.Tensor, params: SamplingParams, step_seed: Optional[int]) -> torch.Tensor:
-    """Draw one id (a 0-dim tensor) from a [V] logits row: temperature, top-k, top-p."""
-    x = row.float()
-    # Subtracting the max first keeps a tiny temperature from overflowing to inf.
-    x = (x - x.max()) / params.temperature
-    if 0 < params.top_k < x.shape[0]:
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th all stay
-    probs = torch.softmax(x, dim=-1)
-    if params.top_p < 1.0:
-        probs = _keep_top_p(probs, params.top_p)
-    generator = None
-    if step_seed is not None:
-        generator = torch.Generator(device=row.device).manual_seed(step_seed)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+def _window(top_k: list[int], top_p: list[float], vocab_size: int) -> int:
+    """How many logits of each random row must be ranked: 0 when no row filters."""
+    if any(k == 0 and p != float("inf") for k, p in zip(top_k, top_p)):
+        return vocab_size                  # top-p without top-k ranks the whole vocabulary
+    widest = max(top_k, default=0)
+    return vocab_size if widest > _WINDOW_LIMIT else widest
 
 
-def _keep_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero all but the smallest most-likely set whose mass >= top_p (the top id always stays)."""
-    # A stable sort puts equal probabilities in id order, so the cut is deterministic.
-    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-    # Mass of the ids ranked above each id; 0 for the top id, which therefore stays.
-    mass_before = torch.cumsum(sorted_probs, dim=0).roll(1)
-    mass_before[0] = 0.0
-    drop_sorted = mass_before >= top_p
-    drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-    return probs.masked_fill(drop, 0.0)
+class Sampler:
+    """Samples a step's rows: greedy rows by one argmax, random rows by one batched draw."""
+
+    def __init__(self):
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """logits [N, V] (any float dtype, any device) -> token ids, int64 [N] on the same device,
+        FAILED (-1) for a row whose logits are not finite or whose tokens are all banned."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        return self.sample(logits, SamplingTensors.build(rows, logits.shape[1], logits.device))
+
+    def sample(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """As __call__, with the rows already packed (so a caller can build them ahead of the step)."""
+        assert logits.dim() == 2 and logits.shape[0] == params.num_rows, (tuple(logits.shape), params.num_rows)
+        low, high = torch.aminmax(logits, dim=-1)
+        valid = low.isfinite() & high.isfinite()
+        if params.banned is not None:
+            minus_inf = torch.full(params.banned[0].shape, float("-inf"), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_put((params.banned[0], params.banned[1]), minus_inf)
+        # torch.max breaks ties towards the lowest id; casting bf16/fp16 to
+        # float32 is exact, so the native dtype gives the ids float32 would.
+        best, token_ids = logits.max(dim=-1)
+        valid &= best > float("-inf")      # finite logits, yet every token banned
+        if params.num_random:
+            rows = params.random_rows
+            picked = self._draw(logits if rows is None else logits.index_select(0, rows),
+                                best if rows is None else best.index_select(0, rows), params)
+            token_ids = picked if rows is None else token_ids.index_copy(0, rows, picked)
+        return torch.where(valid, token_ids, FAILED)
+
+    def _draw(self, logits: torch.Tensor, best: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """One id per random row: temperature, then top-k, then top-p, in float32, then the draw."""
+        x = logits.float() - best.float()[:, None]     # subtracting the max first: a tiny temperature cannot overflow
+        x = x * params.scale[:, None] if x.device.type == "cuda" else x / params.scale[:, None]
+        ranked = None
+        if params.window:
+            ranked = x.sort(dim=-1, descending=True) if params.window == x.shape[1] else x.topk(params.window)
+            kth = ranked.values.gather(1, (params.top_k - 1).clamp(min=0)[:, None])
+            kth = torch.where(params.top_k[:, None] > 0, kth, float("-inf"))
+            x = x.masked_fill(x < kth, float("-inf"))    # ties with the k-th all stay
+        probs = torch.softmax(x, dim=-1)
+        if params.use_top_p:
+            probs = _keep_top_p(probs, x, ranked, params.top_p)
+        noise = torch.empty_like(probs).exponential_()
+        for row, seed in params.seeds:
+            noise[row].exponential_(generator=self._generator(x.device).manual_seed(seed))
+        return (probs / noise).argmax(dim=-1)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # manual_seed resets a generator completely, so one per device serves every seeded row.
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+
+def _keep_top_p(probs: torch.Tensor, x: torch.Tensor, ranked, top_p: torch.Tensor) -> torch.Tensor:
+    """Zeroes all but each row's smallest most-likely set whose mass reaches top_p (the top id always stays),
+    exactly as a stable descending sort of the row's probabilities would cut it.
+
+    `ranked` holds each row's `window` largest logits (values, ids), largest first; every row
+    with a top_p has top_k <= window, so the ids it keeps are the window and, past it, only
+    ids tied with the window's last logit. The sorted probabilities are thus the window's,
+    then that tie repeated, then zeros: their running sum is the sorted cumsum, without a sort.
+    """
+    num_rows, vocab = probs.shape
+    window_probs = probs.gather(1, ranked.indices)                        # non-increasing
+    width = window_probs.shape[1]
+    if width < vocab:
+        ties = (x >= ranked.values[:, -1:]).sum(dim=1, keepdim=True)      # window + ties past it
+        position = torch.arange(width, vocab, device=probs.device)
+        tail = torch.where(position < ties, window_probs[:, -1:], 0.0)
+        sorted_probs = torch.cat([window_probs, tail], dim=1)
+    else:
+        sorted_probs = window_probs
+    # The mass ranked above position i is cumsum[i - 1]; the first position whose mass
+    # reaches top_p is the first dropped (position 0, with mass 0, always stays).
+    mass = torch.cumsum(sorted_probs, dim=1)
+    first_dropped = 1 + (mass[:, :-1] < top_p[:, None]).sum(dim=1, keepdim=True)
+    cut = sorted_probs.gather(1, first_dropped.clamp(max=vocab - 1))
+    cut = torch.where(first_dropped < vocab, cut, -1.0)                  # -1: nothing dropped
+    # Ids above the cut stay; of those equal to it, the lowest ids stay (a stable
+    # sort ranks them by id) until first_dropped ids are kept in all.
+    above = probs > cut
+    at_cut = probs == cut
+    keep_at_cut = first_dropped - above.sum(dim=1, keepdim=True)
+    keep = above | (at_cut & (torch.cumsum(at_cut, dim=1, dtype=torch.int32) <= keep_at_cut))
+    return probs.masked_fill(~keep, 0.0)
 
 
 def derive_step_seed(seed: int, position: int) -> int:

@@ -13,13 +13,13 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.scheduler import Scheduler
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from multilora.errors import AdapterError, InvalidRequestError, NonFiniteOutputError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from multilora.sampler import SampleRow, derive_step_seed
+from multilora.sampler import FAILED, SampleRow, derive_step_seed
 from multilora.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -148,9 +148,23 @@ class LLMEngine:
         outputs = []
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
-            if token is not None:
+            if token == FAILED:
+                outputs.append(self._fail_nonfinite(seq))
+            elif token is not None:
                 outputs.append(self._append_token(seq, token))
         return outputs
+
+    def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
+        """Ends the one request whose logits row could not be sampled; its batch carries on."""
+        adapter = f" with adapter '{seq.adapter_name}'" if seq.adapter_name else ""
+        logger.warning("Request %s%s: non-finite logits; ending it", seq.request_id, adapter)
+        self.scheduler.finish(seq, "abort")
+        del self.requests[seq.request_id]
+        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        out.error = NonFiniteOutputError(
+            f"the model produced non-finite values (NaN or Inf) for this request{adapter}, so no token could be "
+            "sampled; if an adapter is used, check its weights and lora_alpha")
+        return out
 
     def _write_adapters(self) -> None:
         writes = self.adapter_pool.take_pending_writes()
