@@ -73,7 +73,7 @@ class EngineStoppedError(MultiLoRAError):
     code = "UNAVAILABLE"
 
 
-class NonFiniteOutputError(MultiLoRAError):
-    """The model produced NaN/Inf logits for one request (typically its adapter's doing): that request ends alone."""
+class NonFiniteLogitsError(MultiLoRAError):
+    """The model's logits for one request were NaN/Inf (a broken adapter or numerics): that request alone ends."""
 
     code = "INTERNAL"

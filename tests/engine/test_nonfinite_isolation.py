@@ -5,7 +5,7 @@ import torch
 from helpers.engine_runs import assert_idle, greedy, make_llm
 from helpers.zoo import SHORT_PROMPTS
 from multilora import SamplingParams
-from multilora.errors import NonFiniteOutputError
+from multilora.errors import NonFiniteLogitsError
 
 
 def poison_rows_of(llm, bad_params, from_token: int):
@@ -35,7 +35,7 @@ def test_non_finite_logits_end_that_request_alone(tiny_zoo):
     poison_rows_of(llm, bad, from_token=2)
     outs = llm.generate(prompts, params, lora_request=[None, lora, lora])
     failed = outs[1]
-    assert failed.finished and isinstance(failed.error, NonFiniteOutputError)
+    assert failed.finished and isinstance(failed.error, NonFiniteLogitsError)
     assert failed.error.code == "INTERNAL" and "non-finite" in str(failed.error) and "'chat'" in str(failed.error)
     assert len(failed.outputs[0].token_ids) == 2         # what it made before its logits broke
     for i in (0, 2):

@@ -13,7 +13,7 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.scheduler import Scheduler
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, NonFiniteOutputError, PromptTooLongError
+from multilora.errors import AdapterError, InvalidRequestError, NonFiniteLogitsError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
@@ -149,21 +149,20 @@ class LLMEngine:
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
             if token == FAILED:
-                outputs.append(self._fail_nonfinite(seq))
+                outputs.append(self._fail_sampling(seq))
             elif token is not None:
                 outputs.append(self._append_token(seq, token))
         return outputs
 
-    def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
-        """Ends the one request whose logits row could not be sampled; its batch carries on."""
-        adapter = f" with adapter '{seq.adapter_name}'" if seq.adapter_name else ""
-        logger.warning("Request %s%s: non-finite logits; ending it", seq.request_id, adapter)
+    def _fail_sampling(self, seq: Sequence) -> RequestOutput:
+        """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
+        adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
+        logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
         self.scheduler.finish(seq, "abort")
         del self.requests[seq.request_id]
         out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
-        out.error = NonFiniteOutputError(
-            f"the model produced non-finite values (NaN or Inf) for this request{adapter}, so no token could be "
-            "sampled; if an adapter is used, check its weights and lora_alpha")
+        out.error = NonFiniteLogitsError(f"the model produced non-finite logits for this request ({adapter}); "
+                                         "retry, or report the prompt and adapter to the server's operator")
         return out
 
     def _write_adapters(self) -> None:
