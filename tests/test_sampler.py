@@ -193,7 +193,7 @@ def random_case(rng: random.Random, vocab: int, num_rows: int, kind: str):
     """Logits of one kind (ties are what top-k/top-p cuts must order by id) and mixed rows."""
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     logits = {"randn": lambda: torch.randn(num_rows, vocab, generator=gen) * rng.choice([0.1, 1.0, 8.0]),
-              "ties": lambda: torch.randint(0, 4, (num_rows, vocab), generator=gen).float(),
+              "ties": lambda: torch.randint(0, 40, (num_rows, vocab), generator=gen).float() / 4,
               "flat": lambda: torch.zeros(num_rows, vocab)}[kind]()
     rows = []
     for i in range(num_rows):
@@ -231,12 +231,24 @@ def test_one_ranking_sized_by_the_widest_top_k():
     assert packed(SampleRow(RANDOM, 1), SampleRow(GREEDY, None)).window == 0        # nothing to rank
     mixed = packed(SampleRow(SamplingParams(top_k=40), 1), SampleRow(GREEDY, None, (1,)),
                    SampleRow(SamplingParams(top_k=3, top_p=0.5), None))
-    assert (mixed.window, mixed.use_top_p, mixed.seeds) == (40, True, ((0, 1),))
+    assert (mixed.window, mixed.use_top_k, mixed.use_top_p, mixed.seeds) == (40 + 256, True, True, ((0, 1),))
+    assert packed(SampleRow(SamplingParams(top_k=40), 1)).window == 40              # top-k alone: its k-th logit
     assert mixed.random_rows.tolist() == [0, 2] and mixed.top_k.tolist() == [40, 3]
     assert mixed.banned.tolist() == [[1], [1]]
     assert packed(SampleRow(SamplingParams(top_k=2000), 1)).window == 3000      # past the window limit: a sort
     top_p_alone = packed(SampleRow(SamplingParams(top_p=0.9), None), SampleRow(SamplingParams(top_k=5), None))
     assert top_p_alone.window == 3000 and top_p_alone.random_rows is None      # top-p alone ranks every id
+
+
+def test_top_p_ignores_ties_past_the_margin_of_a_near_constant_row():
+    """The one place the window differs from a sort: > 256 ids tied with the k-th logit all stay,
+    whatever top-p says (a sort would keep the lowest ids of the tie)."""
+    logits = torch.zeros(400, 2000)
+    logits[:, 0] = 1.0
+    rows = [SampleRow(SamplingParams(top_k=5, top_p=0.5), s) for s in range(400)]
+    ids = sample(logits, rows)
+    assert max(ids) >= 1000                      # a sort would have kept only ids < 1000
+    assert ids.count(0) < 20                     # id 0 is about 1 / (1 + 1999 / e) of the mass
 
 
 def test_packed_rows_sample_like_the_rows():

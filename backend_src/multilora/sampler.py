@@ -1,13 +1,14 @@
 """Sampler: one token id per row of a step's logits, each row under its own SamplingParams.
 
 The whole batch is sampled by a fixed number of tensor operations, whatever its
-size: temperature, top-k and top-p are per-row tensors, one sort serves every
-row (a `torch.topk` window when every filtered row has a small top_k), and a
-draw is argmax(probs / Exp(1) noise), which is exactly how torch.multinomial
-draws one sample. Only a seeded row's noise comes from its own generator, so a
-seeded row's token depends on its own logits row and step seed alone, and is
-the token the former one-row-at-a-time sampler drew (tests/helpers/per_row_sampler.py).
+size: temperature, top-k and top-p are per-row tensors, and a draw is
+argmax(probs / Exp(1) noise), which is exactly how torch.multinomial draws one
+sample. Only a seeded row's noise comes from its own generator, so a seeded
+row's token depends on its own logits row and step seed alone, and is the token
+the former one-row-at-a-time sampler drew (tests/helpers/per_row_sampler.py).
 
+Ranking costs one `torch.topk` of the batch's widest top_k (plus a margin for
+ties when top-p cuts inside it); only top-p without top-k sorts whole rows.
 Nothing here waits for the device: the result stays on it, and a row that
 cannot be sampled (logits not finite, every token banned) gets FAILED (-1)
 instead of failing the batch.
@@ -25,6 +26,10 @@ FAILED = -1                                # the token id of a row that could no
 _MASK64 = (1 << 64) - 1
 _F32 = np.finfo(np.float32)
 _WINDOW_LIMIT = 1024                       # a larger top_k ranks the whole vocabulary (one sort)
+# Top-p over top-k ranks this many logits past the widest top_k: ids tied with a row's
+# k-th logit all stay in its top-k set, and bf16 logits tie often. Ties past the margin
+# (a near-constant row) are kept whatever top-p says: the one case that differs from a sort.
+_TIE_MARGIN = 256
 
 
 @dataclass
@@ -58,6 +63,7 @@ class SamplingTensors:
     banned: Optional[torch.Tensor]         # int64 [2, P]: (batch row, token id) pairs that can never be picked
     seeds: tuple[tuple[int, int], ...]     # (random row, step seed) of the seeded rows
     window: int                            # logits ranked per random row: 0 = none, vocab size = a full sort
+    use_top_k: bool
     use_top_p: bool
 
     @property
@@ -90,7 +96,7 @@ class SamplingTensors:
                    top_k=ints[:m], scale=floats[:m], top_p=floats[m:],
                    banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None,
                    seeds=tuple(seeds), window=_window(top_k, top_p, vocab_size),
-                   use_top_p=any(p != float("inf") for p in top_p))
+                   use_top_k=any(top_k), use_top_p=any(p != float("inf") for p in top_p))
 
 
 def _scale(temperature: float, device: torch.device) -> float:
@@ -106,11 +112,13 @@ def _scale(temperature: float, device: torch.device) -> float:
 
 
 def _window(top_k: list[int], top_p: list[float], vocab_size: int) -> int:
-    """How many logits of each random row must be ranked: 0 when no row filters."""
-    if any(k == 0 and p != float("inf") for k, p in zip(top_k, top_p)):
-        return vocab_size                  # top-p without top-k ranks the whole vocabulary
+    """How many logits of each random row are ranked (by one topk): 0 when no row filters."""
     widest = max(top_k, default=0)
-    return vocab_size if widest > _WINDOW_LIMIT else widest
+    if widest > _WINDOW_LIMIT or any(k == 0 and p != float("inf") for k, p in zip(top_k, top_p)):
+        return vocab_size                  # top-p without top-k ranks the whole vocabulary
+    if any(p != float("inf") for p in top_p):
+        widest += _TIE_MARGIN
+    return min(widest, vocab_size)
 
 
 class Sampler:
@@ -146,17 +154,19 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, best: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """One id per random row: temperature, then top-k, then top-p, in float32, then the draw."""
-        x = logits.float() - best.float()[:, None]     # subtracting the max first: a tiny temperature cannot overflow
-        x = x * params.scale[:, None] if x.device.type == "cuda" else x / params.scale[:, None]
+        x = logits - best.float()[:, None]      # float32; subtracting the max first: a tiny temperature cannot overflow
+        x = x.mul_(params.scale[:, None]) if x.device.type == "cuda" else x.div_(params.scale[:, None])
+        vocab = x.shape[1]
         ranked = None
         if params.window:
-            ranked = x.sort(dim=-1, descending=True) if params.window == x.shape[1] else x.topk(params.window)
+            ranked = x.topk(params.window) if params.window < vocab else x.sort(dim=1, descending=True)
+        if params.use_top_k:
             kth = ranked.values.gather(1, (params.top_k - 1).clamp(min=0)[:, None])
             kth = torch.where(params.top_k[:, None] > 0, kth, float("-inf"))
-            x = x.masked_fill(x < kth, float("-inf"))    # ties with the k-th all stay
+            x = torch.where(x >= kth, x, float("-inf"))      # ties with the k-th all stay
         probs = torch.softmax(x, dim=-1)
         if params.use_top_p:
-            probs = _keep_top_p(probs, x, ranked, params.top_p)
+            _keep_top_p(probs, ranked.indices if params.window < vocab else None, params.top_p)
         noise = torch.empty_like(probs).exponential_()
         for row, seed in params.seeds:
             noise[row].exponential_(generator=self._generator(x.device).manual_seed(seed))
@@ -169,38 +179,26 @@ class Sampler:
         return self._generators[device]
 
 
-def _keep_top_p(probs: torch.Tensor, x: torch.Tensor, ranked, top_p: torch.Tensor) -> torch.Tensor:
-    """Zeroes all but each row's smallest most-likely set whose mass reaches top_p (the top id always stays),
-    exactly as a stable descending sort of the row's probabilities would cut it.
+def _keep_top_p(probs: torch.Tensor, candidates: Optional[torch.Tensor], top_p: torch.Tensor) -> None:
+    """Zeroes, in place, all but each row's smallest most-likely set whose mass reaches top_p
+    (the top id always stays), cut as a stable descending sort of the whole row would cut it.
 
-    `ranked` holds each row's `window` largest logits (values, ids), largest first; every row
-    with a top_p has top_k <= window, so the ids it keeps are the window and, past it, only
-    ids tied with the window's last logit. The sorted probabilities are thus the window's,
-    then that tie repeated, then zeros: their running sum is the sorted cumsum, without a sort.
+    `candidates` [M, W]: each row's W largest logits' ids, which hold every id its top-k
+    kept (see _TIE_MARGIN); None ranks whole rows. Ordered by probability, then by id (as a
+    stable sort orders equal probabilities), they are that sort's first W places.
     """
-    num_rows, vocab = probs.shape
-    window_probs = probs.gather(1, ranked.indices)                        # non-increasing
-    width = window_probs.shape[1]
-    if width < vocab:
-        ties = (x >= ranked.values[:, -1:]).sum(dim=1, keepdim=True)      # window + ties past it
-        position = torch.arange(width, vocab, device=probs.device)
-        tail = torch.where(position < ties, window_probs[:, -1:], 0.0)
-        sorted_probs = torch.cat([window_probs, tail], dim=1)
+    if candidates is None:
+        ranked, ids = probs.sort(dim=1, descending=True, stable=True)
     else:
-        sorted_probs = window_probs
-    # The mass ranked above position i is cumsum[i - 1]; the first position whose mass
-    # reaches top_p is the first dropped (position 0, with mass 0, always stays).
-    mass = torch.cumsum(sorted_probs, dim=1)
+        by_id, order = candidates.sort(dim=1)
+        ranked, order = probs.gather(1, by_id).sort(dim=1, descending=True, stable=True)
+        ids = by_id.gather(1, order)
+    # The mass ranked above place i is cumsum[i - 1]; the first place whose mass reaches
+    # top_p is the first dropped (place 0, with mass 0, always stays).
+    mass = torch.cumsum(ranked, dim=1)
     first_dropped = 1 + (mass[:, :-1] < top_p[:, None]).sum(dim=1, keepdim=True)
-    cut = sorted_probs.gather(1, first_dropped.clamp(max=vocab - 1))
-    cut = torch.where(first_dropped < vocab, cut, -1.0)                  # -1: nothing dropped
-    # Ids above the cut stay; of those equal to it, the lowest ids stay (a stable
-    # sort ranks them by id) until first_dropped ids are kept in all.
-    above = probs > cut
-    at_cut = probs == cut
-    keep_at_cut = first_dropped - above.sum(dim=1, keepdim=True)
-    keep = above | (at_cut & (torch.cumsum(at_cut, dim=1, dtype=torch.int32) <= keep_at_cut))
-    return probs.masked_fill(~keep, 0.0)
+    dropped = torch.arange(ranked.shape[1], device=probs.device) >= first_dropped
+    probs.scatter_(1, ids, ranked.masked_fill(dropped, 0.0))
 
 
 def derive_step_seed(seed: int, position: int) -> int:
