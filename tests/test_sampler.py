@@ -237,7 +237,8 @@ def test_one_ranking_sized_by_the_widest_top_k():
     assert mixed.banned.tolist() == [[1], [1]]
     assert packed(SampleRow(SamplingParams(top_k=2000), 1)).window == 3000      # past the window limit: a sort
     top_p_alone = packed(SampleRow(SamplingParams(top_p=0.9), None), SampleRow(SamplingParams(top_k=5), None))
-    assert top_p_alone.window == 3000 and top_p_alone.random_rows is None      # top-p alone ranks every id
+    assert (top_p_alone.window, top_p_alone.top_p_sorts_rows) == (5, True)     # top-p alone sorts whole rows
+    assert top_p_alone.random_rows is None and not mixed.top_p_sorts_rows
 
 
 def test_top_p_ignores_ties_past_the_margin_of_a_near_constant_row():

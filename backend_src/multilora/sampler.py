@@ -14,6 +14,7 @@ cannot be sampled (logits not finite, every token banned) gets FAILED (-1)
 instead of failing the batch.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,9 +63,10 @@ class SamplingTensors:
     top_p: torch.Tensor                    # float32 [M]; inf = no top-p
     banned: Optional[torch.Tensor]         # int64 [2, P]: (batch row, token id) pairs that can never be picked
     seeds: tuple[tuple[int, int], ...]     # (random row, step seed) of the seeded rows
-    window: int                            # logits ranked per random row: 0 = none, vocab size = a full sort
+    window: int                            # logits ranked per random row (one topk): 0 = none, vocab size = a sort
     use_top_k: bool
     use_top_p: bool
+    top_p_sorts_rows: bool                 # top-p ranks whole rows of probabilities (some row has no top-k)
 
     @property
     def num_random(self) -> int:
@@ -83,7 +85,7 @@ class SamplingTensors:
                 seeds.append((len(random), row.step_seed))
             random.append(i)
             top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
-            scale.append(_scale(params.temperature, device))
+            scale.append(_scale(params.temperature, device.type))
             top_p.append(params.top_p if params.top_p < 1.0 else float("inf"))
         banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
         assert all(0 <= t < vocab_size for _, t in banned), f"banned id outside vocab of {vocab_size}"
@@ -96,10 +98,12 @@ class SamplingTensors:
                    top_k=ints[:m], scale=floats[:m], top_p=floats[m:],
                    banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None,
                    seeds=tuple(seeds), window=_window(top_k, top_p, vocab_size),
-                   use_top_k=any(top_k), use_top_p=any(p != float("inf") for p in top_p))
+                   use_top_k=any(top_k), use_top_p=any(p != float("inf") for p in top_p),
+                   top_p_sorts_rows=_top_p_sorts_rows(top_k, top_p))
 
 
-def _scale(temperature: float, device: torch.device) -> float:
+@functools.lru_cache(maxsize=1024)        # a step's rows share a few temperatures: skip numpy per row
+def _scale(temperature: float, device_type: str) -> float:
     """The float32 that reproduces the per-row sampler's `x / temperature` bit for bit.
 
     torch divides a CUDA tensor by a Python number as x * (1 / float32(t)) (its
@@ -108,15 +112,24 @@ def _scale(temperature: float, device: torch.device) -> float:
     float32's range is clamped there, where it is already as flat as float32 gets.
     """
     t = np.float32(min(temperature, float(_F32.max)))
-    return float(np.float32(1.0) / t) if device.type == "cuda" else float(t)
+    return float(np.float32(1.0) / t) if device_type == "cuda" else float(t)
+
+
+def _top_p_sorts_rows(top_k: list[int], top_p: list[float]) -> bool:
+    """Whether some row's top-p set can only be found by sorting its whole row."""
+    return any(p != float("inf") and (k == 0 or k > _WINDOW_LIMIT) for k, p in zip(top_k, top_p))
 
 
 def _window(top_k: list[int], top_p: list[float], vocab_size: int) -> int:
-    """How many logits of each random row are ranked (by one topk): 0 when no row filters."""
+    """How many logits of each random row one topk ranks (0: none; vocab_size: a sort instead).
+
+    Enough for the widest top_k's k-th logit and, when top-p cuts inside the top-k sets,
+    for those sets and their ties.
+    """
     widest = max(top_k, default=0)
-    if widest > _WINDOW_LIMIT or any(k == 0 and p != float("inf") for k, p in zip(top_k, top_p)):
-        return vocab_size                  # top-p without top-k ranks the whole vocabulary
-    if any(p != float("inf") for p in top_p):
+    if widest > _WINDOW_LIMIT:
+        return vocab_size
+    if any(p != float("inf") for p in top_p) and not _top_p_sorts_rows(top_k, top_p):
         widest += _TIE_MARGIN
     return min(widest, vocab_size)
 
@@ -166,7 +179,7 @@ class Sampler:
             x = torch.where(x >= kth, x, float("-inf"))      # ties with the k-th all stay
         probs = torch.softmax(x, dim=-1)
         if params.use_top_p:
-            _keep_top_p(probs, ranked.indices if params.window < vocab else None, params.top_p)
+            _keep_top_p(probs, None if params.top_p_sorts_rows else ranked.indices, params.top_p)
         noise = torch.empty_like(probs).exponential_()
         for row, seed in params.seeds:
             noise[row].exponential_(generator=self._generator(x.device).manual_seed(seed))
