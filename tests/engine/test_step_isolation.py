@@ -1,5 +1,8 @@
-"""A request whose logits turn non-finite (a NaN-producing adapter) ends alone; its batch carries on."""
+"""Isolation inside a step (issue 9): a request whose logits turn non-finite (a NaN-producing adapter)
+ends alone while its batch carries on; a temperature that underflows float32 samples greedily instead
+of failing the batch; NaN left in the KV cache by earlier requests changes no later output."""
 
+import pytest
 import torch
 
 from helpers.engine_runs import assert_idle, greedy, make_llm
@@ -43,3 +46,28 @@ def test_non_finite_logits_end_that_request_alone(tiny_zoo):
     assert_idle(llm.llm_engine)
     again = llm.generate(prompts[:1], params[:1])        # the engine serves on as before
     assert again[0].outputs[0].token_ids == clean[0].outputs[0].token_ids
+
+
+def test_a_temperature_that_underflows_float32_is_greedy_and_fails_nobody(tiny_zoo):
+    llm = make_llm(tiny_zoo, "llama")
+    prompts = [SHORT_PROMPTS[0], SHORT_PROMPTS[1]]
+    tiny = SamplingParams(max_tokens=6, temperature=1e-300, ignore_eos=True)
+    other = SamplingParams(max_tokens=6, temperature=0.9, seed=4, ignore_eos=True)
+    expected = llm.generate(prompts, [greedy(6), other])
+    outs = llm.generate(prompts, [tiny, other])
+    assert [o.error for o in outs] == [None, None]
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert_idle(llm.llm_engine)
+
+
+@pytest.mark.parametrize("chunk", [512, 5])      # whole prompts, and chunks that read the cache back
+def test_nan_left_in_the_kv_cache_changes_no_output(tiny_zoo, chunk):
+    prompts = list(SHORT_PROMPTS[:4])             # contexts that end mid-block (blocks of 4 tokens)
+    params = [greedy(7), SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=2, ignore_eos=True)] * 2
+    llm = make_llm(tiny_zoo, "llama", max_num_batched_tokens=chunk, num_kv_blocks=64)
+    clean = llm.generate(prompts, params)
+    for cache in llm.llm_engine.runner.kv_caches:
+        cache.fill_(float("nan"))                  # what a NaN-producing request leaves in freed blocks
+    poisoned = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in poisoned] == [o.outputs[0].token_ids for o in clean]
+    assert all(o.error is None for o in poisoned)
