@@ -308,3 +308,29 @@ def test_huge_temperature_still_samples_and_never_picks_a_banned_id():
     rows = [SampleRow(SamplingParams(temperature=1e300), s, banned_token_ids=(1,)) for s in range(300)]
     ids = sample(logits, rows)
     assert set(ids) == {0, 2, 3}                 # flat over the allowed ids
+
+
+# --- on a GPU ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_seeded_rows_match_the_per_row_sampler_without_a_sync():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(64, 128256, device="cuda", generator=gen) * 2.5).bfloat16()
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
+    rows = [SampleRow(params, derive_step_seed(i, 3) if i % 2 == 0 else None, (2,) if i % 3 == 0 else ())
+            for i in range(64)]
+    rows[5] = SampleRow(GREEDY, None)
+    logits[7, 11] = float("nan")
+    packed = SamplingTensors.build(rows, logits.shape[1], logits.device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids = Sampler().sample(logits, packed)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ids = ids.tolist()
+    assert ids[7] == FAILED and ids[5] == int(logits[5].argmax())
+    clean = [i for i in range(64) if i != 7 and rows[i].step_seed is not None]
+    reference = PerRowSampler()(logits[clean], [rows[i] for i in clean])
+    assert [ids[i] for i in clean] == reference
