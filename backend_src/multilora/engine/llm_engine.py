@@ -13,13 +13,13 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.scheduler import Scheduler
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from multilora.errors import AdapterError, InvalidRequestError, NonFiniteLogitsError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from multilora.sampler import SampleRow, derive_step_seed
+from multilora.sampler import FAILED, SampleRow, derive_step_seed
 from multilora.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -148,9 +148,22 @@ class LLMEngine:
         outputs = []
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
-            if token is not None:
+            if token == FAILED:
+                outputs.append(self._fail_sampling(seq))
+            elif token is not None:
                 outputs.append(self._append_token(seq, token))
         return outputs
+
+    def _fail_sampling(self, seq: Sequence) -> RequestOutput:
+        """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
+        adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
+        logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
+        self.scheduler.finish(seq, "abort")
+        del self.requests[seq.request_id]
+        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        out.error = NonFiniteLogitsError(f"the model produced non-finite logits for this request ({adapter}); "
+                                         "retry, or report the prompt and adapter to the server's operator")
+        return out
 
     def _write_adapters(self) -> None:
         writes = self.adapter_pool.take_pending_writes()
