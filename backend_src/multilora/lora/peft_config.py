@@ -153,14 +153,14 @@ def read_peft_config(directory: str, name: str) -> PeftConfig:
 
 def check_ranks(config: PeftConfig, name: str, max_lora_rank: int) -> None:
     """Every rank (r and rank_pattern) must lie in 1 .. max_lora_rank; raises AdapterRankError."""
-    ranks = [("r", config.r)] + [(f"rank_pattern[{p!r}]", r) for p, r in config.rank_pattern.items()]
+    ranks = [("r", config.r)] + [(f"rank_pattern[{_shown(p)}]", r) for p, r in config.rank_pattern.items()]
     for source, r in ranks:
         if r <= 0:
             raise AdapterRankError(
-                f"LoRA rank {r} ({source}) of adapter '{name}' is not positive; fix {CONFIG_FILE}")
+                f"LoRA rank {_shown(r)} ({source}) of adapter '{name}' is not positive; fix {CONFIG_FILE}")
         if r > max_lora_rank:
             raise AdapterRankError(
-                f"LoRA rank {r} of adapter '{name}' is greater than max_lora_rank {max_lora_rank}; "
+                f"LoRA rank {_shown(r)} of adapter '{name}' is greater than max_lora_rank {max_lora_rank}; "
                 "raise max_lora_rank or use a smaller adapter")
 
 
