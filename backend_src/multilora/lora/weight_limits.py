@@ -44,13 +44,19 @@ def check_effect(a: torch.Tensor, b: torch.Tensor, scaling: float, module_key: s
     delta_bound = scaling * a_bound * torch.linalg.vector_norm(b, dtype=torch.float64).item()
     if a_bound <= max_delta_norm and delta_bound <= max_delta_norm:
         return
-    # Exact, from r x r Gram matrices in float64 (no overflow for any float32 input):
-    # ||A||^2 = max eig(A A^T), ||B A||^2 = max eig(S B^T B S) with S = (A A^T)^(1/2).
-    a64, b64 = a.double(), b.double()
-    eigenvalues, vectors = torch.linalg.eigh(a64 @ a64.T)
-    root = (vectors * eigenvalues.clamp(min=0).sqrt()) @ vectors.T
-    a_norm = eigenvalues.max().clamp(min=0).sqrt().item()
-    delta = scaling * torch.linalg.eigvalsh(root @ (b64.T @ b64) @ root).max().clamp(min=0).sqrt().item()
+    # Exact, from r x r Gram matrices: ||A||^2 = max eig(A A^T), ||B A||^2 = max eig(S B^T B S) with
+    # S = (A A^T)^(1/2). A and B are first divided by their largest value, so float32 cannot overflow
+    # whatever the serving dtype allows, and the scales are multiplied back in Python floats.
+    a_max, b_max = a.abs().max().item() or 1.0, b.abs().max().item() or 1.0
+    a1, b1 = a / a_max, b / b_max
+    try:
+        eigenvalues, vectors = torch.linalg.eigh(a1 @ a1.T)
+        root = (vectors * eigenvalues.clamp(min=0).sqrt()) @ vectors.T
+        a_norm = a_max * eigenvalues.max().clamp(min=0).sqrt().item()
+        delta_unit = torch.linalg.eigvalsh(root @ (b1.T @ b1) @ root).max().clamp(min=0).sqrt().item()
+        delta = scaling * a_max * b_max * delta_unit
+    except torch.linalg.LinAlgError:     # no convergence: only for matrices far from anything trained
+        a_norm = delta = float("nan")
     for what, norm in (("scaling * B @ A", delta), ("lora_A", a_norm)):
         if not norm <= max_delta_norm:   # NaN counts as too large
             raise AdapterRangeError(
