@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from multilora.errors import AdapterError
-from multilora.lora.adapter import LoRAAdapter, LoRAModelSpec, load_adapter
+from multilora.lora.adapter import LoRAAdapter, load_adapter
 from multilora.lora.request import LoRARequest
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -46,11 +46,6 @@ json_values = st.recursive(
 # JSON texts Python's own encoder never writes: nesting past the parser's recursion, 5000-digit numbers.
 RAW_VALUES = ["[" * 50_000 + "]" * 50_000, '{"a":' * 20_000 + "1" + "}" * 20_000, "1" * 5000, "-" + "9" * 5000,
               "1e999", "-1e999", "NaN", "Infinity", '"' + "x" * 100_000 + '"', "1" + "0" * 400 + ".5"]
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_config):
-    return LoRAModelSpec.from_hf_config(tiny_config())
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,13 @@ from multilora.errors import (
     AdapterWeightsError,
     MultiLoRAError,
 )
-from multilora.lora.adapter import LoRAModelSpec, load_adapter
+from multilora.lora.adapter import load_adapter
 from multilora.lora.request import LoRARequest
 from multilora.lora.weight_limits import MAX_DELTA_NORM
 
 NAME = "tenant-adapter"
 Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q0_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_config):
-    return LoRAModelSpec.from_hf_config(tiny_config())
 
 
 @pytest.fixture

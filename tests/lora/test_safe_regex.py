@@ -7,7 +7,7 @@ import time
 import pytest
 
 from multilora.errors import AdapterFormatError, AdapterPatternError
-from multilora.lora.adapter import LoRAModelSpec, load_adapter
+from multilora.lora.adapter import load_adapter
 from multilora.lora.peft_config import PeftConfig
 from multilora.lora.request import LoRARequest
 from multilora.lora.safe_regex import MAX_PATTERN_LEN, InvalidPattern, MatchDeadline, PatternRefused, check_pattern
@@ -44,11 +44,6 @@ def test_deadline_expires_on_its_clock():
     assert not deadline.expired()
     now[0] = 2.5
     assert deadline.expired()
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_config):
-    return LoRAModelSpec.from_hf_config(tiny_config())
 
 
 def _with_config(peft_adapters, tmp_path, **changes):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from multilora.errors import (
     AdapterCorruptError,
