@@ -1,10 +1,15 @@
 """AdapterPool: remembered failures (negative cache with expiry) and failed slot writes, on the CPU with fakes."""
 
+import json
+import shutil
+
 import pytest
 
-from multilora.errors import AdapterFormatError, AdapterRangeError, AdapterWriteError
+from multilora.errors import AdapterFormatError, AdapterRangeError, AdapterScalingError, AdapterWriteError
+from multilora.lora.adapter import load_adapter
 from multilora.lora.adapter_pool import FAILURE_TTL_S, AdapterPool
 from multilora.lora.request import LoRARequest
+from multilora.lora.resolver import AdapterResolver
 
 A, B, C = (LoRARequest(name, i, f"/adapters/{name}") for i, name in enumerate("abc", start=1))
 
@@ -113,9 +118,7 @@ def test_fail_write_frees_the_slot_and_remembers(clock):
 
 
 def test_remembered_failures_are_bounded(clock, monkeypatch):
-    from multilora.lora import adapter_pool
-
-    monkeypatch.setattr(adapter_pool, "MAX_REMEMBERED_FAILURES", 3)
+    monkeypatch.setattr("multilora.lora.adapter_pool.MAX_REMEMBERED_FAILURES", 3)
 
     def load(request):
         raise AdapterFormatError(f"adapter '{request.lora_name}' is broken")
@@ -125,3 +128,20 @@ def test_remembered_failures_are_bounded(clock, monkeypatch):
         with pytest.raises(AdapterFormatError):
             pool.get(LoRARequest(f"x{i}", 100 + i, "/x"))
     assert len(pool._failed) == 3 and list(pool._failed) == [107, 108, 109]
+
+
+def test_a_fixed_adapter_is_a_new_version_and_loads_at_once(peft_adapters, spec, tmp_path, clock):
+    """Resolver + pool + loader: a broken adapter costs one load; fixing its files gives a new id, loaded at once."""
+    directory = shutil.copytree(peft_adapters["attn_r4"][0], tmp_path / "root" / "tenant")
+    config_path = directory / "adapter_config.json"
+    good = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**good, "lora_alpha": float("nan")}))
+    resolver = AdapterResolver([tmp_path / "root"])
+    pool = AdapterPool(2, 4, lambda request: load_adapter(request, spec, 16), clock=clock)
+    for _ in range(3):
+        with pytest.raises(AdapterScalingError):
+            pool.get(resolver.resolve("tenant"))
+    assert (pool.counters.failed_loads, pool.counters.remembered_failures) == (1, 2)
+    config_path.write_text(json.dumps(good))            # the tenant fixes the adapter; no time passes
+    adapter = pool.get(resolver.resolve("tenant"))
+    assert adapter.name == "tenant" and pool.counters.loads == 1
