@@ -223,8 +223,8 @@ def _index_tensors(tensors, name: str) -> tuple[dict[str, dict[str, str]], list[
     for tensor_name in tensors:
         if _EMBEDDING_TENSOR.fullmatch(tensor_name):
             raise AdapterTargetError(
-                f"adapter '{name}' has LoRA on an embedding layer ({_shown_name(tensor_name)}), which this engine does not "
-                "support; retrain it on linear layers only")
+                f"adapter '{name}' has LoRA on an embedding layer ({_shown_name(tensor_name)}), which this engine "
+                "does not support; retrain it on linear layers only")
         match = _TENSOR_NAME.fullmatch(tensor_name)
         if match is None:
             unknown.append(tensor_name)

@@ -147,7 +147,7 @@ class PeftConfig:
 
 
 def read_peft_config(directory: str, name: str) -> PeftConfig:
-    """Reads and type-checks `directory`/adapter_config.json of adapter `name`; raises AdapterFormatError."""
+    """Reads and type-checks `directory`/adapter_config.json of adapter `name`; raises an AdapterError."""
     return PeftConfig.from_dict(_read_config(directory, name), name)
 
 
@@ -267,7 +267,8 @@ def _pattern(raw: dict, key: str, types, name: str) -> dict:
     for pattern, v in value.items():
         _check_regex(pattern, key, name)
         if isinstance(v, bool) or not isinstance(v, types):
-            raise AdapterFormatError(f"adapter '{name}': {key}[{_shown(pattern)}] is {_shown(v)}, not a number; fix it")
+            raise AdapterFormatError(
+                f"adapter '{name}': {key}[{_shown(pattern)}] is {_shown(v)}, not a number; fix it")
     return value
 
 
