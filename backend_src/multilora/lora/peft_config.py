@@ -277,8 +277,9 @@ def _check_regex(pattern: str, key: str, name: str) -> None:
         check_pattern(pattern)
     except InvalidPattern:
         raise AdapterFormatError(
-            f"adapter '{name}': {key} holds {_shown(pattern)}, which is not a valid regular expression; fix it") from None
+            f"adapter '{name}': {key} holds {_shown(pattern)}, which is not a valid regular expression; "
+            "fix it") from None
     except PatternRefused as refused:
         raise AdapterPatternError(
             f"adapter '{name}': the regex {_shown(pattern)} in {key} {refused}; this server refuses patterns that "
-            f"could take long to match (see multilora.lora.safe_regex); use module names or a simpler regex") from None
+            "could take long to match (see multilora.lora.safe_regex); use module names or a simpler regex") from None
