@@ -71,3 +71,27 @@ class EngineStoppedError(MultiLoRAError):
     """The engine is shutting down and accepts no more requests."""
 
     code = "UNAVAILABLE"
+
+
+class NonFiniteLogitsError(MultiLoRAError):
+    """The model's logits for one request were NaN/Inf (a broken adapter or numerics): that request alone ends."""
+
+    code = "INTERNAL"
+
+
+class AdapterScalingError(AdapterError):
+    """lora_alpha (or an alpha_pattern value), or the scaling it gives, is not finite, not positive or too large."""
+
+
+class AdapterRangeError(AdapterWeightsError):
+    """Weights too large for the serving dtype, or an adapter whose effect on a layer is above the limit."""
+
+
+class AdapterPatternError(AdapterFormatError):
+    """A regex in adapter_config.json that is refused as too costly to match (or took too long)."""
+
+
+class AdapterWriteError(MultiLoRAError):
+    """Copying a loaded adapter into its GPU slot failed (a server-side fault; the log says why)."""
+
+    code = "INTERNAL"

@@ -45,7 +45,7 @@ def test_full_vocab_tokenizer_decodes_random_ids_to_text_of_realistic_length(ful
     assert all(pieces)
     lengths = [len(p.encode()) for p in pieces]
     assert max(lengths) <= 10
-    assert 4 <= sum(lengths) / len(lengths) <= 8  # Llama 3's merged tokens average ~6 bytes
+    assert 4 <= sum(lengths) / len(lengths) <= 8  # word pieces, as in large BPE vocabularies
     assert sum(p.startswith(" ") for p in pieces) > len(pieces) // 4  # word-opening tokens
 
 
@@ -57,3 +57,73 @@ def test_full_vocab_tokenizer_is_deterministic_and_sized(tmp_path):
     assert len(a) == 1000 and a.get_vocab() == b.get_vocab()
     with pytest.raises(ValueError, match="too small"):
         write_full_vocab_tokenizer(tmp_path / "c", vocab_size=100)
+
+
+def test_decode_step_tiny_runs_every_case(tmp_path):
+    import json
+    import math
+
+    import decode_step
+
+    report = decode_step.main(["--tiny", "--profile", "--out", str(tmp_path)])
+    size = decode_step.SIZES["tiny"]
+    few, many = size.adapter_counts
+
+    assert json.loads((tmp_path / "decode_step.json").read_text()).keys() == report.keys()
+    assert {"device", "dtype", "model", "tokenizer_vocab", "size", "engine", "floors", "cases", "targets",
+            "profile", "date"} <= report.keys()
+    assert report["tokenizer_vocab"] == report["model_vocab"] == decode_step.TINY_MODEL["vocab_size"]
+    assert report["engine"]["max_num_batched_tokens"] >= size.prompt_len + size.batch - 1
+
+    floors = report["floors"]
+    for key in ("floor_ms", "gemm_chain_ms", "gemm_chain_unfused_ms", "lm_head_ms", "kv_read_ms"):
+        assert floors["decode"][key] > 0, key
+    assert floors["decode"]["batch"] == size.batch
+    assert floors["matmul_tflops"] > 0 and floors["chunk_ms"] > 0
+    assert floors["prefill_ms"] == pytest.approx(floors["chunk_ms"] * size.batch)
+
+    cases = report["cases"]
+    assert set(cases) == {"prefill", "decode_base", "decode_sampled", f"decode_{few}_adapters",
+                          f"decode_{many}_adapters", "chunk_plus_decode", "closed_base", f"closed_{many}_adapters"}
+    for name in ("decode_base", "decode_sampled", f"decode_{few}_adapters", f"decode_{many}_adapters"):
+        case = cases[name]
+        assert case["steps"] == size.steps and case["rows"] == size.batch, name
+        assert math.isfinite(case["step_ms"]) and case["step_ms"] > 0, name
+        assert case["synced_step_ms"] > 0, name
+    assert cases["decode_sampled"]["sampled"] is True
+    assert (cases[f"decode_{few}_adapters"]["adapters"], cases[f"decode_{many}_adapters"]["adapters"]) == (few, many)
+    chunk = cases["chunk_plus_decode"]
+    assert chunk["pairs"] == size.chunk_pairs and chunk["decode_rows"] == size.batch - 1
+    assert chunk["chunk_tokens"] == size.prompt_len and math.isfinite(chunk["step_ms"])
+    assert chunk["first_interval_ms"] > 0
+    assert chunk["chunk_requests_unfinished_after_pair"] == 0
+    base = cases["decode_base"]
+    assert size.prompt_len < base["context"] < size.prompt_len + size.decode_tokens
+    assert floors["decode"]["context"] == round(base["context"])
+    assert cases["prefill"]["reps"] == size.prefill_reps and cases["prefill"]["tokens"] == size.batch * size.prompt_len
+    for name, adapters in (("closed_base", 0), (f"closed_{many}_adapters", many)):
+        closed = cases[name]
+        assert closed["output_tokens"] == size.batch * size.output_len and closed["adapters"] == adapters
+        assert closed["tokens_per_s"] > 0
+        # Random ids of the full-vocab tokenizer decode to real text, several bytes a token.
+        assert closed["text_bytes_per_token"] > 2
+
+    assert [t["bound"] for t in report["targets"]] == ["same run, full", "<= 1.2x", "<= base + 0.4 ms",
+                                                        "<= base + 1.0 ms", "<= 1.05x", "<= 1.3x", "<= 1.3x", ">= 2x",
+                                                        ">= 0.85x"]
+    assert all(isinstance(t["met"], bool) and t["figure"] for t in report["targets"])
+    assert report["targets"][0]["met"]  # the floor is measured here, the tokenizer has the model's vocabulary
+
+    assert [p["adapters"] for p in report["profile"]] == [0, many]
+    for p in report["profile"]:
+        assert p["steps"] == size.profile_steps and p["launches_per_step"] > 0 and p["top"]
+
+
+def test_decode_step_engine_args_are_json_values_or_strings():
+    import decode_step
+
+    assert decode_step.engine_arg("max_num_batched_tokens=4096") == ("max_num_batched_tokens", 4096)
+    assert decode_step.engine_arg("enforce_eager=true") == ("enforce_eager", True)
+    assert decode_step.engine_arg("tokenizer=/models/x") == ("tokenizer", "/models/x")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        decode_step.engine_arg("enforce_eager")
