@@ -52,19 +52,27 @@ def test_top_k_accepted(top_k):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"max_tokens": 0}, ["max_tokens", ">= 1", "0"]),
+        ({"max_tokens": 0}, ["max_tokens", "[1, 2**31)", "0"]),
+        ({"max_tokens": 2**31}, ["max_tokens", "[1, 2**31)", str(2**31)]),
+        ({"max_tokens": 2**40}, ["max_tokens", str(2**40)]),
         ({"max_tokens": -3}, ["max_tokens", "-3"]),
         ({"max_tokens": 2.5}, ["max_tokens", "integer", "2.5"]),
         ({"max_tokens": True}, ["max_tokens", "True"]),
         ({"max_tokens": "16"}, ["max_tokens", "'16'"]),
-        ({"temperature": -0.1}, ["temperature", ">= 0", "-0.1"]),
+        ({"temperature": -0.1}, ["temperature", "0 (greedy)", "-0.1"]),
+        ({"temperature": 1e-300}, ["temperature", "[0.01, 10000]", "float32", "send 0 for greedy", "1e-300"]),
+        ({"temperature": 0.009}, ["temperature", "0.009"]),
+        ({"temperature": 1e5}, ["temperature", "[0.01, 10000]"]),
+        ({"temperature": 10**400}, ["temperature", "characters)"]),
         ({"temperature": math.nan}, ["temperature", "nan"]),
-        ({"temperature": math.inf}, ["temperature", "finite", "inf"]),
+        ({"temperature": math.inf}, ["temperature", "[0.01, 10000]", "inf"]),
         ({"temperature": False}, ["temperature", "False"]),
-        ({"top_p": 0.0}, ["top_p", "(0, 1]", "0.0"]),
-        ({"top_p": 1.5}, ["top_p", "(0, 1]", "1.5"]),
+        ({"top_p": 0.0}, ["top_p", "[1e-06, 1]", "0.0"]),
+        ({"top_p": 1e-300}, ["top_p", "underflow float32", "1e-300"]),
+        ({"top_p": 1.5}, ["top_p", "[1e-06, 1]", "1.5"]),
         ({"top_p": math.nan}, ["top_p", "nan"]),
         ({"top_k": -2}, ["top_k", "-1", "-2"]),
+        ({"top_k": 2**31}, ["top_k", "2**31", str(2**31)]),
         ({"top_k": 1.0}, ["top_k", "1.0"]),
         ({"top_k": True}, ["top_k", "True"]),
         ({"seed": -1}, ["seed", "2**64", "-1"]),
@@ -104,6 +112,15 @@ def test_boundaries_accepted():
     assert p.greedy and p.min_tokens == 1
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
     assert SamplingParams(top_p=1e-6).top_p == 1e-6
+    assert SamplingParams(max_tokens=2**31 - 1, top_k=2**31 - 1).max_tokens == 2**31 - 1
+    assert SamplingParams(temperature=0.01).temperature == 0.01
+    assert SamplingParams(temperature=1e4).temperature == 1e4
+
+
+def test_refused_messages_stay_short():
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(max_tokens=int("9" * 4000))
+    assert len(str(info.value)) < 200
 
 
 # --- vllm_backend sampling_parameters ------------------------------------------
@@ -147,9 +164,13 @@ def test_from_vllm_dict_null_seed_and_stop():
     [
         ({"max_tokens": "many"}, ["max_tokens", "integer", "'many'"]),
         ({"max_tokens": "1.5"}, ["max_tokens", "'1.5'"]),
-        ({"max_tokens": "0"}, ["max_tokens", ">= 1"]),
+        ({"max_tokens": "0"}, ["max_tokens", "[1, 2**31)"]),
+        ({"max_tokens": str(2**40)}, ["max_tokens", str(2**40)]),
+        ({"max_tokens": "9" * 5000}, ["max_tokens", "integer", "(5002 characters)"]),
         ({"temperature": "hot"}, ["temperature", "number", "'hot'"]),
-        ({"temperature": "-1"}, ["temperature", ">= 0"]),
+        ({"temperature": "-1"}, ["temperature", "0 (greedy)"]),
+        ({"temperature": "1e-300"}, ["temperature", "float32"]),
+        ({"temperature": "1e999"}, ["temperature", "inf"]),
         ({"top_p": "nan"}, ["top_p"]),
         ({"ignore_eos": "maybe"}, ["ignore_eos", "'maybe'"]),
         ({"ignore_eos": 2}, ["ignore_eos", "2"]),

@@ -13,7 +13,7 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.scheduler import Scheduler
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError, QueueTimeoutError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
@@ -85,6 +85,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         params.validate()
+        limits = self.config.request_limits
+        limits.check_prompt(prompt)          # before tokenizing: an oversized prompt is refused in microseconds
+        limits.check_stop(params.stop)
         prompt_text, token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; this server takes at most "
@@ -117,8 +120,8 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)                  # raises QueueFullError when the waiting queue is full
         self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams,
                     lora_request: Optional[LoRARequest] = None) -> None:
@@ -138,19 +141,29 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        expired = [self._expired_output(seq, waited_s) for seq, waited_s in batch.expired]
         self._write_adapters()
         if not batch:
-            return []
+            return expired
         adapter_slots = [self.adapter_pool.slot_of(s.adapter_id) if s.adapter_id else -1 for s in batch.seqs]
         rows = [self._sample_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
                 for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         tokens = self.runner.execute(batch, adapter_slots, rows)
-        outputs = []
+        outputs = expired
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
             if token is not None:
                 outputs.append(self._append_token(seq, token))
         return outputs
+
+    def _expired_output(self, seq: Sequence, waited_s: float) -> RequestOutput:
+        """The final output of a request the scheduler ended for waiting too long (it holds nothing)."""
+        del self.requests[seq.request_id]
+        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        out.error = QueueTimeoutError(f"the request waited {waited_s:.1f} s in the queue without starting "
+                                      f"(max_queue_wait_s {self.config.max_queue_wait_s:g}); the server is "
+                                      "overloaded: retry later or on another instance")
+        return out
 
     def _write_adapters(self) -> None:
         writes = self.adapter_pool.take_pending_writes()
