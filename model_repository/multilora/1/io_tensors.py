@@ -276,7 +276,8 @@ def _size(value) -> int:
 
 
 def _type_of(value) -> str:
-    return str(np.asarray(value).dtype)
+    dtype = np.asarray(value).dtype
+    return "BYTES" if dtype.kind in "SUO" else str(dtype)
 
 
 def _decode(name: str, value) -> str:
