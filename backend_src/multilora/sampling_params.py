@@ -11,19 +11,18 @@ from multilora.errors import InvalidRequestError
 
 SEED_LIMIT = 2**64   # seeds arrive as Triton TYPE_UINT64
 INT32_LIMIT = 2**31  # max_tokens, top_k and min_tokens arrive as TYPE_INT32: larger ones are refused, never wrapped
-# The sampler divides float32 logits by the temperature: below this, logits / t overflows float32 to inf
-# (1e-300 even rounds to 0), and softmax gives NaN. Anything this cold is greedy in effect: send 0.
-MIN_TEMPERATURE = 1e-2
-MAX_TEMPERATURE = 1e4  # hotter is uniform sampling in effect; far hotter rounds to inf in float32
-# A nucleus below the top token's probability keeps only that token; far smaller ones round to 0 in float32.
-MIN_TOP_P = 1e-6
+# The sampler divides float32 logits by the temperature. One below float32's smallest normal number
+# (1e-300 rounds to 0 there) would divide by zero and give NaN, which used to fail every request in
+# the step; greedy decoding is its limit, so such a temperature means greedy.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling settings, validated on construction.
 
-    `temperature == 0` (or `top_k == 1`) means greedy; `top_k` 0 or -1 means
+    `temperature == 0` (or `top_k == 1`) means greedy, and so does a temperature
+    too small for float32 (below about 1.2e-38); `top_k` 0 or -1 means
     no top-k filter; `top_p == 1` means no nucleus filter. Stop strings are
     matched on the output text and are not part of it.
     """
@@ -58,12 +57,8 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad value and its allowed range."""
         _check_int("max_tokens", self.max_tokens, "an integer in [1, 2**31)", lambda v: 1 <= v < INT32_LIMIT)
-        _check_real("temperature", self.temperature,
-                    f"0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}] (colder ones overflow "
-                    "the sampler's float32 arithmetic; send 0 for greedy)",
-                    lambda v: v == 0 or MIN_TEMPERATURE <= v <= MAX_TEMPERATURE)
-        _check_real("top_p", self.top_p, f"a number in [{MIN_TOP_P:g}, 1] (smaller ones underflow float32)",
-                    lambda v: MIN_TOP_P <= v <= 1)
+        _check_real("temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
+        _check_real("top_p", self.top_p, "a number in (0, 1]", lambda v: 0 < v <= 1)
         _check_int("top_k", self.top_k, "-1 or 0 (off) or an integer in [1, 2**31)",
                    lambda v: -1 <= v < INT32_LIMIT)
         if self.seed is not None:
@@ -80,7 +75,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < FLOAT32_TINY or self.top_k == 1
 
     @classmethod
     def from_vllm_dict(cls, d: dict) -> "SamplingParams":

@@ -7,7 +7,7 @@ import pytest
 
 from helpers.engine_runs import OutputCollector, StepTracker, assert_idle, async_engine_config, greedy, make_llm
 from multilora import AsyncLLMEngine, SamplingParams
-from multilora.errors import InvalidRequestError, LimitExceededError, QueueFullError, QueueTimeoutError
+from multilora.errors import LimitExceededError, QueueFullError, QueueTimeoutError
 
 
 def test_output_stops_where_the_kv_cache_is_full(tiny_zoo):
@@ -70,10 +70,15 @@ def test_stop_strings_over_the_limits_are_refused(limited, stop, fragment):
     assert_idle(limited.llm_engine)
 
 
-def test_temperature_that_underflows_float32_is_refused():
-    # It used to pass validation, reach torch.multinomial as 0 and fail every request in the step.
-    with pytest.raises(InvalidRequestError, match="send 0 for greedy"):
-        SamplingParams(temperature=1e-300)
+def test_a_temperature_that_underflows_float32_decodes_greedily_beside_other_requests(tiny_zoo):
+    # 1e-300 used to reach torch.multinomial as 0 and fail every request in the step.
+    llm = make_llm(tiny_zoo, "llama")
+    prompts = [[5, 17, 42], [7, 8, 9]]
+    cold = SamplingParams(max_tokens=4, temperature=1e-300, ignore_eos=True)
+    outs = llm.generate(prompts, [cold, greedy(4)])
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == tiny_zoo.reference("llama", None, prompt, 4)
+    assert_idle(llm.llm_engine)
 
 
 # ---- the bounded waiting queue ------------------------------------------------------
