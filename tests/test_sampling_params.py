@@ -109,7 +109,15 @@ def test_boundaries_accepted():
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
     assert SamplingParams(top_p=1e-6).top_p == 1e-6
     assert SamplingParams(max_tokens=2**31 - 1, top_k=2**31 - 1).max_tokens == 2**31 - 1
-    assert SamplingParams(temperature=1e300).temperature == 1e300   # the sampler caps it at float32's max
+
+
+
+def test_values_past_float32_are_stored_as_its_limits():
+    # 1e300 became inf in the sampler (NaN beside a banned token); 1e-300 became 0 (an empty nucleus).
+    assert SamplingParams(temperature=1e300).temperature == float(np.finfo(np.float32).max)
+    assert SamplingParams(top_p=1e-300).top_p == float(np.finfo(np.float32).tiny)
+    assert SamplingParams(temperature=3e38, top_p=1e-30) == SamplingParams(temperature=3e38, top_p=1e-30)
+    assert SamplingParams(temperature=3e38).temperature == 3e38 and SamplingParams(top_p=1e-30).top_p == 1e-30
 
 
 def test_a_temperature_that_underflows_float32_is_greedy():

@@ -11,10 +11,13 @@ from multilora.errors import InvalidRequestError
 
 SEED_LIMIT = 2**64   # seeds arrive as Triton TYPE_UINT64
 INT32_LIMIT = 2**31  # max_tokens, top_k and min_tokens arrive as TYPE_INT32: larger ones are refused, never wrapped
-# The sampler divides float32 logits by the temperature. One below float32's smallest normal number
-# (1e-300 rounds to 0 there) would divide by zero and give NaN, which used to fail every request in
-# the step; greedy decoding is its limit, so such a temperature means greedy.
+# The sampler computes in float32. A temperature below its smallest normal number (1e-300 rounds to
+# 0 there) would divide by zero and give NaN, which used to fail every request in the step; greedy
+# decoding is its limit, so such a temperature means greedy. Past float32's range on the other side
+# (a temperature above its largest number, a top_p below its smallest) the arithmetic gives inf or 0;
+# those values are stored as float32's limits, which sample the same: as uniformly, the top token alone.
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -22,7 +25,9 @@ class SamplingParams:
     """Per-request sampling settings, validated on construction.
 
     `temperature == 0` (or `top_k == 1`) means greedy, and so does a temperature
-    too small for float32 (below about 1.2e-38); `top_k` 0 or -1 means
+    too small for float32 (below about 1.2e-38); temperatures above float32's
+    largest number and top_p below its smallest are stored as those limits.
+    `top_k` 0 or -1 means
     no top-k filter; `top_p == 1` means no nucleus filter. Stop strings are
     matched on the output text and are not part of it.
     """
@@ -47,8 +52,8 @@ class SamplingParams:
             self.stop = list(self.stop)  # our own copy: the caller may reuse theirs
         self.validate()
         self.max_tokens = int(self.max_tokens)
-        self.temperature = float(self.temperature)
-        self.top_p = float(self.top_p)
+        self.temperature = min(float(self.temperature), FLOAT32_MAX)
+        self.top_p = max(float(self.top_p), FLOAT32_TINY)
         self.top_k = int(self.top_k)
         self.seed = None if self.seed is None else int(self.seed)
         self.min_tokens = int(self.min_tokens)

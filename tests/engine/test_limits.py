@@ -70,14 +70,18 @@ def test_stop_strings_over_the_limits_are_refused(limited, stop, fragment):
     assert_idle(limited.llm_engine)
 
 
-def test_a_temperature_that_underflows_float32_decodes_greedily_beside_other_requests(tiny_zoo):
-    # 1e-300 used to reach torch.multinomial as 0 and fail every request in the step.
+def test_values_past_float32_decode_beside_other_requests(tiny_zoo):
+    # Each used to reach the sampler as 0 or inf, make NaN or an empty nucleus, and fail every request in
+    # the step: temperature 1e-300, temperature 1e300 with EOS banned (min_tokens), top_p 1e-300.
     llm = make_llm(tiny_zoo, "llama")
-    prompts = [[5, 17, 42], [7, 8, 9]]
-    cold = SamplingParams(max_tokens=4, temperature=1e-300, ignore_eos=True)
-    outs = llm.generate(prompts, [cold, greedy(4)])
-    for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == tiny_zoo.reference("llama", None, prompt, 4)
+    prompts = [[5, 17, 42], [7, 8, 9], [3, 4], [11, 12, 13], [2, 9]]
+    params = [SamplingParams(max_tokens=4, temperature=1e-300, ignore_eos=True), greedy(4),
+              SamplingParams(max_tokens=4, temperature=1e300, min_tokens=4, seed=1),
+              SamplingParams(max_tokens=4, top_p=1e-300, ignore_eos=True), greedy(4)]
+    outs = llm.generate(prompts, params)
+    for i in (0, 1, 3, 4):             # greedy in effect (a nucleus of the top token alone is greedy too)
+        assert outs[i].outputs[0].token_ids == tiny_zoo.reference("llama", None, prompts[i], 4), i
+    assert len(outs[2].outputs[0].token_ids) == 4 and outs[2].outputs[0].finish_reason == "length"
     assert_idle(llm.llm_engine)
 
 
