@@ -74,6 +74,7 @@ def test_streaming_excludes_the_prompt_by_default():
     (arrays(text_input="Hi", stream=True, exclude_input_in_output=False), "not allowed when streaming"),
     (arrays(text_input=["a", "b"]), "exactly one element"),
     ({"text_input": np.array([b"\xff\xfe"], dtype=np.object_)}, "not valid UTF-8"),
+    ({"text_input": np.array(["a\ud800"])}, "not valid UTF-8"),
 ])
 def test_malformed_input_is_an_invalid_request(values, fragment):
     with pytest.raises(InvalidRequestError) as info:

@@ -58,7 +58,8 @@ def string_arrays():
 
 def arrays_for_any_input():
     return st.one_of(numeric_arrays(), string_arrays(),
-                     st.lists(st.text(max_size=8), min_size=1, max_size=3).map(np.array))  # numpy str (kind U)
+                     st.lists(st.text(st.characters(exclude_categories=()), max_size=8), min_size=1, max_size=3)
+                     .map(np.array))  # numpy str (kind U), lone surrogates included
 
 
 PROMPTS = st.text(min_size=1, max_size=300).map(lambda t: np.array([t.encode()], dtype=np.object_))

@@ -287,5 +287,9 @@ def _decode(name: str, value) -> str:
         except UnicodeDecodeError:
             raise InvalidRequestError(f"input {name} is not valid UTF-8") from None
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")      # a lone surrogate (numpy str in-process) would fail the tokenizer later
+        except UnicodeEncodeError:
+            raise InvalidRequestError(f"input {name} is not valid UTF-8") from None
         return value
     raise InvalidRequestError(f"input {name} must be a string (BYTES), got {type(value).__name__}")
