@@ -3,7 +3,7 @@
 import pytest
 
 from multilora.config import EngineConfig, RequestLimits
-from multilora.errors import LimitExceededError
+from multilora.errors import InvalidRequestError, LimitExceededError
 
 
 def test_defaults():
@@ -43,6 +43,8 @@ def test_limits_name_the_setting_to_raise():
         with pytest.raises(LimitExceededError, match="max_prompt_bytes") as info:
             limits.check_prompt(prompt)
         assert fragment in str(info.value) and info.value.code == "INVALID_ARG"
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        limits.check_prompt("a\ud800")
     with pytest.raises(LimitExceededError, match="max_stop_strings"):
         limits.check_stop(["a", "b"])
     with pytest.raises(LimitExceededError, match="max_stop_string_bytes"):

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
-from multilora.errors import LimitExceededError
+from multilora.errors import InvalidRequestError, LimitExceededError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -59,8 +59,11 @@ class RequestLimits:
         """A text prompt's UTF-8 size or a token-id prompt's length, before tokenizing."""
         if isinstance(prompt, str):
             # A character is at least one byte: only a prompt near the limit is encoded to count.
-            size = len(prompt) if len(prompt) > self.max_prompt_bytes else len(prompt.encode("utf-8", "replace"))
-            self.check_prompt_bytes("the prompt", size)
+            self.check_prompt_bytes("the prompt", len(prompt))
+            try:
+                self.check_prompt_bytes("the prompt", len(prompt.encode("utf-8")))
+            except UnicodeEncodeError:     # a lone surrogate: the tokenizer would fail on it
+                raise InvalidRequestError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
         elif isinstance(prompt, (list, tuple)):
             self.check_prompt_token_ids("the prompt", len(prompt))
 
