@@ -154,3 +154,27 @@ def test_async_engine_refuses_beyond_the_queue_at_once_and_serves_the_rest(tiny_
     finally:
         engine.shutdown()
     assert_idle(engine.engine)
+
+
+def test_async_engine_ends_a_request_waiting_too_long_and_serves_the_rest(tiny_zoo):
+    engine = AsyncLLMEngine(async_engine_config(tiny_zoo, max_num_seqs=1, max_queue_wait_s=10.0))
+    make_sequence = engine.engine.make_sequence
+
+    def aged(request_id, *args):        # "old" arrived 100 s ago, as if it had waited behind a long queue
+        seq = make_sequence(request_id, *args)
+        seq.arrival_time -= 100 if request_id == "old" else 0
+        return seq
+
+    engine.engine.make_sequence = aged
+    try:
+        fresh, old = OutputCollector(), OutputCollector()
+        engine.add_request("fresh", [5, 17, 42], greedy(8), None, fresh)
+        engine.add_request("old", [7, 8, 9], greedy(4), None, old)
+        expired = old.final()
+        assert isinstance(expired.error, QueueTimeoutError) and expired.error.code == "UNAVAILABLE"
+        assert "the request waited 100." in str(expired.error) and "max_queue_wait_s 10" in str(expired.error)
+        assert fresh.final().error is None
+        assert fresh.final().outputs[0].token_ids == tiny_zoo.reference("llama", None, [5, 17, 42], 8)
+    finally:
+        engine.shutdown()
+    assert_idle(engine.engine)
