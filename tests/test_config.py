@@ -2,14 +2,14 @@
 
 import pytest
 
-from multilora.config import EngineConfig, RequestLimits
+from multilora.config import PROMPT_BYTES_PER_TOKEN, EngineConfig, RequestLimits
 from multilora.errors import InvalidRequestError, LimitExceededError
 
 
 def test_defaults():
     config = EngineConfig(model="m")
-    assert config.request_limits == RequestLimits()
-    assert (config.max_prompt_bytes, config.max_stop_strings, config.max_stop_string_bytes) == (1 << 20, 16, 256)
+    assert config.request_limits(4096) == RequestLimits(max_prompt_bytes=4096 * PROMPT_BYTES_PER_TOKEN)
+    assert (config.max_prompt_bytes, config.max_stop_strings, config.max_stop_string_bytes) == (None, 16, 256)
     assert (config.max_sampling_parameters_bytes, config.max_sampling_parameters_depth) == (1 << 16, 4)
     assert (config.max_waiting_requests, config.max_queue_wait_s) == (1024, None)
 
@@ -17,7 +17,7 @@ def test_defaults():
 def test_from_dict_maps_the_json_one_to_one():
     config = EngineConfig.from_dict({"model": "m", "max_prompt_bytes": "4096", "max_stop_strings": 2,
                                      "max_waiting_requests": "null", "max_queue_wait_s": "30"})
-    assert config.request_limits == RequestLimits(max_prompt_bytes=4096, max_stop_strings=2)
+    assert config.request_limits(128) == RequestLimits(max_prompt_bytes=4096, max_stop_strings=2)
     assert config.max_waiting_requests is None and config.max_queue_wait_s == 30.0
 
 

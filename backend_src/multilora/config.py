@@ -14,6 +14,10 @@ from multilora.errors import InvalidRequestError, LimitExceededError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# The default max_prompt_bytes, per token of max_model_len: a text longer than this many bytes per
+# token the model can take is almost surely too long, and refusing it unread costs nothing, while
+# tokenizing it first could take seconds (a 10 MB prompt took 52).
+PROMPT_BYTES_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -21,9 +25,9 @@ class RequestLimits:
     """How big a request may be (docs/limits.md); each check raises LimitExceededError naming its setting.
 
     The checks look at sizes only, before any tokenizing or decoding, so an
-    oversized request costs microseconds. They sit on the engine's config
-    (EngineConfig fields of the same names) and are applied both by the
-    Triton model's request parser and by the engine, for in-process use.
+    oversized request costs microseconds. They are EngineConfig fields of the
+    same names, resolved by the engine (`LLMEngine.request_limits`) and applied
+    both by the Triton model's request parser and by the engine, for in-process use.
     """
 
     max_prompt_bytes: int = 1 << 20            # UTF-8 bytes of a text prompt; 4 per token id
@@ -122,7 +126,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None    # host LRU of loaded adapters; defaults to max(32, max_loras)
     # Request limits (RequestLimits; docs/limits.md)
-    max_prompt_bytes: int = _LIMITS.max_prompt_bytes
+    max_prompt_bytes: Optional[int] = None        # None: PROMPT_BYTES_PER_TOKEN per token of max_model_len
     max_stop_strings: int = _LIMITS.max_stop_strings
     max_stop_string_bytes: int = _LIMITS.max_stop_string_bytes
     max_sampling_parameters_bytes: int = _LIMITS.max_sampling_parameters_bytes
@@ -155,11 +159,14 @@ class EngineConfig:
               f"max_waiting_requests must be >= 1 or null (unbounded), got {self.max_waiting_requests}")
         check(self.max_queue_wait_s is None or self.max_queue_wait_s > 0,
               f"max_queue_wait_s must be > 0 or null (no limit), got {self.max_queue_wait_s}")
-        self.request_limits  # validates the limits
+        self.request_limits(self.max_model_len or 1)  # validates the limits
 
-    @property
-    def request_limits(self) -> RequestLimits:
-        return RequestLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RequestLimits)})
+    def request_limits(self, max_model_len: int) -> RequestLimits:
+        """The request limits, with max_prompt_bytes resolved against the model's context length."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RequestLimits)}
+        if values["max_prompt_bytes"] is None:
+            values["max_prompt_bytes"] = PROMPT_BYTES_PER_TOKEN * max_model_len
+        return RequestLimits(**values)
 
     @property
     def host_lora_capacity(self) -> int:

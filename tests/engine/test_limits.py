@@ -50,6 +50,13 @@ def test_oversized_prompt_is_refused_before_tokenizing(limited, monkeypatch):
     assert_idle(engine)
 
 
+def test_the_default_prompt_limit_follows_the_context_length(tiny_zoo):
+    engine = make_llm(tiny_zoo, "llama", max_model_len=100).llm_engine
+    assert engine.request_limits.max_prompt_bytes == 3200       # 32 bytes per token of context
+    with pytest.raises(LimitExceededError, match="3201 bytes; this server takes at most 3200"):
+        engine.make_sequence("big", "x" * 3201, greedy(4))
+
+
 def test_prompts_at_the_limit_are_served(limited, tiny_zoo):
     prompt = [5, 17, 42, 99] * 4                                                 # 16 ids = 64 bytes
     (out,) = limited.generate([prompt], greedy(3))

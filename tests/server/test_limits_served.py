@@ -13,8 +13,9 @@ GOOD = {"text_input": "the quick brown fox", "lora_id": "upper", "stream": True,
 
 def test_oversized_requests_fail_alone_and_fast(server, reference):
     bad_requests = {
+        # The default: 32 bytes per token of the tiny model's 128-token context.
         "2 MB prompt": ({"text_input": "x" * (2 << 20)}, "text_input is 2097152 bytes; this server takes at "
-                                                         "most 1048576 (max_prompt_bytes)"),
+                                                         "most 4096 (max_prompt_bytes)"),
         "100 stop strings": ({"text_input": "Hi", "stop": [f"s{i}" for i in range(100)]},
                              "100 stop strings; this server takes at most 16 (max_stop_strings)"),
         "deep sampling_parameters": ({"text_input": "Hi", "sampling_parameters": "[" * 5000 + "]" * 5000},

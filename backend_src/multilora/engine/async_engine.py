@@ -47,6 +47,7 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, on_adapter_loaded: Optional[Callable[[str, float], None]] = None):
         self.engine = LLMEngine(config, on_adapter_loaded)
         self.tokenizer = self.engine.tokenizer
+        self.request_limits = self.engine.request_limits
         self._inbox: queue.Queue = queue.Queue()
         self._live: dict[str, _Request] = {}    # every request without its final output yet
         self._lock = threading.Lock()

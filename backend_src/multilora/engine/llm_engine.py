@@ -52,6 +52,7 @@ class LLMEngine:
         self.config = config
         self.hf_config = load_hf_config(config.model)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        self.request_limits = config.request_limits(self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, self.hf_config, self.max_model_len)
@@ -85,9 +86,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         params.validate()
-        limits = self.config.request_limits
-        limits.check_prompt(prompt)          # before tokenizing: an oversized prompt is refused in microseconds
-        limits.check_stop(params.stop)
+        self.request_limits.check_prompt(prompt)   # before tokenizing: an oversized prompt is refused at once
+        self.request_limits.check_stop(params.stop)
         prompt_text, token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; this server takes at most "

@@ -66,9 +66,7 @@ class TritonPythonModel:
         self._metrics = ServerMetrics(pb_utils.MetricFamily,
                                       {"model": args["model_name"], "version": args["model_version"]})
         self._outbox: queue.Queue = queue.Queue()
-        engine_config = EngineConfig.from_dict(config.engine)
-        self._limits = engine_config.request_limits
-        self._engine = AsyncLLMEngine(engine_config,
+        self._engine = AsyncLLMEngine(EngineConfig.from_dict(config.engine),
                                       on_adapter_loaded=lambda name, s: self._outbox.put(("load", name, s)))
         self._streams: dict[str, _Stream] = {}
         # Adapter names are resolved off Triton's execute thread: a hub entry may download.
@@ -87,7 +85,7 @@ class TritonPythonModel:
     def _submit(self, request):
         sender = request.get_response_sender()
         try:
-            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()}, self._limits)
+            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()}, self._engine.request_limits)
             params = SamplingParams(**parsed.sampling)
         except Exception as e:  # a request's own fault: answer it alone
             sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)
