@@ -13,7 +13,7 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.scheduler import Scheduler
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError, QueueTimeoutError
+from multilora.errors import AdapterError, InvalidRequestError, MultiLoRAError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
@@ -141,7 +141,7 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        expired = [self._expired_output(seq, waited_s) for seq, waited_s in batch.expired]
+        expired = [self._expired_output(seq, error) for seq, error in batch.expired]
         self._write_adapters()
         if not batch:
             return expired
@@ -156,13 +156,11 @@ class LLMEngine:
                 outputs.append(self._append_token(seq, token))
         return outputs
 
-    def _expired_output(self, seq: Sequence, waited_s: float) -> RequestOutput:
+    def _expired_output(self, seq: Sequence, error: MultiLoRAError) -> RequestOutput:
         """The final output of a request the scheduler ended for waiting too long (it holds nothing)."""
         del self.requests[seq.request_id]
         out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
-        out.error = QueueTimeoutError(f"the request waited {waited_s:.1f} s in the queue without starting "
-                                      f"(max_queue_wait_s {self.config.max_queue_wait_s:g}); the server is "
-                                      "overloaded: retry later or on another instance")
+        out.error = error
         return out
 
     def _write_adapters(self) -> None:

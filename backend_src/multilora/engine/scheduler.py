@@ -25,7 +25,7 @@ from typing import Optional
 from multilora.config import EngineConfig
 from multilora.engine.block_manager import BlockManager
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import QueueFullError
+from multilora.errors import QueueFullError, QueueTimeoutError
 from multilora.lora.adapter_pool import AdapterPool
 
 
@@ -33,8 +33,8 @@ from multilora.lora.adapter_pool import AdapterPool
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]     # tokens each sequence computes this step
-    # Ended this step without starting (max_queue_wait_s), with the seconds each waited; already finished.
-    expired: list[tuple[Sequence, float]] = field(default_factory=list)
+    # Ended this step without starting (max_queue_wait_s), each with its error; already finished.
+    expired: list[tuple[Sequence, QueueTimeoutError]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -121,7 +121,7 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
 
-    def _expire_waiting(self) -> list[tuple[Sequence, float]]:
+    def _expire_waiting(self) -> list[tuple[Sequence, QueueTimeoutError]]:
         """Ends the requests that have waited longer than max_queue_wait_s without starting.
 
         New requests queue in arrival order, so the scan stops at the first one
@@ -136,7 +136,9 @@ class Scheduler:
             waited = now - seq.arrival_time
             if waited <= self.max_queue_wait_s:
                 break
-            expired.append((seq, waited))
+            expired.append((seq, QueueTimeoutError(
+                f"the request waited {waited:.1f} s in the queue without starting (max_queue_wait_s "
+                f"{self.max_queue_wait_s:g}); the server is overloaded: retry later or on another instance")))
         for seq, _ in expired:
             self.finish(seq, "abort")
         return expired
