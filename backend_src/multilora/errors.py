@@ -23,6 +23,10 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt can never fit the model's context (max_model_len) or the KV cache."""
 
 
+class LimitExceededError(InvalidRequestError):
+    """A request larger than a configured limit (RequestLimits, docs/limits.md); the message names the setting."""
+
+
 class AdapterNotFoundError(MultiLoRAError):
     """No adapter of that name in any adapter root or in the registry."""
 
@@ -59,6 +63,20 @@ class AdapterShapeError(AdapterError):
 
 class AdapterWeightsError(AdapterError):
     """NaN/Inf or an unsupported dtype in the adapter weights."""
+
+
+class ServerOverloadedError(MultiLoRAError):
+    """The server has more work than it queues; the client should retry later or elsewhere."""
+
+    code = "UNAVAILABLE"
+
+
+class QueueFullError(ServerOverloadedError):
+    """max_waiting_requests requests are already waiting: a new one is refused at once."""
+
+
+class QueueTimeoutError(ServerOverloadedError):
+    """A request waited longer than max_queue_wait_s without starting."""
 
 
 class RequestCancelledError(MultiLoRAError):
