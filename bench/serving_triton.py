@@ -39,7 +39,7 @@ def free_ports(n: int) -> list[int]:
 
 
 class TritonServer:
-    """scripts/serve.py in its own process group; stopped (SIGINT, then SIGKILL) by close()."""
+    """scripts/serve.py in its own process group; stopped (SIGTERM, then SIGKILL) by close()."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, engine_args: dict, run_dir: Path, log: Path,
                  ready_timeout: float = 600.0, python: Optional[str] = None):
