@@ -86,7 +86,7 @@ class TritonServer:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)    # the launcher drains and stops the server
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
         try:
