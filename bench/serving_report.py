@@ -2,7 +2,7 @@
 
 Definitions (client side, the same for every target):
 - TTFT: from sending the request to the first response that carries a token.
-- TPOT: per request, (last token time - first token time) / (tokens - 1).
+- TPOT: per request, (last token time - first token time) / (tokens after the first response).
 - ITL: every gap between two token-carrying responses of a stream, divided by the tokens of
   the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks),
   "warm" otherwise.
