@@ -112,7 +112,10 @@ def engine_args(args) -> dict:
                 "max_num_batched_tokens": args.max_num_batched_tokens, "num_kv_blocks": args.num_kv_blocks}
     for pair in args.engine_arg:
         key, _, value = pair.partition("=")
-        settings[key.strip()] = json.loads(value) if value.strip()[:1] in "0123456789-tfn[{\"" else value
+        try:
+            settings[key.strip()] = json.loads(value)     # numbers, true/false, null
+        except json.JSONDecodeError:
+            settings[key.strip()] = value.strip()         # a plain string: "float32", "cuda:1"
     return {k: v for k, v in settings.items() if v is not None}
 
 
