@@ -42,3 +42,17 @@ def test_graph_padding_rows_leave_real_sequences_alone(tiny_zoo):
         outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
         assert [o.outputs[0].token_ids for o in outs] == \
             [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
+
+
+def test_chunked_prefill_beside_graph_decode_rows_on_gpu(tiny_zoo):
+    """Mixed steps: the prefill chunk runs eagerly, the decode rows replay their graph (with or without LoRA)."""
+    llm = make_llm(tiny_zoo, "llama", device="cuda", max_loras=4, max_num_seqs=16, max_num_batched_tokens=12)
+    requests = [(SHORT_PROMPTS[0], None), (SHORT_PROMPTS[1], "sql"), (long_prompt(40, seed=3), "code"),
+                (long_prompt(30, seed=4), None)]
+    loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
+    outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
+    assert [o.outputs[0].token_ids for o in outs] == [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
+    runner = llm.llm_engine.runner
+    assert set(runner.decode_graphs.lora_variants) == {False, True}
+    assert runner.inputs._decode_host.is_pinned() and runner.inputs._table_host.is_pinned()
+    assert_idle(llm.llm_engine)

@@ -47,6 +47,10 @@ class Sequence:
             return self.output_token_ids[start - prompt_len:end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
+    def token_at(self, index: int) -> int:
+        prompt_len = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < prompt_len else self.output_token_ids[index - prompt_len]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
