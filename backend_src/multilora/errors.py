@@ -71,3 +71,9 @@ class EngineStoppedError(MultiLoRAError):
     """The engine is shutting down and accepts no more requests."""
 
     code = "UNAVAILABLE"
+
+
+class NonFiniteLogitsError(MultiLoRAError):
+    """The model's logits for one request were NaN/Inf (a broken adapter or numerics): that request alone ends."""
+
+    code = "INTERNAL"

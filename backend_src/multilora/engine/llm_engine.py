@@ -1,4 +1,8 @@
-"""LLMEngine: the synchronous multi-LoRA engine. `step()` = schedule -> adapters resident -> run -> postprocess."""
+"""LLMEngine: the synchronous multi-LoRA engine.
+
+`step_events()` = schedule -> adapters resident -> run -> token events; `step()`
+adds the output processor inline (detokenize, stop strings, RequestOutputs).
+"""
 
 import logging
 import time
@@ -8,17 +12,17 @@ from typing import Optional
 from transformers import AutoTokenizer, GenerationConfig
 
 from multilora.config import EngineConfig
-from multilora.detokenizer import IncrementalDetokenizer
 from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
+from multilora.engine.output_processor import EndedRequest, OutputProcessor, TokenEvent
 from multilora.engine.scheduler import Scheduler
-from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from multilora.engine.sequence import Sequence
+from multilora.errors import AdapterError, InvalidRequestError, MultiLoRAError, NonFiniteLogitsError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
-from multilora.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from multilora.outputs import RequestOutput
 from multilora.sampler import SampleRow, derive_step_seed
 from multilora.sampling_params import SamplingParams
 
@@ -63,6 +67,7 @@ class LLMEngine:
                                         on_adapter_loaded)
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
         self.requests: dict[str, Sequence] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set()
@@ -96,8 +101,7 @@ class LLMEngine:
                 raise AdapterError(f"adapter '{lora_request.lora_name}' requested but LoRA is not enabled "
                                    "(start the engine with enable_lora=True)")
             adapter = self.adapter_pool.get(lora_request)
-        return Sequence(request_id, prompt_text, token_ids, params, lora_request, adapter,
-                        IncrementalDetokenizer(self.tokenizer, params.stop))
+        return Sequence(request_id, prompt_text, token_ids, params, lora_request, adapter)
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -126,17 +130,36 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Frees the request's KV blocks and adapter hold at once; returns its final output."""
+        event = self.abort_sequence(request_id)
+        return self._process([event])[0][0] if event is not None else None
+
+    def abort_sequence(self, request_id: str, error: Optional[MultiLoRAError] = None) -> Optional[TokenEvent]:
+        """Frees the request's KV blocks and adapter hold at once; returns its finish event (None if unknown)."""
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        return TokenEvent(seq, [], "abort", error)
+
+    def finish_ended(self, ended: EndedRequest) -> Optional[TokenEvent]:
+        """Frees a request the output processor ended (a stop string); its finish event says no more."""
+        seq = self.requests.pop(ended.request_id, None)
+        if seq is None:
+            return None         # the engine ended it meanwhile
+        seq.stop_reason = ended.stop_reason
+        self.scheduler.finish(seq, ended.finish_reason)
+        return TokenEvent(seq, [], ended.finish_reason)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step, with its outputs built inline (the in-process API)."""
+        return self._process(self.step_events())[0]
+
+    def step_events(self) -> list[TokenEvent]:
+        """One step: schedule -> adapters resident -> run -> token events (no text: see OutputProcessor)."""
         batch = self.scheduler.schedule()
         self._write_adapters()
         if not batch:
@@ -145,20 +168,27 @@ class LLMEngine:
         rows = [self._sample_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
                 for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         tokens = self.runner.execute(batch, adapter_slots, rows)
-        outputs = []
+        events = []
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
             if token is not None:
-                outputs.append(self._append_token(seq, token))
-        return outputs
+                events.append(self._append_token(seq, token) if token >= 0 else self._fail_sampling(seq))
+        return events
+
+    def _process(self, events: list[TokenEvent]) -> tuple[list[RequestOutput], list[EndedRequest]]:
+        """Runs the output processor inline and frees the requests it ended."""
+        outputs, ended = self.output_processor.process(events)
+        confirmations = [e for e in map(self.finish_ended, ended) if e is not None]
+        self.output_processor.process(confirmations)        # drops their states; no outputs
+        return outputs, ended
 
     def _write_adapters(self) -> None:
         writes = self.adapter_pool.take_pending_writes()
-        for i, (slot, adapter) in enumerate(writes):
+        for i, (adapter_slot, adapter) in enumerate(writes):
             try:
-                self.runner.write_adapter(slot, adapter)
+                self.runner.write_adapter(adapter_slot, adapter)
             except BaseException:
-                # Keep the unwritten ones queued: a slot must never be served with stale weights.
+                # Keep the unwritten ones queued: an adapter slot must never be served with stale weights.
                 self.adapter_pool.requeue_writes(writes[i:])
                 raise
 
@@ -168,31 +198,29 @@ class LLMEngine:
         banned = () if len(seq.output_token_ids) >= params.min_tokens else tuple(self.eos_token_ids)
         return SampleRow(params, seed, banned)
 
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
-        now = time.time()
-        seq.first_token_time = seq.first_token_time or now
+    def _append_token(self, seq: Sequence, token: int) -> TokenEvent:
+        seq.first_token_time = seq.first_token_time or time.time()
         seq.output_token_ids.append(token)
         params, generated = seq.params, len(seq.output_token_ids)
-        stop_string = seq.detokenizer.append(token, check_stop=generated >= params.min_tokens)
         reason = None
         if token in self.eos_token_ids and not params.ignore_eos and generated >= params.min_tokens:
-            reason, seq.stop_reason = "stop", None
-        elif stop_string is not None:
-            reason, seq.stop_reason = "stop", stop_string
+            reason = "stop"
         elif generated >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
-        return self._output(seq, [token], seq.detokenizer.take_delta(finished=reason is not None))
+        return TokenEvent(seq, [token], reason)
 
-    def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
-        finished = seq.is_finished
-        completion = CompletionOutput(0, seq.detokenizer.text, list(seq.output_token_ids), seq.finish_reason,
-                                      seq.stop_reason, delta_text, delta_ids)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time() if finished else None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
-                             seq.lora_request, metrics)
+    def _fail_sampling(self, seq: Sequence) -> TokenEvent:
+        """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
+        adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
+        logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
+        error = NonFiniteLogitsError(f"the model produced non-finite logits for this request ({adapter}); "
+                                     "retry, or report the prompt and adapter to the server's operator")
+        del self.requests[seq.request_id]
+        self.scheduler.finish(seq, "abort")
+        return TokenEvent(seq, [], "abort", error)
 
     # ---- state ----------------------------------------------------------
     def stats(self) -> EngineStats:

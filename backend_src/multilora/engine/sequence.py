@@ -23,7 +23,6 @@ class Sequence:
     params: SamplingParams
     lora_request: Optional[LoRARequest] = None
     adapter: Any = None                      # LoRAAdapter (CPU weights) when lora_request is set
-    detokenizer: Any = None                  # IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.time)
     first_token_time: Optional[float] = None
     output_token_ids: list[int] = field(default_factory=list)
