@@ -146,7 +146,6 @@ class LLMEngine:
         seq = self.requests.pop(ended.request_id, None)
         if seq is None:
             return None         # the engine ended it meanwhile
-        seq.stop_reason = ended.stop_reason
         self.scheduler.finish(seq, ended.finish_reason)
         return TokenEvent(seq, [], ended.finish_reason)
 

@@ -30,12 +30,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0             # tokens whose KV is in the cache
     finish_reason: Optional[str] = None
-    stop_reason: Optional[str | int] = None
     num_preemptions: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """token_ids[start:end] without building the whole list (called every step)."""
