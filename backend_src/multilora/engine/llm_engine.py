@@ -15,8 +15,9 @@ from multilora.config import EngineConfig
 from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.output_processor import EndedRequest, OutputProcessor, TokenEvent
-from multilora.engine.scheduler import Scheduler
+from multilora.engine.scheduler import ScheduledBatch, Scheduler
 from multilora.engine.sequence import Sequence
+from multilora.engine.step_inputs import PLACEHOLDER, SampledTokens
 from multilora.errors import AdapterError, InvalidRequestError, MultiLoRAError, NonFiniteLogitsError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
@@ -51,6 +52,19 @@ class EngineStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose sampled ids have not reached the host yet."""
+
+    tokens: SampledTokens
+    seqs: list[Sequence]            # sequence of each sampled row
+    indices: list[int]              # the output index each row's id fills
+
+    @property
+    def sources(self) -> dict[Sequence, int]:
+        return {seq: k for k, seq in enumerate(self.seqs)}
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, on_adapter_loaded=None):
         self.config = config
@@ -68,6 +82,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
         self.requests: dict[str, Sequence] = {}
         self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
+        self._in_flight: Optional[_InFlight] = None     # async scheduling: the step the GPU is running
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set()
@@ -158,20 +173,53 @@ class LLMEngine:
         return self._process(self.step_events())[0]
 
     def step_events(self) -> list[TokenEvent]:
-        """One step: schedule -> adapters resident -> run -> token events (no text: see OutputProcessor)."""
-        batch = self.scheduler.schedule()
+        """One step: schedule -> adapters resident -> launch -> token events (no text: see OutputProcessor).
+
+        With async_scheduling the events are those of the step launched by the previous call: this
+        step is scheduled and launched first, so the GPU never waits for the host between steps.
+        """
+        try:
+            launched = self._launch(self.scheduler.schedule())
+            events = self._resolve(self._in_flight) if self._in_flight is not None else []
+            self._in_flight = launched
+            if not self.config.async_scheduling and launched is not None:
+                events, self._in_flight = self._resolve(launched), None
+            return events
+        except BaseException:
+            self._in_flight = None      # the caller ends the requests in flight
+            raise
+
+    def _launch(self, scheduled: ScheduledBatch) -> Optional[_InFlight]:
         self._write_adapters()
-        if not batch:
-            return []
+        # A sequence whose last token is still in flight and ends it has nothing to compute.
+        kept = [(s, n) for s, n in zip(scheduled.seqs, scheduled.num_new_tokens) if n > 0]
+        if not kept:
+            return None
+        batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept])
         adapter_slots = [self.adapter_pool.slot_of(s.adapter_id) if s.adapter_id else -1 for s in batch.seqs]
         rows = [self._sample_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
                 for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        tokens = self.runner.execute(batch, adapter_slots, rows)
-        events = []
-        for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
+        sources = self._in_flight.sources if self._in_flight is not None else None
+        tokens = self.runner.execute(batch, adapter_slots, rows, sources)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-            if token is not None:
-                events.append(self._append_token(seq, token) if token >= 0 else self._fail_sampling(seq))
+        seqs = [batch.seqs[i] for i in tokens.order]
+        indices = [len(seq.output_token_ids) for seq in seqs]
+        if self.config.async_scheduling:
+            # The next step is scheduled before this one's ids reach the host: a sequence that may
+            # go on holds a placeholder for its new token, whose id the device feeds to that step.
+            for seq in seqs:
+                if not self._ends_by_length(seq, len(seq.output_token_ids) + 1):
+                    seq.output_token_ids.append(PLACEHOLDER)
+        return _InFlight(tokens, seqs, indices)
+
+    def _resolve(self, launched: _InFlight) -> list[TokenEvent]:
+        """The launched step's ids, now on the host, become token events."""
+        events = []
+        for seq, index, token in zip(launched.seqs, launched.indices, launched.tokens.values()):
+            if seq.is_finished:
+                continue            # aborted, or ended by a stop string, while its step ran
+            events.append(self._append_token(seq, index, token) if token >= 0 else self._fail_sampling(seq))
         return events
 
     def _process(self, events: list[TokenEvent]) -> tuple[list[RequestOutput], list[EndedRequest]]:
@@ -197,19 +245,28 @@ class LLMEngine:
         banned = () if len(seq.output_token_ids) >= params.min_tokens else tuple(self.eos_token_ids)
         return SampleRow(params, seed, banned)
 
-    def _append_token(self, seq: Sequence, token: int) -> TokenEvent:
+    def _append_token(self, seq: Sequence, index: int, token: int) -> TokenEvent:
+        """Output token `index` of `seq` is `token` (it replaces its placeholder, if any)."""
         seq.first_token_time = seq.first_token_time or time.time()
-        seq.output_token_ids.append(token)
-        params, generated = seq.params, len(seq.output_token_ids)
+        outputs = seq.output_token_ids
+        if index < len(outputs):
+            outputs[index] = token
+        else:
+            outputs.append(token)
+        params, generated = seq.params, index + 1
         reason = None
         if token in self.eos_token_ids and not params.ignore_eos and generated >= params.min_tokens:
             reason = "stop"
-        elif generated >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+        elif self._ends_by_length(seq, generated):
             reason = "length"
         if reason is not None:
+            del outputs[generated:]         # a placeholder for a token that will never be
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
         return TokenEvent(seq, [token], reason)
+
+    def _ends_by_length(self, seq: Sequence, generated: int) -> bool:
+        return generated >= seq.params.max_tokens or len(seq.prompt_token_ids) + generated >= self.max_seq_len
 
     def _fail_sampling(self, seq: Sequence) -> TokenEvent:
         """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""

@@ -15,7 +15,8 @@ import torch
 from multilora.config import EngineConfig
 from multilora.engine.cuda_graph import DecodeGraphs
 from multilora.engine.scheduler import ScheduledBatch
-from multilora.engine.step_inputs import StepInputBuilder, StepInputs
+from multilora.engine.sequence import Sequence
+from multilora.engine.step_inputs import SampledTokens, StepInputBuilder, StepInputs
 from multilora.lora.mapping import lora_step
 from multilora.model.attention import AttentionMetadata
 from multilora.model.loader import build_model
@@ -116,15 +117,17 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, adapter_slots: list[int],
-                sample_rows: list[Optional[SampleRow]]) -> list[Optional[int]]:
-        """Runs the batch; returns the sampled token per sequence (None where no row was asked, -1 where
-        sampling failed)."""
+    def execute(self, batch: ScheduledBatch, adapter_slots: list[int], sample_rows: list[Optional[SampleRow]],
+                sources: Optional[dict[Sequence, int]] = None) -> SampledTokens:
+        """Launches the batch; returns its sampled ids on their way to the host (-1 where sampling failed).
+
+        `sources`: see StepInputBuilder.build (sequences whose last token the previous step sampled).
+        """
         num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
         graphs = self.decode_graphs
         use_graph = graphs is not None and 0 < num_decode <= graphs.max_batch
         step = self.inputs.build(batch, adapter_slots, [row is not None for row in sample_rows],
-                                 graphs.size_for(num_decode) if use_graph else num_decode)
+                                 graphs.size_for(num_decode) if use_graph else num_decode, sources)
         # Decode rows and prefill chunks run as two forwards, so a prefill chunk never pushes
         # the decode rows off their CUDA graph.
         hidden = []
@@ -137,15 +140,13 @@ class ModelRunner:
         if step.num_prefill_tokens:
             prefilled = self._prefill_forward(step)
             hidden.append(prefilled.index_select(0, self.inputs.prefill_sample_index(step)))
-        result: list[Optional[int]] = [None] * len(sample_rows)
-        if step.sample_order:
-            logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
-            tokens = self.sampler(logits, [sample_rows[i] for i in step.sample_order])
-            if isinstance(tokens, torch.Tensor):     # the batched sampler returns device ids, -1 = failed row
-                tokens = tokens.tolist()
-            for i, token in zip(step.sample_order, tokens):
-                result[i] = token
-        return result
+        if not step.sample_order:
+            return SampledTokens([], len(sample_rows), torch.empty(0, dtype=torch.long), None)
+        logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
+        tokens = self.sampler(logits, [sample_rows[i] for i in step.sample_order])
+        if not isinstance(tokens, torch.Tensor):     # a sampler that already brought its ids to the host
+            tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return self.inputs.record_sampled(tokens, step.sample_order, len(sample_rows))
 
     def decode_forward(self, n: int, use_lora: bool) -> torch.Tensor:
         """The model over the first n decode rows of the step inputs; what the CUDA graphs capture."""

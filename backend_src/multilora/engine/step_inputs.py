@@ -4,9 +4,11 @@ Every per-step input lives in persistent host buffers (pinned on GPUs) mirrored
 on the device, so a step costs a few numpy writes and two or three H2D copies,
 never Python lists rebuilt into tensors:
 
-- a decode record [max_decode_rows, 6] (token id, position, block-table row,
-  adapter_slot, context length, sample index) per one-token row, padded up to
-  the graph's batch size with harmless rows;
+- a decode record [max_decode_rows, 7] (token id, position, block-table row,
+  adapter_slot, context length, sample index, source) per one-token row, padded
+  up to the graph's batch size with harmless rows; `source` >= 0 says the token
+  is the previous step's sampled id number `source`, still on the device (async
+  scheduling), and the device takes it from there;
 - a prefill record [max_prefill_tokens, 5] (token id, position, block-table row,
   adapter_slot, sample index) per token of the step's prefill chunks;
 - a block table [max_seqs + 1, max_blocks] int32 with one row per running
@@ -17,10 +19,12 @@ Records are row-major so a step's used prefix is contiguous (one copy each); the
 device side transposes them into columns. The slot mapping (`block_table[row,
 position // block_size] * block_size + position % block_size`) and the decode
 rows' block tables are gathered on the device from the table, inside the graph
-on the graph path.
+on the graph path. Sampled ids go to a device buffer (the next step's source)
+and, through alternating pinned buffers, to the host without blocking.
 """
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,7 +32,8 @@ import torch
 from multilora.engine.scheduler import ScheduledBatch
 from multilora.engine.sequence import Sequence, SequenceStatus
 
-_DECODE_COLUMNS = 6      # token id, position, row, adapter_slot, context length, sample index
+_DECODE_COLUMNS = 7      # token id, position, row, adapter_slot, context length, sample index, source
+PLACEHOLDER = -1         # an output token still on the device (async scheduling); see Sequence.output_token_ids
 _PREFILL_COLUMNS = 5     # token id, position, row, adapter_slot, sample index
 
 
@@ -47,6 +52,29 @@ class StepInputs:
     num_decode_samples: int = 0
     num_prefill_samples: int = 0
     sample_order: list[int] = field(default_factory=list)      # batch index of each sampled row
+
+
+@dataclass
+class SampledTokens:
+    """A step's sampled ids on their way to the host; -1 marks a row the sampler failed."""
+
+    order: list[int]                     # batch index of each sampled row
+    batch_size: int
+    host: torch.Tensor                   # [len(order)] int64, valid once `ready` has happened
+    ready: Optional[torch.cuda.Event]
+
+    def values(self) -> list[int]:
+        """The ids in sample order (waits for the copy)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+    def per_row(self) -> list[Optional[int]]:
+        """The id per batch row, None where the row sampled nothing."""
+        result: list[Optional[int]] = [None] * self.batch_size
+        for i, token in zip(self.order, self.values()):
+            result[i] = token
+        return result
 
 
 @dataclass
@@ -93,7 +121,9 @@ class StepInputBuilder:
         self._table_np = self._table_host.numpy()
         # A padding row: token 0 at position 0 of the scratch row (its K/V lands in the scratch block),
         # context 1, no adapter.
-        self._pad_row = np.array([0, 0, self.scratch_row, -1, 1, 0], dtype=np.int64)
+        self._pad_row = np.array([0, 0, self.scratch_row, -1, 1, 0, -1], dtype=np.int64)
+        self._sampled_dev = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        self._sampled_host = [host(max_seqs), host(max_seqs)] if pin else []
         self._rows: dict[Sequence, _TableRow] = {}
         self._free_rows = list(range(max_seqs - 1, -1, -1))
         self._dirty = [self._table_np.shape[0], 0]      # block-table rows [lo, hi) changed since the last copy
@@ -107,19 +137,24 @@ class StepInputBuilder:
 
     # ---- host side --------------------------------------------------------
     def build(self, batch: ScheduledBatch, adapter_slots: list[int], wants_sample: list[bool],
-              decode_size: int) -> StepInputs:
-        """Writes the step into the host buffers and copies them to the device (asynchronously)."""
+              decode_size: int, sources: Optional[dict[Sequence, int]] = None) -> StepInputs:
+        """Writes the step into the host buffers and copies them to the device (asynchronously).
+
+        `sources`: for sequences whose last token is a PLACEHOLDER, its index among the ids the
+        previous step sampled (`record_sampled`).
+        """
         if self._copied is not None:
             self._copied.synchronize()   # the previous step's copies have read the pinned buffers
         step = StepInputs(decode_size=decode_size)
         decode = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
         prefill = [i for i, n in enumerate(batch.num_new_tokens) if n != 1]
-        self._write_decode(batch, adapter_slots, wants_sample, decode, step)
+        self._write_decode(batch, adapter_slots, wants_sample, decode, step, sources)
         self._write_prefill(batch, adapter_slots, wants_sample, prefill, step)
         self._copy_to_device(decode_size, step.num_prefill_tokens)
         return step
 
-    def _write_decode(self, batch, adapter_slots, wants_sample, decode: list[int], step: StepInputs) -> None:
+    def _write_decode(self, batch, adapter_slots, wants_sample, decode: list[int], step: StepInputs,
+                      sources: Optional[dict[Sequence, int]]) -> None:
         n = step.num_decode = len(decode)
         assert n <= step.decode_size <= self.max_decode_rows, (n, step.decode_size)
         if n:
@@ -127,7 +162,9 @@ class StepInputBuilder:
             positions = [seq.num_computed_tokens for seq in seqs]
             slots = [adapter_slots[i] for i in decode]
             rec = self._decode_np
-            rec[:n, 0] = [seq.token_at(p) for seq, p in zip(seqs, positions)]
+            ids = [seq.token_at(p) for seq, p in zip(seqs, positions)]
+            rec[:n, 0] = ids
+            rec[:n, 6] = [-1 if t != PLACEHOLDER else sources[seq] for t, seq in zip(ids, seqs)]
             rec[:n, 1] = positions
             rec[:n, 2] = [self._table_row(seq) for seq in seqs]
             rec[:n, 3] = slots
@@ -151,6 +188,9 @@ class StepInputBuilder:
             end = start + num_new
             row = self._table_row(seq)
             rec[t:t + num_new, 0] = seq.token_slice(start, end)
+            # A prefill chunk never ends in a token still on the device: a sequence is only
+            # recomputed after it was preempted, which leaves it out of the step that preempted it.
+            assert rec[t:t + num_new, 0].min() >= 0, "prefill chunk with a token still on the device"
             rec[t:t + num_new, 1] = np.arange(start, end)
             rec[t:t + num_new, 2] = row
             rec[t:t + num_new, 3] = adapter_slots[i]
@@ -202,7 +242,10 @@ class StepInputBuilder:
     # ---- device side (torch ops only: the decode part runs inside CUDA graphs) ----
     def decode_tensors(self, n: int) -> DecodeTensors:
         """The first n decode rows (padding included) as device tensors."""
-        ids, positions, rows, adapter_slots, context_lens, _ = self._decode_dev[:n].t().contiguous()
+        ids, positions, rows, adapter_slots, context_lens, _, source = self._decode_dev[:n].t().contiguous()
+        # A failed row's -1 becomes token 0: that row's result is dropped, but an id outside the
+        # vocabulary would fault the embedding on the GPU.
+        ids = torch.where(source >= 0, self._sampled_dev[source.clamp(min=0)].clamp(min=0), ids)
         tables = self._table_dev.index_select(0, rows)
         block = tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
         return DecodeTensors(ids, positions, self._slots(block, positions), tables, context_lens, adapter_slots)
@@ -218,6 +261,20 @@ class StepInputBuilder:
 
     def prefill_sample_index(self, step: StepInputs) -> torch.Tensor:
         return self._prefill_dev[:step.num_prefill_samples, 4]
+
+    def record_sampled(self, token_ids: torch.Tensor, order: list[int], batch_size: int) -> "SampledTokens":
+        """Keeps a step's sampled ids [k] (sample order) on the device for the next step, and starts their
+        copy to the host."""
+        k = len(order)
+        self._sampled_dev[:k].copy_(token_ids)
+        if not self._sampled_host:
+            return SampledTokens(order, batch_size, self._sampled_dev[:k].clone(), None)
+        self._sampled_host.reverse()    # alternate: the previous step's buffer may not be read yet
+        host = self._sampled_host[0][:k]
+        host.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return SampledTokens(order, batch_size, host, ready)
 
     def _slots(self, block: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block.long() * self.block_size + positions % self.block_size
