@@ -56,3 +56,17 @@ def test_chunked_prefill_beside_graph_decode_rows_on_gpu(tiny_zoo):
     assert set(runner.decode_graphs.lora_variants) == {False, True}
     assert runner.inputs._decode_host.is_pinned() and runner.inputs._table_host.is_pinned()
     assert_idle(llm.llm_engine)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda_graphs", "eager"])
+def test_async_scheduling_on_gpu_matches_hf_peft(tiny_zoo, enforce_eager):
+    """Sampled ids feed the next step from the device (pinned copies, events); chunked prefill and preemption."""
+    llm = make_llm(tiny_zoo, "llama", device="cuda", max_loras=4, max_num_seqs=16, enforce_eager=enforce_eager,
+                   async_scheduling=True, max_num_batched_tokens=16, num_kv_blocks=40)
+    requests = _requests()
+    loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
+    params = [greedy(N - i % 3) for i in range(len(requests))]
+    outs = llm.generate([p for p, _ in requests], params, lora_request=loras)
+    for (prompt, adapter), p, out in zip(requests, params, outs):
+        assert out.outputs[0].token_ids == tiny_zoo.reference("llama", adapter, prompt, N)[:p.max_tokens]
+    assert_idle(llm.llm_engine)
