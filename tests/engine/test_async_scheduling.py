@@ -12,7 +12,7 @@ import pytest
 from helpers.engine_runs import OutputCollector, StepTracker, assert_idle, async_engine_config, greedy, make_llm
 from helpers.zoo import ADAPTERS, SHORT_PROMPTS, long_prompt
 from multilora import AsyncLLMEngine, SamplingParams
-from multilora.engine.step_inputs import PLACEHOLDER
+from multilora.engine.sequence import PLACEHOLDER
 
 N = 8
 

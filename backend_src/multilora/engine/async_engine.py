@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
@@ -35,6 +36,7 @@ from multilora.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
+_STATS_EVERY_S = 0.05
 
 
 def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> RequestOutput:
@@ -140,12 +142,16 @@ class AsyncLLMEngine:
             device = self.engine.runner.device
             if device.type == "cuda":
                 torch.cuda.set_device(device)     # Triton kernels and graphs launch on the current device
-            running = True
+            running, next_stats = True, 0.0
             while running:
                 running = self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 if running and self.engine.has_unfinished_requests():
                     self._step()
-                self._stats = self.engine.stats()
+                # The snapshot walks every running request: refresh it a few times a second while
+                # busy, not every step, and always before waiting idle.
+                now = time.monotonic()
+                if now >= next_stats or not self.engine.has_unfinished_requests():
+                    self._stats, next_stats = self.engine.stats(), now + _STATS_EVERY_S
         except Exception:
             logger.exception("The engine thread failed; no more requests are served")
         finally:

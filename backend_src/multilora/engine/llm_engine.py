@@ -16,8 +16,8 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.output_processor import EndedRequest, OutputProcessor, TokenEvent
 from multilora.engine.scheduler import ScheduledBatch, Scheduler
-from multilora.engine.sequence import Sequence
-from multilora.engine.step_inputs import PLACEHOLDER, SampledTokens
+from multilora.engine.sequence import PLACEHOLDER, Sequence
+from multilora.engine.step_inputs import SampledTokens
 from multilora.errors import AdapterError, InvalidRequestError, MultiLoRAError, NonFiniteLogitsError, PromptTooLongError
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool

@@ -9,6 +9,11 @@ from multilora.lora.request import LoRARequest
 from multilora.sampling_params import SamplingParams
 
 
+# An output token whose id is still on the device: with async scheduling the next step is
+# scheduled before the previous step's ids reach the host (the device feeds them to it).
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -25,7 +30,7 @@ class Sequence:
     adapter: Any = None                      # LoRAAdapter (CPU weights) when lora_request is set
     arrival_time: float = field(default_factory=time.time)
     first_token_time: Optional[float] = None
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)   # the last one or two may be PLACEHOLDERs
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0             # tokens whose KV is in the cache

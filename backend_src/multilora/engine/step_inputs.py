@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from multilora.engine.scheduler import ScheduledBatch
-from multilora.engine.sequence import Sequence, SequenceStatus
+from multilora.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 _DECODE_COLUMNS = 7      # token id, position, row, adapter_slot, context length, sample index, source
-PLACEHOLDER = -1         # an output token still on the device (async scheduling); see Sequence.output_token_ids
 _PREFILL_COLUMNS = 5     # token id, position, row, adapter_slot, sample index
 
 
