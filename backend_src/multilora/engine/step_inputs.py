@@ -159,20 +159,20 @@ class StepInputBuilder:
         if n:
             seqs = [batch.seqs[i] for i in decode]
             positions = [seq.num_computed_tokens for seq in seqs]
-            slots = [adapter_slots[i] for i in decode]
+            row_adapter_slots = [adapter_slots[i] for i in decode]
             rec = self._decode_np
             ids = [seq.token_at(p) for seq, p in zip(seqs, positions)]
             rec[:n, 0] = ids
             rec[:n, 6] = [-1 if t != PLACEHOLDER else sources[seq] for t, seq in zip(ids, seqs)]
             rec[:n, 1] = positions
             rec[:n, 2] = [self._table_row(seq) for seq in seqs]
-            rec[:n, 3] = slots
+            rec[:n, 3] = row_adapter_slots
             rec[:n, 4] = rec[:n, 1] + 1
             sampled = [j for j, i in enumerate(decode) if wants_sample[i]]
             rec[:len(sampled), 5] = sampled
             step.num_decode_samples = len(sampled)
             step.sample_order.extend(decode[j] for j in sampled)
-            step.decode_uses_lora = any(s >= 0 for s in slots)
+            step.decode_uses_lora = any(s >= 0 for s in row_adapter_slots)
         self.pad_decode(n, step.decode_size)
 
     def pad_decode(self, start: int, end: int) -> None:
