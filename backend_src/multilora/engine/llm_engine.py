@@ -179,7 +179,9 @@ class LLMEngine:
         step is scheduled and launched first, so the GPU never waits for the host between steps.
         """
         try:
-            launched = self._launch(self.scheduler.schedule())
+            scheduled = self.scheduler.schedule()
+            self._write_adapters()
+            launched = self._launch(scheduled)
             events = self._resolve(self._in_flight) if self._in_flight is not None else []
             self._in_flight = launched
             if not self.config.async_scheduling and launched is not None:
@@ -190,7 +192,6 @@ class LLMEngine:
             raise
 
     def _launch(self, scheduled: ScheduledBatch) -> Optional[_InFlight]:
-        self._write_adapters()
         # A sequence whose last token is still in flight and ends it has nothing to compute.
         kept = [(s, n) for s, n in zip(scheduled.seqs, scheduled.num_new_tokens) if n > 0]
         if not kept:
@@ -272,10 +273,15 @@ class LLMEngine:
         """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
         adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
         logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
-        error = NonFiniteLogitsError(f"the model produced non-finite logits for this request ({adapter}); "
-                                     "retry, or report the prompt and adapter to the server's operator")
+        return self._end(seq, NonFiniteLogitsError(
+            f"the model produced non-finite logits for this request ({adapter}); "
+            "retry, or report the prompt and adapter to the server's operator"))
+
+    def _end(self, seq: Sequence, error: MultiLoRAError) -> TokenEvent:
+        """Ends one request alone with `error`: frees what it holds; its event carries the error."""
         del self.requests[seq.request_id]
-        self.scheduler.finish(seq, "abort")
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
         return TokenEvent(seq, [], "abort", error)
 
     # ---- state ----------------------------------------------------------
