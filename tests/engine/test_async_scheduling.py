@@ -100,3 +100,8 @@ def test_async_engine_with_async_scheduling(tiny_zoo):
             assert collector.text_from_deltas == final.outputs[0].text
     finally:
         engine.shutdown()
+
+
+def test_off_by_default_on_cpu(tiny_zoo):
+    """On a CPU the host runs the model itself: nothing to overlap, so steps stay synchronous."""
+    assert make_llm(tiny_zoo, "llama", device="cpu").llm_engine.async_scheduling is False

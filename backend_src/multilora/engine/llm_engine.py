@@ -82,6 +82,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
         self.requests: dict[str, Sequence] = {}
         self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
+        # On a CPU there is no device to overlap with: the host runs the model itself.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")
         self._in_flight: Optional[_InFlight] = None     # async scheduling: the step the GPU is running
 
     def _eos_token_ids(self) -> frozenset[int]:
@@ -184,7 +187,7 @@ class LLMEngine:
             launched = self._launch(scheduled)
             events = self._resolve(self._in_flight) if self._in_flight is not None else []
             self._in_flight = launched
-            if not self.config.async_scheduling and launched is not None:
+            if not self.async_scheduling and launched is not None:
                 events, self._in_flight = self._resolve(launched), None
             return events
         except BaseException:
@@ -206,7 +209,7 @@ class LLMEngine:
             seq.num_computed_tokens += num_new
         seqs = [batch.seqs[i] for i in tokens.order]
         indices = [len(seq.output_token_ids) for seq in seqs]
-        if self.config.async_scheduling:
+        if self.async_scheduling:
             # The next step is scheduled before this one's ids reach the host: a sequence that may
             # go on holds a placeholder for its new token, whose id the device feeds to that step.
             for seq in seqs:
