@@ -54,6 +54,8 @@ def test_async_stop_strings_give_what_the_synchronous_engine_gives(tiny_zoo):
             assert collector.text_from_deltas == got.text
         stats = _settled(engine)        # the engine freed what the stop strings ended
         assert (stats.num_running, stats.kv_blocks_used) == (0, 0)
+        engine.shutdown()
+        assert engine._processor.num_requests == 0      # and the output thread forgot them
     finally:
         engine.shutdown()
 

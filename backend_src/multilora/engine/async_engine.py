@@ -174,7 +174,7 @@ class AsyncLLMEngine:
             if kind == "add":
                 self._add(item)
             elif kind == "ended":
-                self.engine.finish_ended(item)      # a stop string matched: its final output is already out
+                self._end_stopped(item)
             else:
                 self._abort(item, RequestCancelledError("the request was cancelled"))
 
@@ -187,6 +187,12 @@ class AsyncLLMEngine:
             self.engine.add_sequence(seq)
         except MultiLoRAError as error:
             self._outbox.put(("final", seq.request_id, error_output(seq.request_id, error, seq.lora_request)))
+
+    def _end_stopped(self, ended) -> None:
+        """Frees a request a stop string ended: its final output is out; the processor drops its state."""
+        event = self.engine.finish_ended(ended)
+        if event is not None:
+            self._outbox.put(("events", [event]))
 
     def _abort(self, request_id: str, error: MultiLoRAError) -> None:
         try:
