@@ -183,12 +183,15 @@ class LLMEngine:
         """
         try:
             scheduled = self.scheduler.schedule()
+            events: list[TokenEvent] = []
             self._write_adapters()
             launched = self._launch(scheduled)
-            events = self._resolve(self._in_flight) if self._in_flight is not None else []
+            if self._in_flight is not None:
+                events += self._resolve(self._in_flight)
             self._in_flight = launched
             if not self.async_scheduling and launched is not None:
-                events, self._in_flight = self._resolve(launched), None
+                events += self._resolve(launched)
+                self._in_flight = None
             return events
         except BaseException:
             self._in_flight = None      # the caller ends the requests in flight
