@@ -18,7 +18,8 @@ from multilora.engine.output_processor import EndedRequest, OutputProcessor, Tok
 from multilora.engine.scheduler import ScheduledBatch, Scheduler
 from multilora.engine.sequence import PLACEHOLDER, Sequence
 from multilora.engine.step_inputs import SampledTokens
-from multilora.errors import AdapterError, InvalidRequestError, MultiLoRAError, NonFiniteLogitsError, PromptTooLongError
+from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
+                             NonFiniteLogitsError, PromptTooLongError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
@@ -70,6 +71,7 @@ class LLMEngine:
         self.config = config
         self.hf_config = load_hf_config(config.model)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        self.request_limits = config.request_limits(self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, self.hf_config, self.max_model_len)
@@ -108,6 +110,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         params.validate()
+        self.request_limits.check_prompt(prompt)   # before tokenizing: an oversized prompt is refused at once
+        self.request_limits.check_stop(params.stop)
         prompt_text, token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; this server takes at most "
@@ -139,8 +143,8 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)                  # raises QueueFullError when the waiting queue is full
         self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams,
                     lora_request: Optional[LoRARequest] = None) -> None:
@@ -183,8 +187,8 @@ class LLMEngine:
         """
         try:
             scheduled = self.scheduler.schedule()
-            events: list[TokenEvent] = []
-            self._write_adapters()
+            events = [self._end(seq, error) for seq, error in scheduled.expired]
+            events += self._write_adapters(scheduled)
             launched = self._launch(scheduled)
             if self._in_flight is not None:
                 events += self._resolve(self._in_flight)
@@ -236,15 +240,28 @@ class LLMEngine:
         self.output_processor.process(confirmations)        # drops their states; no outputs
         return outputs, ended
 
-    def _write_adapters(self) -> None:
-        writes = self.adapter_pool.take_pending_writes()
-        for i, (adapter_slot, adapter) in enumerate(writes):
+    def _write_adapters(self, batch: ScheduledBatch) -> list[TokenEvent]:
+        """Writes adapters newly placed in slots; returns the finish events of requests failed by a write.
+
+        A failed write frees its slot (never served half-written) and ends, once, every request that needs
+        that adapter, taking them out of `batch`; the pool remembers the failure, so it is not retried
+        at every step.
+        """
+        failed = []
+        for adapter_slot, adapter in self.adapter_pool.take_pending_writes():
             try:
                 self.runner.write_adapter(adapter_slot, adapter)
-            except BaseException:
-                # Keep the unwritten ones queued: an adapter slot must never be served with stale weights.
-                self.adapter_pool.requeue_writes(writes[i:])
-                raise
+            except Exception:
+                logger.exception("Writing adapter '%s' into GPU adapter slot %d failed", adapter.name, adapter_slot)
+                error = AdapterWriteError(f"adapter '{adapter.name}' could not be copied to the GPU and is refused "
+                                          "for now; retry later, or ask the operator to check the server log")
+                adapter_id = self.adapter_pool.fail_write(adapter_slot, error)
+                for seq in [s for s in self.requests.values() if s.adapter_id == adapter_id]:
+                    if seq in batch.seqs:
+                        i = batch.seqs.index(seq)
+                        del batch.seqs[i], batch.num_new_tokens[i]
+                    failed.append(self._end(seq, error))
+        return failed
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         params = seq.params
@@ -284,7 +301,8 @@ class LLMEngine:
             "retry, or report the prompt and adapter to the server's operator"))
 
     def _end(self, seq: Sequence, error: MultiLoRAError) -> TokenEvent:
-        """Ends one request alone with `error`: frees what it holds; its event carries the error."""
+        """Ends one request alone with `error`: frees what it holds (if the scheduler has not already);
+        its event carries the error."""
         del self.requests[seq.request_id]
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")

@@ -85,7 +85,7 @@ class TritonPythonModel:
     def _submit(self, request):
         sender = request.get_response_sender()
         try:
-            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()})
+            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()}, self._engine.request_limits)
             params = SamplingParams(**parsed.sampling)
         except Exception as e:  # a request's own fault: answer it alone
             sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)
