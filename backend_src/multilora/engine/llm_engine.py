@@ -25,7 +25,7 @@ from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import RequestOutput
-from multilora.sampler import SampleRow, derive_step_seed
+from multilora.sampler import FAILED, SampleRow, derive_step_seed
 from multilora.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class LLMEngine:
         for seq, index, token in zip(launched.seqs, launched.indices, launched.tokens.values()):
             if seq.is_finished:
                 continue            # aborted, or ended by a stop string, while its step ran
-            events.append(self._append_token(seq, index, token) if token >= 0 else self._fail_sampling(seq))
+            events.append(self._fail_sampling(seq) if token == FAILED else self._append_token(seq, index, token))
         return events
 
     def _process(self, events: list[TokenEvent]) -> tuple[list[RequestOutput], list[EndedRequest]]:

@@ -144,7 +144,7 @@ class ModelRunner:
             return SampledTokens([], len(sample_rows), torch.empty(0, dtype=torch.long), None)
         logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
         tokens = self.sampler(logits, [sample_rows[i] for i in step.sample_order])
-        if not isinstance(tokens, torch.Tensor):     # a sampler that already brought its ids to the host
+        if not isinstance(tokens, torch.Tensor):     # a stand-in sampler (tests) that returns a list
             tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self.inputs.record_sampled(tokens, step.sample_order, len(sample_rows))
 
