@@ -291,3 +291,11 @@ def test_special_tokens_kept_when_not_skipped(byte_bpe):
     ids = byte_bpe.encode("Hello") + [byte_bpe.eos_token_id]
     assert stream(byte_bpe, ids, skip=True)[0].text == "Hello"
     assert stream(byte_bpe, ids, skip=False)[0].text == "Hello<eos>"
+
+
+def test_fast_tokenizers_decode_through_their_backend(byte_bpe, metaspace):
+    """The per-token decode skips transformers' Python layers; every equality test here then checks that path."""
+    from multilora.detokenizer import _exact_backend
+
+    for tokenizer in (byte_bpe, metaspace):
+        assert _exact_backend(tokenizer) is tokenizer.backend_tokenizer

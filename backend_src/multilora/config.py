@@ -111,6 +111,7 @@ class EngineConfig:
     load_format: str = "auto"              # dummy: random weights at the checkpoint's shapes
     seed: int = 0
     enforce_eager: bool = False            # True: no CUDA graphs (they are used on GPUs for decode steps)
+    async_scheduling: Optional[bool] = None    # schedule and launch step N+1 while the GPU runs step N; None: on GPUs
     max_model_len: Optional[int] = None    # defaults to max_position_embeddings
     # KV cache
     block_size: int = 16

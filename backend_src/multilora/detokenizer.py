@@ -8,6 +8,25 @@ logger = logging.getLogger(__name__)
 _INCOMPLETE = "\ufffd"  # what decode gives for a partial UTF-8 sequence
 
 
+def _exact_backend(tokenizer):
+    """The `tokenizers` object under a fast tokenizer whose decode it is, exactly; else None.
+
+    With space clean-up off, transformers' `decode` of such a tokenizer is its backend's
+    `decode`, reached through several Python layers that cost more than the decode itself,
+    once per generated token. A subclass that overrides decoding keeps its own path.
+    """
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, TokenizersBackend) or cls.decode is not PreTrainedTokenizerBase.decode \
+            or cls._decode is not TokenizersBackend._decode:
+        return None
+    return tokenizer.backend_tokenizer
+
+
 class IncrementalDetokenizer:
     """Output text of one request, kept exact while decoding only a short window per token.
 
@@ -26,6 +45,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._backend = _exact_backend(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(stop)
         assert all(self._stop), "empty stop strings are refused by SamplingParams"
@@ -80,6 +100,8 @@ class IncrementalDetokenizer:
     # --- decoding ------------------------------------------------------------
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
         )

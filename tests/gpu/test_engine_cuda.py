@@ -25,6 +25,7 @@ def _requests():
 def test_mixed_batch_on_gpu_matches_hf_peft(tiny_zoo, enforce_eager):
     llm = make_llm(tiny_zoo, "llama", device="cuda", max_loras=4, max_num_seqs=16, enforce_eager=enforce_eager)
     assert (llm.llm_engine.runner.decode_graphs is None) == enforce_eager
+    assert llm.llm_engine.async_scheduling          # the default on a GPU
     requests = _requests()
     loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
     outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
@@ -42,3 +43,34 @@ def test_graph_padding_rows_leave_real_sequences_alone(tiny_zoo):
         outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
         assert [o.outputs[0].token_ids for o in outs] == \
             [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
+
+
+def test_chunked_prefill_beside_graph_decode_rows_on_gpu(tiny_zoo):
+    """Mixed steps: the prefill chunk runs eagerly, the decode rows replay their graph (with or without LoRA)."""
+    llm = make_llm(tiny_zoo, "llama", device="cuda", max_loras=4, max_num_seqs=16, max_num_batched_tokens=12)
+    requests = [(SHORT_PROMPTS[0], None), (SHORT_PROMPTS[1], "sql"), (long_prompt(40, seed=3), "code"),
+                (long_prompt(30, seed=4), None)]
+    loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
+    outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
+    assert [o.outputs[0].token_ids for o in outs] == [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
+    runner = llm.llm_engine.runner
+    assert set(runner.decode_graphs.lora_variants) == {False, True}
+    assert runner.inputs._decode_host.is_pinned() and runner.inputs._table_host.is_pinned()
+    assert_idle(llm.llm_engine)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda_graphs", "eager"])
+def test_scheduling_modes_on_gpu_match_hf_peft(tiny_zoo, enforce_eager, async_scheduling):
+    """Async: sampled ids feed the next step from the device (pinned copies, events). With chunked prefill
+    and preemption; each request ends at its own step."""
+    llm = make_llm(tiny_zoo, "llama", device="cuda", max_loras=4, max_num_seqs=16, enforce_eager=enforce_eager,
+                   async_scheduling=async_scheduling, max_num_batched_tokens=16, num_kv_blocks=40)
+    assert llm.llm_engine.async_scheduling is async_scheduling
+    requests = _requests()
+    loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
+    params = [greedy(N - i % 3) for i in range(len(requests))]
+    outs = llm.generate([p for p, _ in requests], params, lora_request=loras)
+    for (prompt, adapter), p, out in zip(requests, params, outs):
+        assert out.outputs[0].token_ids == tiny_zoo.reference("llama", adapter, prompt, N)[:p.max_tokens]
+    assert_idle(llm.llm_engine)

@@ -1,18 +1,24 @@
 """AsyncLLMEngine: the engine for servers.
 
 One background thread owns the LLMEngine: it drains an inbound queue (add,
-abort, shutdown) and calls `step()`; nothing else touches scheduler state.
-Request validation and adapter loading (disk reads) run on a small worker pool
-before a request reaches that thread, so a slow adapter load never stalls
-decoding. Each request's outputs go to its `on_output` callback; exactly one of
-them has `finished=True`, whatever happens: errors, aborts, engine failures and
-shutdown all end a request through `_finish`.
+abort, ended, shutdown) and calls `step_events()`; nothing else touches
+scheduler state. A second thread turns its token events into RequestOutputs
+(detokenization, stop strings: the OutputProcessor) and calls the callbacks, so
+text never costs the GPU a step; a stop string it finds goes back to the engine
+thread as an "ended" message that frees the request. Request validation and
+adapter loading (disk reads) run on a small worker pool before a request
+reaches the engine thread, so a slow adapter load never stalls decoding. Each
+request's outputs go to its `on_output` callback; exactly one of them has
+`finished=True`, whatever happens: errors, aborts, engine failures and shutdown
+all end a request through `_finish`, and everything the engine knows about is
+delivered by the output thread, in the order the engine thread sent it.
 """
 
 import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
@@ -21,6 +27,7 @@ import torch
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import EngineStats, LLMEngine
+from multilora.engine.output_processor import OutputProcessor
 from multilora.engine.scheduler import check_queue_room
 from multilora.errors import EngineStoppedError, InvalidRequestError, MultiLoRAError, RequestCancelledError
 from multilora.lora.request import LoRARequest
@@ -30,6 +37,7 @@ from multilora.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
+_STATS_EVERY_S = 0.05
 
 
 def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> RequestOutput:
@@ -41,6 +49,7 @@ def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> R
 class _Request:
     on_output: OutputCallback
     lora_request: Optional[LoRARequest]
+    cancelled: bool = False         # aborted before the engine took it: drop it when it arrives
 
 
 class AsyncLLMEngine:
@@ -54,7 +63,11 @@ class AsyncLLMEngine:
         self._stopped = False
         self._stats = self.engine.stats()
         self._prepare_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="multilora-prepare")
+        self._processor = OutputProcessor(self.tokenizer)
+        self._outbox: queue.Queue = queue.Queue()     # engine thread -> output thread, in order
+        self._output_thread = threading.Thread(target=self._run_outputs, name="multilora-outputs", daemon=True)
         self._thread = threading.Thread(target=self._run, name="multilora-engine", daemon=True)
+        self._output_thread.start()
         self._thread.start()
 
     # ---- public API (any thread) ----------------------------------------
@@ -111,6 +124,7 @@ class AsyncLLMEngine:
         self._prepare_pool.shutdown(wait=True, cancel_futures=True)
         self._inbox.put(("shutdown", None))
         self._thread.join()
+        self._output_thread.join()
 
     # ---- preparation (worker threads) -----------------------------------
     def _prepare(self, request_id, prompt, params, lora_request) -> None:
@@ -132,12 +146,16 @@ class AsyncLLMEngine:
             device = self.engine.runner.device
             if device.type == "cuda":
                 torch.cuda.set_device(device)     # Triton kernels and graphs launch on the current device
-            running = True
+            running, next_stats = True, 0.0
             while running:
                 running = self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 if running and self.engine.has_unfinished_requests():
                     self._step()
-                self._stats = self.engine.stats()
+                # The snapshot walks every running request: refresh it a few times a second while
+                # busy, not every step, and always before waiting idle.
+                now = time.monotonic()
+                if now >= next_stats or not self.engine.has_unfinished_requests():
+                    self._stats, next_stats = self.engine.stats(), now + _STATS_EVERY_S
         except Exception:
             logger.exception("The engine thread failed; no more requests are served")
         finally:
@@ -145,6 +163,7 @@ class AsyncLLMEngine:
                 self._stopped = True
             self._end_all(EngineStoppedError("the server is shutting down; retry on another instance"))
             self._stats = self.engine.stats()
+            self._outbox.put(None)          # the output thread ends what is left, then stops
             logger.info("Engine thread stopped")
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -158,47 +177,53 @@ class AsyncLLMEngine:
                 return False
             if kind == "add":
                 self._add(item)
+            elif kind == "ended":
+                self._end_stopped(item)
             else:
                 self._abort(item, RequestCancelledError("the request was cancelled"))
 
     def _add(self, seq) -> None:
         with self._lock:
-            live = seq.request_id in self._live
-        if not live:
+            request = self._live.get(seq.request_id)
+        if request is None or request.cancelled:
             return      # aborted while being prepared: already answered, nothing allocated
         try:
             self.engine.add_sequence(seq)
         except MultiLoRAError as error:
-            self._finish(seq.request_id, error_output(seq.request_id, error, seq.lora_request))
+            self._outbox.put(("final", seq.request_id, error_output(seq.request_id, error, seq.lora_request)))
+
+    def _end_stopped(self, ended) -> None:
+        """Frees a request a stop string ended: its final output is out; the processor drops its state."""
+        event = self.engine.finish_ended(ended)
+        if event is not None:
+            self._outbox.put(("events", [event]))
 
     def _abort(self, request_id: str, error: MultiLoRAError) -> None:
         try:
-            final = self.engine.abort_request(request_id)
+            event = self.engine.abort_sequence(request_id, error)
         except Exception:       # scheduler state broken by an engine bug: still answer the client
             logger.exception("Aborting request %s failed", request_id)
-            final = None
+            event = None
+        if event is not None:
+            self._outbox.put(("events", [event]))
+            return
+        # Not in the engine: still being prepared, or its final output is on its way (then that one wins).
         with self._lock:
             request = self._live.get(request_id)
-        if request is None:
-            return
-        final = final or error_output(request_id, error, request.lora_request)
-        final.error = error
-        self._finish(request_id, final)
+            if request is not None:
+                request.cancelled = True
+        if request is not None:
+            self._outbox.put(("final", request_id, error_output(request_id, error, request.lora_request)))
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            events = self.engine.step_events()
         except Exception:       # an engine bug: end the requests in flight, keep serving if we can
             logger.exception("Engine step failed; failing %d in-flight requests", len(self.engine.requests))
             self._end_all(MultiLoRAError("internal engine error; see the server log"))
             return
-        for out in outputs:
-            if out.finished:
-                self._finish(out.request_id, out)
-            else:
-                with self._lock:
-                    request = self._live.get(out.request_id)
-                _deliver(request and request.on_output, out)
+        if events:
+            self._outbox.put(("events", events))
 
     def _end_all(self, error: MultiLoRAError) -> None:
         """Ends every live request with `error`."""
@@ -206,6 +231,44 @@ class AsyncLLMEngine:
             request_ids = list(self._live)
         for request_id in request_ids:
             self._abort(request_id, error)
+
+    # ---- output thread --------------------------------------------------
+    def _run_outputs(self) -> None:
+        """Turns the engine's token events into outputs, in the order the engine thread sent them."""
+        stopping = False
+        while not stopping:
+            items = [self._outbox.get()]
+            while not self._outbox.empty():     # batch what piled up while the last batch was delivered
+                items.append(self._outbox.get_nowait())
+            for item in items:
+                if item is None:
+                    stopping = True
+                    continue
+                try:
+                    self._handle_output(item)
+                except Exception:   # the output thread outlives any one request's failure
+                    logger.exception("Delivering outputs failed")
+        with self._lock:
+            request_ids = list(self._live)
+        for request_id in request_ids:      # nothing in the engine any more: end what is left
+            self._finish(request_id, error_output(request_id, EngineStoppedError(
+                "the server is shutting down; retry on another instance")))
+        logger.info("Output thread stopped")
+
+    def _handle_output(self, item) -> None:
+        if item[0] == "final":
+            self._finish(item[1], item[2])
+            return
+        outputs, ended = self._processor.process(item[1])
+        for request in ended:
+            self._inbox.put(("ended", request))
+        for out in outputs:
+            if out.finished:
+                self._finish(out.request_id, out)
+            else:
+                with self._lock:
+                    request = self._live.get(out.request_id)
+                _deliver(request and request.on_output, out)
 
     def _finish(self, request_id: str, out: RequestOutput) -> None:
         """Delivers a request's final output, once: whoever removes it from `_live` answers."""

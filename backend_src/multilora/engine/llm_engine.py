@@ -1,4 +1,8 @@
-"""LLMEngine: the synchronous multi-LoRA engine. `step()` = schedule -> adapters resident -> run -> postprocess."""
+"""LLMEngine: the synchronous multi-LoRA engine.
+
+`step_events()` = schedule -> adapters resident -> run -> token events; `step()`
+adds the output processor inline (detokenize, stop strings, RequestOutputs).
+"""
 
 import logging
 import time
@@ -8,18 +12,19 @@ from typing import Optional
 from transformers import AutoTokenizer, GenerationConfig
 
 from multilora.config import EngineConfig
-from multilora.detokenizer import IncrementalDetokenizer
 from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
-from multilora.engine.scheduler import Scheduler
-from multilora.engine.sequence import Sequence, SequenceStatus
+from multilora.engine.output_processor import EndedRequest, OutputProcessor, TokenEvent
+from multilora.engine.scheduler import ScheduledBatch, Scheduler
+from multilora.engine.sequence import PLACEHOLDER, Sequence
+from multilora.engine.step_inputs import SampledTokens
 from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
                              NonFiniteLogitsError, PromptTooLongError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
-from multilora.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from multilora.outputs import RequestOutput
 from multilora.sampler import FAILED, SampleRow, derive_step_seed
 from multilora.sampling_params import SamplingParams
 
@@ -48,6 +53,19 @@ class EngineStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose sampled ids have not reached the host yet."""
+
+    tokens: SampledTokens
+    seqs: list[Sequence]            # sequence of each sampled row
+    indices: list[int]              # the output index each row's id fills
+
+    @property
+    def sources(self) -> dict[Sequence, int]:
+        return {seq: k for k, seq in enumerate(self.seqs)}
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, on_adapter_loaded=None):
         self.config = config
@@ -65,6 +83,11 @@ class LLMEngine:
                                         on_adapter_loaded)
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
         self.requests: dict[str, Sequence] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
+        # On a CPU there is no device to overlap with: the host runs the model itself.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")
+        self._in_flight: Optional[_InFlight] = None     # async scheduling: the step the GPU is running
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set()
@@ -100,8 +123,7 @@ class LLMEngine:
                 raise AdapterError(f"adapter '{lora_request.lora_name}' requested but LoRA is not enabled "
                                    "(start the engine with enable_lora=True)")
             adapter = self.adapter_pool.get(lora_request)
-        return Sequence(request_id, prompt_text, token_ids, params, lora_request, adapter,
-                        IncrementalDetokenizer(self.tokenizer, params.stop))
+        return Sequence(request_id, prompt_text, token_ids, params, lora_request, adapter)
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -130,77 +152,115 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Frees the request's KV blocks and adapter hold at once; returns its final output."""
+        event = self.abort_sequence(request_id)
+        return self._process([event])[0][0] if event is not None else None
+
+    def abort_sequence(self, request_id: str, error: Optional[MultiLoRAError] = None) -> Optional[TokenEvent]:
+        """Frees the request's KV blocks and adapter hold at once; returns its finish event (None if unknown)."""
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        return TokenEvent(seq, [], "abort", error)
+
+    def finish_ended(self, ended: EndedRequest) -> Optional[TokenEvent]:
+        """Frees a request the output processor ended (a stop string); its finish event says no more."""
+        seq = self.requests.pop(ended.request_id, None)
+        if seq is None:
+            return None         # the engine ended it meanwhile
+        self.scheduler.finish(seq, ended.finish_reason)
+        return TokenEvent(seq, [], ended.finish_reason)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        expired = [self._expired_output(seq, error) for seq, error in batch.expired]
-        failed = self._write_adapters(batch)
-        if not batch:
-            return expired + failed
+        """One step, with its outputs built inline (the in-process API)."""
+        return self._process(self.step_events())[0]
+
+    def step_events(self) -> list[TokenEvent]:
+        """One step: schedule -> adapters resident -> launch -> token events (no text: see OutputProcessor).
+
+        With async_scheduling the events are those of the step launched by the previous call: this
+        step is scheduled and launched first, so the GPU never waits for the host between steps.
+        """
+        try:
+            scheduled = self.scheduler.schedule()
+            events = [self._end(seq, error) for seq, error in scheduled.expired]
+            events += self._write_adapters(scheduled)
+            launched = self._launch(scheduled)
+            if self._in_flight is not None:
+                events += self._resolve(self._in_flight)
+            self._in_flight = launched
+            if not self.async_scheduling and launched is not None:
+                events += self._resolve(launched)
+                self._in_flight = None
+            return events
+        except BaseException:
+            self._in_flight = None      # the caller ends the requests in flight
+            raise
+
+    def _launch(self, scheduled: ScheduledBatch) -> Optional[_InFlight]:
+        # A sequence whose last token is still in flight and ends it has nothing to compute.
+        kept = [(s, n) for s, n in zip(scheduled.seqs, scheduled.num_new_tokens) if n > 0]
+        if not kept:
+            return None
+        batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept])
         adapter_slots = [self.adapter_pool.slot_of(s.adapter_id) if s.adapter_id else -1 for s in batch.seqs]
         rows = [self._sample_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
                 for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        tokens = self.runner.execute(batch, adapter_slots, rows)
-        outputs = expired + failed
-        for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
+        sources = self._in_flight.sources if self._in_flight is not None else None
+        tokens = self.runner.execute(batch, adapter_slots, rows, sources)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-            if token == FAILED:
-                outputs.append(self._fail_sampling(seq))
-            elif token is not None:
-                outputs.append(self._append_token(seq, token))
-        return outputs
+        seqs = [batch.seqs[i] for i in tokens.order]
+        indices = [len(seq.output_token_ids) for seq in seqs]
+        if self.async_scheduling:
+            # The next step is scheduled before this one's ids reach the host: a sequence that may
+            # go on holds a placeholder for its new token, whose id the device feeds to that step.
+            for seq in seqs:
+                if not self._ends_by_length(seq, len(seq.output_token_ids) + 1):
+                    seq.output_token_ids.append(PLACEHOLDER)
+        return _InFlight(tokens, seqs, indices)
 
-    def _fail_sampling(self, seq: Sequence) -> RequestOutput:
-        """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
-        adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
-        logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
-        self.scheduler.finish(seq, "abort")
-        del self.requests[seq.request_id]
-        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
-        out.error = NonFiniteLogitsError(f"the model produced non-finite logits for this request ({adapter}); "
-                                         "retry, or report the prompt and adapter to the server's operator")
-        return out
+    def _resolve(self, launched: _InFlight) -> list[TokenEvent]:
+        """The launched step's ids, now on the host, become token events."""
+        events = []
+        for seq, index, token in zip(launched.seqs, launched.indices, launched.tokens.values()):
+            if seq.is_finished:
+                continue            # aborted, or ended by a stop string, while its step ran
+            events.append(self._fail_sampling(seq) if token == FAILED else self._append_token(seq, index, token))
+        return events
 
-    def _expired_output(self, seq: Sequence, error: MultiLoRAError) -> RequestOutput:
-        """The final output of a request the scheduler ended for waiting too long (it holds nothing)."""
-        del self.requests[seq.request_id]
-        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
-        out.error = error
-        return out
+    def _process(self, events: list[TokenEvent]) -> tuple[list[RequestOutput], list[EndedRequest]]:
+        """Runs the output processor inline and frees the requests it ended."""
+        outputs, ended = self.output_processor.process(events)
+        confirmations = [e for e in map(self.finish_ended, ended) if e is not None]
+        self.output_processor.process(confirmations)        # drops their states; no outputs
+        return outputs, ended
 
-    def _write_adapters(self, batch) -> list[RequestOutput]:
-        """Writes adapters newly placed in slots; returns the final outputs of requests failed by a write.
+    def _write_adapters(self, batch: ScheduledBatch) -> list[TokenEvent]:
+        """Writes adapters newly placed in slots; returns the finish events of requests failed by a write.
 
         A failed write frees its slot (never served half-written) and ends, once, every request that needs
         that adapter, taking them out of `batch`; the pool remembers the failure, so it is not retried
         at every step.
         """
         failed = []
-        for slot, adapter in self.adapter_pool.take_pending_writes():
+        for adapter_slot, adapter in self.adapter_pool.take_pending_writes():
             try:
-                self.runner.write_adapter(slot, adapter)
+                self.runner.write_adapter(adapter_slot, adapter)
             except Exception:
-                logger.exception("Writing adapter '%s' into GPU slot %d failed", adapter.name, slot)
+                logger.exception("Writing adapter '%s' into GPU adapter slot %d failed", adapter.name, adapter_slot)
                 error = AdapterWriteError(f"adapter '{adapter.name}' could not be copied to the GPU and is refused "
                                           "for now; retry later, or ask the operator to check the server log")
-                adapter_id = self.adapter_pool.fail_write(slot, error)
+                adapter_id = self.adapter_pool.fail_write(adapter_slot, error)
                 for seq in [s for s in self.requests.values() if s.adapter_id == adapter_id]:
                     if seq in batch.seqs:
                         i = batch.seqs.index(seq)
                         del batch.seqs[i], batch.num_new_tokens[i]
-                    self.scheduler.finish(seq, "abort")
-                    del self.requests[seq.request_id]
-                    failed.append(self._output(seq, [], seq.detokenizer.take_delta(finished=True)))
-                    failed[-1].error = error
+                    failed.append(self._end(seq, error))
         return failed
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
@@ -209,31 +269,44 @@ class LLMEngine:
         banned = () if len(seq.output_token_ids) >= params.min_tokens else tuple(self.eos_token_ids)
         return SampleRow(params, seed, banned)
 
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
-        now = time.time()
-        seq.first_token_time = seq.first_token_time or now
-        seq.output_token_ids.append(token)
-        params, generated = seq.params, len(seq.output_token_ids)
-        stop_string = seq.detokenizer.append(token, check_stop=generated >= params.min_tokens)
+    def _append_token(self, seq: Sequence, index: int, token: int) -> TokenEvent:
+        """Output token `index` of `seq` is `token` (it replaces its placeholder, if any)."""
+        seq.first_token_time = seq.first_token_time or time.time()
+        outputs = seq.output_token_ids
+        if index < len(outputs):
+            outputs[index] = token
+        else:
+            outputs.append(token)
+        params, generated = seq.params, index + 1
         reason = None
         if token in self.eos_token_ids and not params.ignore_eos and generated >= params.min_tokens:
-            reason, seq.stop_reason = "stop", None
-        elif stop_string is not None:
-            reason, seq.stop_reason = "stop", stop_string
-        elif generated >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            reason = "stop"
+        elif self._ends_by_length(seq, generated):
             reason = "length"
         if reason is not None:
+            del outputs[generated:]         # a placeholder for a token that will never be
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
-        return self._output(seq, [token], seq.detokenizer.take_delta(finished=reason is not None))
+        return TokenEvent(seq, [token], reason)
 
-    def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
-        finished = seq.is_finished
-        completion = CompletionOutput(0, seq.detokenizer.text, list(seq.output_token_ids), seq.finish_reason,
-                                      seq.stop_reason, delta_text, delta_ids)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time() if finished else None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
-                             seq.lora_request, metrics)
+    def _ends_by_length(self, seq: Sequence, generated: int) -> bool:
+        return generated >= seq.params.max_tokens or len(seq.prompt_token_ids) + generated >= self.max_seq_len
+
+    def _fail_sampling(self, seq: Sequence) -> TokenEvent:
+        """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
+        adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
+        logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
+        return self._end(seq, NonFiniteLogitsError(
+            f"the model produced non-finite logits for this request ({adapter}); "
+            "retry, or report the prompt and adapter to the server's operator"))
+
+    def _end(self, seq: Sequence, error: MultiLoRAError) -> TokenEvent:
+        """Ends one request alone with `error`: frees what it holds (if the scheduler has not already);
+        its event carries the error."""
+        del self.requests[seq.request_id]
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+        return TokenEvent(seq, [], "abort", error)
 
     # ---- state ----------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -1,12 +1,13 @@
 """ModelRunner: the one owner of the device: model weights, KV cache, adapter slot weights.
 
-Each step it turns the scheduled batch into flat tensors (token ids, positions,
-slot mapping, block tables, the token-to-adapter-slot mapping), runs the model,
-and samples one token for every sequence whose prompt is fully computed.
+Each step the StepInputBuilder writes the scheduled batch into persistent buffers
+(token ids, positions, block tables, the token-to-adapter-slot mapping); the
+runner runs the decode rows (through a CUDA graph when it can) and the prefill
+chunks as two forwards, and samples one token for every sequence whose prompt
+is fully computed.
 """
 
 import logging
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from multilora.config import EngineConfig
 from multilora.engine.cuda_graph import DecodeGraphs
 from multilora.engine.scheduler import ScheduledBatch
+from multilora.engine.sequence import Sequence
+from multilora.engine.step_inputs import SampledTokens, StepInputBuilder, StepInputs
 from multilora.lora.mapping import lora_step
 from multilora.model.attention import AttentionMetadata
 from multilora.model.loader import build_model
@@ -62,12 +65,14 @@ class ModelRunner:
         self.num_kv_blocks = self._measure_kv_blocks(hf_config, max_model_len)
         self.kv_caches = self._allocate_kv_caches(hf_config)
         self.sampler = Sampler()
+        self.inputs = StepInputBuilder(
+            max_decode_rows=config.max_num_seqs, max_prefill_tokens=config.max_num_batched_tokens,
+            max_seqs=config.max_num_seqs, max_blocks_per_seq=-(-max_model_len // config.block_size),
+            block_size=config.block_size, scratch_block=self.num_kv_blocks, device=self.device)
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.decode_graphs = DecodeGraphs(
-                self.model, self.kv_caches, max_batch=min(config.max_num_seqs, 256),
-                max_blocks_per_seq=-(-max_model_len // config.block_size), scratch_block=self.num_kv_blocks,
-                block_size=config.block_size, num_lora_slots=config.max_loras if self.lora_layers else None)
+            self.decode_graphs = DecodeGraphs(self.decode_forward, max_batch=min(config.max_num_seqs, 256),
+                                              with_lora=bool(self.lora_layers))
 
     # ---- start-up -------------------------------------------------------
     def _kv_shape(self, hf_config, num_blocks: int) -> tuple[int, ...]:
@@ -100,91 +105,61 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
 
     # ---- adapters -------------------------------------------------------
-    def write_adapter(self, slot: int, adapter) -> None:
-        """Copies a loaded adapter's weights into GPU slot `slot` of every LoRA layer."""
+    def write_adapter(self, adapter_slot: int, adapter) -> None:
+        """Copies a loaded adapter's weights into GPU adapter slot `adapter_slot` of every LoRA layer."""
         for key, layer in self.lora_layers.items():
             weights = adapter.weights.get(key)
             if weights is None:
-                layer.set_slot(slot, None, None, 0.0)
+                layer.set_slot(adapter_slot, None, None, 0.0)
             else:
                 a, b, scaling = weights
-                layer.set_slot(slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype), scaling)
+                layer.set_slot(adapter_slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype), scaling)
 
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, adapter_slots: list[int],
-                sample_rows: list[Optional[SampleRow]]) -> list[Optional[int]]:
-        """Runs the batch; returns the sampled token per sequence (None where no row was asked)."""
-        step = self._prepare(batch, adapter_slots)
+    def execute(self, batch: ScheduledBatch, adapter_slots: list[int], sample_rows: list[Optional[SampleRow]],
+                sources: Optional[dict[Sequence, int]] = None) -> SampledTokens:
+        """Launches the batch; returns its sampled ids on their way to the host (-1 where sampling failed).
+
+        `sources`: see StepInputBuilder.build (sequences whose last token the previous step sampled).
+        """
+        num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
         graphs = self.decode_graphs
-        if graphs is not None and not step.query_lens and len(step.input_ids) <= graphs.max_batch:
-            hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.decode_tables,
-                                step.decode_lens, step.token_slots)
-        else:
-            hidden = self._run_eager(step, adapter_slots)
-        wanted = [i for i, row in enumerate(sample_rows) if row is not None]
-        result: list[Optional[int]] = [None] * len(sample_rows)
-        if wanted:
-            rows = self._tensor([step.last_index[i] for i in wanted], torch.long)
-            logits = self.model.compute_logits(hidden[rows])
-            for i, token in zip(wanted, self.sampler(logits, [sample_rows[i] for i in wanted]).tolist()):
-                result[i] = token
-        return result
-
-    def _prepare(self, batch: ScheduledBatch, adapter_slots: list[int]) -> "_StepInputs":
-        """Flattens the batch: prefill chunks first, then single-token (decode) sequences."""
-        step = _StepInputs()
-        bs = self.config.block_size
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] == 1)
-        for i in order:
-            seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            step.input_ids.extend(seq.token_slice(start, end))
-            step.positions.extend(range(start, end))
-            step.slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            step.token_slots.extend([adapter_slots[i]] * num_new)
-            step.last_index[i] = len(step.input_ids) - 1
-            table = seq.block_table[:-(-end // bs)]
-            if num_new == 1:
-                step.decode_tables.append(table)
-                step.decode_lens.append(end)
+        use_graph = graphs is not None and 0 < num_decode <= graphs.max_batch
+        step = self.inputs.build(batch, adapter_slots, [row is not None for row in sample_rows],
+                                 graphs.size_for(num_decode) if use_graph else num_decode, sources)
+        # Decode rows and prefill chunks run as two forwards, so a prefill chunk never pushes
+        # the decode rows off their CUDA graph.
+        hidden = []
+        if step.num_decode:
+            if use_graph:
+                decoded = graphs.run(step.decode_size, step.decode_uses_lora)
             else:
-                step.prefill_tables.append(table)
-                step.context_lens.append(end)
-                step.query_lens.append(num_new)
-        return step
+                decoded = self.decode_forward(step.decode_size, step.decode_uses_lora)
+            hidden.append(decoded.index_select(0, self.inputs.decode_sample_index(step)))
+        if step.num_prefill_tokens:
+            prefilled = self._prefill_forward(step)
+            hidden.append(prefilled.index_select(0, self.inputs.prefill_sample_index(step)))
+        if not step.sample_order:
+            return SampledTokens([], len(sample_rows), torch.empty(0, dtype=torch.long), None)
+        logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
+        tokens = self.sampler(logits, [sample_rows[i] for i in step.sample_order])
+        if not isinstance(tokens, torch.Tensor):     # a stand-in sampler (tests) that returns a list
+            tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return self.inputs.record_sampled(tokens, step.sample_order, len(sample_rows))
 
-    def _run_eager(self, step: "_StepInputs", adapter_slots: list[int]) -> torch.Tensor:
-        meta = AttentionMetadata(self._tensor(step.slot_mapping, torch.long), step.query_lens, step.context_lens,
-                                 [self._tensor(t, torch.long) for t in step.prefill_tables],
-                                 num_prefill_tokens=sum(step.query_lens))
-        if step.decode_tables:
-            width = max(len(t) for t in step.decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in step.decode_tables]
-            meta.decode_block_tables = self._tensor(padded, torch.int32)
-            meta.decode_context_lens = self._tensor(step.decode_lens, torch.int32)
-        lora_meta = None
-        if self.lora_layers and any(s >= 0 for s in adapter_slots):
-            lora_meta = build_lora_meta(self._tensor(step.token_slots, torch.int32), self.config.max_loras)
-        with lora_step(lora_meta):
-            return self.model(self._tensor(step.input_ids, torch.long), self._tensor(step.positions, torch.long),
-                              self.kv_caches, meta)
+    def decode_forward(self, n: int, use_lora: bool) -> torch.Tensor:
+        """The model over the first n decode rows of the step inputs; what the CUDA graphs capture."""
+        t = self.inputs.decode_tensors(n)
+        meta = AttentionMetadata(t.slot_mapping, [], [], [], num_prefill_tokens=0,
+                                 decode_block_tables=t.block_tables, decode_context_lens=t.context_lens)
+        with lora_step(build_lora_meta(t.adapter_slots, self.config.max_loras) if use_lora else None):
+            return self.model(t.input_ids, t.positions, self.kv_caches, meta)
 
-    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
-
-
-@dataclass
-class _StepInputs:
-    """One step's flattened inputs, as host lists."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slot_mapping: list[int] = field(default_factory=list)
-    token_slots: list[int] = field(default_factory=list)
-    last_index: dict[int, int] = field(default_factory=dict)     # batch index -> row of its last token
-    query_lens: list[int] = field(default_factory=list)          # prefill sequences
-    context_lens: list[int] = field(default_factory=list)
-    prefill_tables: list[list[int]] = field(default_factory=list)
-    decode_tables: list[list[int]] = field(default_factory=list)  # decode sequences
-    decode_lens: list[int] = field(default_factory=list)
+    def _prefill_forward(self, step: StepInputs) -> torch.Tensor:
+        t = self.inputs.prefill_tensors(step)
+        meta = AttentionMetadata(t.slot_mapping, step.query_lens, step.context_lens, t.block_tables,
+                                 num_prefill_tokens=step.num_prefill_tokens)
+        use_lora = step.prefill_uses_lora and bool(self.lora_layers)
+        with lora_step(build_lora_meta(t.adapter_slots, self.config.max_loras) if use_lora else None):
+            return self.model(t.input_ids, t.positions, self.kv_caches, meta)

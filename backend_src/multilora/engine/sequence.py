@@ -9,6 +9,11 @@ from multilora.lora.request import LoRARequest
 from multilora.sampling_params import SamplingParams
 
 
+# An output token whose id is still on the device: with async scheduling the next step is
+# scheduled before the previous step's ids reach the host (the device feeds them to it).
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -23,20 +28,14 @@ class Sequence:
     params: SamplingParams
     lora_request: Optional[LoRARequest] = None
     adapter: Any = None                      # LoRAAdapter (CPU weights) when lora_request is set
-    detokenizer: Any = None                  # IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.time)
     first_token_time: Optional[float] = None
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)   # the last one or two may be PLACEHOLDERs
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0             # tokens whose KV is in the cache
     finish_reason: Optional[str] = None
-    stop_reason: Optional[str | int] = None
     num_preemptions: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """token_ids[start:end] without building the whole list (called every step)."""
@@ -46,6 +45,10 @@ class Sequence:
         if start >= prompt_len:
             return self.output_token_ids[start - prompt_len:end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+
+    def token_at(self, index: int) -> int:
+        prompt_len = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < prompt_len else self.output_token_ids[index - prompt_len]
 
     @property
     def num_tokens(self) -> int:
