@@ -100,15 +100,10 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
 
     # ---- adapters -------------------------------------------------------
-    def write_adapter(self, slot: int, adapter) -> None:
-        """Copies a loaded adapter's weights into GPU slot `slot` of every LoRA layer."""
-        for key, layer in self.lora_layers.items():
-            weights = adapter.weights.get(key)
-            if weights is None:
-                layer.set_slot(slot, None, None, 0.0)
-            else:
-                a, b, scaling = weights
-                layer.set_slot(slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype), scaling)
+    def write_adapter(self, adapter_slot: int, adapter) -> None:
+        """Makes GPU adapter slot `adapter_slot` hold `adapter` in every LoRA layer (modules it does not
+        target: zero): one copy of its pinned host image, queued on a side stream (see SlotWeights)."""
+        self.model.slot_weights.upload(adapter_slot, adapter)
 
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()
