@@ -48,7 +48,8 @@ def _add_rms_norm_kernel(
 
 def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [T, H] with contiguous rows, got {tuple(x.shape)}"
-    assert weight.shape == (x.shape[1],), f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}"
+    assert weight.shape == (x.shape[1],) and weight.dtype == x.dtype, (
+        f"weight {weight.dtype} {tuple(weight.shape)} does not fit x {x.dtype} {tuple(x.shape)}")
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1, (
             f"residual {residual.dtype} {tuple(residual.shape)} does not fit x {x.dtype} {tuple(x.shape)}")
@@ -58,8 +59,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (normed, h) with h = x + residual (h = x when residual is None, the first layer).
 
-    x, residual: [T, H] (rows contiguous); weight: [H]. normed: [T, H] in
-    weight's and x's common result dtype (the model dtype). Neither input is
+    x, residual: [T, H] (rows contiguous); weight: [H], all of one dtype (the model's);
+    normed: [T, H], contiguous. Neither input is
     modified. One Triton launch on CUDA tensors (or with
     MULTILORA_TRITON_INTERPRET_KERNELS=1), else `fused_add_rms_norm_ref`.
     """
@@ -67,7 +68,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     if not _launch.use_triton(x):
         return fused_add_rms_norm_ref(x, residual, weight, eps)
     num_tokens, hidden = x.shape
-    out = torch.empty(num_tokens, hidden, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = x if residual is None else torch.empty_like(x)
     if num_tokens:
         block_h = triton.next_power_of_2(hidden)
