@@ -23,46 +23,46 @@ from multilora_kernels import _launch
 
 
 @_launch.jit
-def _rotate(base_ptr, c, s, offs, mask, HALF: tl.constexpr):
-    """Rotates one head in place; returns its two rotated halves (in the head's dtype)."""
-    dtype = base_ptr.dtype.element_ty
-    x1 = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    o1 = ((x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)).to(dtype)
-    o2 = ((x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)).to(dtype)
-    tl.store(base_ptr + offs, o1, mask=mask)
-    tl.store(base_ptr + HALF + offs, o2, mask=mask)
+def _rotate(ptr, stride_h, num_heads, c, s, offs, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotates the heads [num_heads, 2 * HALF] at ptr in place; returns their two rotated halves."""
+    dtype = ptr.dtype.element_ty
+    heads = tl.arange(0, BLOCK_H)
+    mask = (heads[:, None] < num_heads) & (offs[None, :] < HALF)
+    first = ptr + heads[:, None].to(tl.int64) * stride_h + offs[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    o1 = ((x1 * c[None, :]).to(dtype).to(tl.float32) - (x2 * s[None, :]).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((x2 * c[None, :]).to(dtype).to(tl.float32) + (x1 * s[None, :]).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(first, o1, mask=mask)
+    tl.store(first + HALF, o2, mask=mask)
     return o1, o2
 
 
 @_launch.jit
 def _rotary_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr, slot_mapping_ptr,
+    num_heads, num_kv_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
     stride_kv, stride_slot, stride_ch,
-    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
 ):
-    # grid: (token, query heads + KV heads); a KV-head program also writes the cache.
+    # grid: (token,); one program rotates all heads of its token and writes its K/V cache slot.
     t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < HALF
-    c = tl.load(cos_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(tl.float32)
-    if head < NUM_HEADS:
-        _rotate(q_ptr + t * stride_qt + head * stride_qh, c, s, offs, mask, HALF)
-    else:
-        g = (head - NUM_HEADS).to(tl.int64)
-        k1, k2 = _rotate(k_ptr + t * stride_kt + g * stride_kh, c, s, offs, mask, HALF)
-        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
-        dst = cache_ptr + slot * stride_slot + g * stride_ch
-        tl.store(dst + offs, k1, mask=mask)
-        tl.store(dst + HALF + offs, k2, mask=mask)
-        src = v_ptr + t * stride_vt + g * stride_vh
-        v1 = tl.load(src + offs, mask=mask, other=0.0)
-        v2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
-        tl.store(dst + stride_kv + offs, v1, mask=mask)
-        tl.store(dst + stride_kv + HALF + offs, v2, mask=mask)
+    d_mask = offs < HALF
+    c = tl.load(cos_ptr + t * stride_ct + offs, mask=d_mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + offs, mask=d_mask, other=0.0).to(tl.float32)
+    _rotate(q_ptr + t * stride_qt, stride_qh, num_heads, c, s, offs, HALF, BLOCK_HQ)
+    k1, k2 = _rotate(k_ptr + t * stride_kt, stride_kh, num_kv_heads, c, s, offs, HALF, BLOCK_HKV)
+    heads = tl.arange(0, BLOCK_HKV)
+    mask = (heads[:, None] < num_kv_heads) & d_mask[None, :]
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    dst = cache_ptr + slot * stride_slot + heads[:, None].to(tl.int64) * stride_ch + offs[None, :]
+    tl.store(dst, k1, mask=mask)
+    tl.store(dst + HALF, k2, mask=mask)
+    src = v_ptr + t * stride_vt + heads[:, None].to(tl.int64) * stride_vh + offs[None, :]
+    tl.store(dst + stride_kv, tl.load(src, mask=mask, other=0.0), mask=mask)
+    tl.store(dst + stride_kv + HALF, tl.load(src + HALF, mask=mask, other=0.0), mask=mask)
 
 
 def _check(q, k, v, cos, sin, kv_cache, slot_mapping) -> None:
@@ -98,13 +98,16 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return
-    half = head_dim // 2
+    half, num_kv_heads = head_dim // 2, k.shape[1]
+    block_half = triton.next_power_of_2(half)
     _launch.launch(
-        _rotary_kv_kernel, (num_tokens, num_heads + k.shape[1]), q.device,
-        q, k, v, cos, sin, kv_cache, slot_mapping,
+        _rotary_kv_kernel, (num_tokens,), q.device,
+        q, k, v, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
-        NUM_HEADS=num_heads, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), num_warps=1,
+        HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=triton.next_power_of_2(num_heads),
+        BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+        num_warps=min(8, max(1, triton.next_power_of_2(num_heads) * block_half // 512)),
     )
 
 

@@ -95,7 +95,7 @@ def _rotary_inputs(dtype, num_tokens, heads, kv_heads, head_dim, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens,heads,kv_heads,head_dim", [(1, 2, 1, 16), (13, 4, 2, 24), (6, 8, 8, 64)])
+@pytest.mark.parametrize("num_tokens,heads,kv_heads,head_dim", [(1, 2, 1, 16), (13, 4, 2, 24), (5, 6, 3, 32), (6, 8, 8, 64)])
 def test_rotary_kv_write_matches_twin(kernels, triton_on_cpu, dtype, num_tokens, heads, kv_heads, head_dim):
     rotary = kernels["rotary"]
     gen = torch.Generator().manual_seed(num_tokens * heads)
