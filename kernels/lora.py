@@ -8,9 +8,10 @@ A LoRA layer on a batch whose tokens use different adapters is two grouped GEMMs
 with s = the GPU adapter slot of token t (-1 = base model: y row untouched).
 
 A fused projection (q/k/v or gate/up as one GEMM) is one LoRA layer of several
-output slices: its A is the slices' A stacked along the rank ([S, n * R, H_in]),
-so one shrink computes every slice's rank-R activations, and one expand adds
-slice i's `buf[:, i*R:(i+1)*R] @ B_i[s].T * scale[s, i]` into slice i's columns.
+output slices: its A is the slices' A stacked ([S, n, R, H_in]), so one shrink
+computes every slice's rank-R activations (buf column i*R + j is slice i's rank j),
+and one expand adds slice i's `buf[:, i*R:(i+1)*R] @ B_i[s].T * scale[s, i]` into
+slice i's columns.
 An adapter that targets only some slices leaves the others' A/B zero.
 
 The shrink splits its reduction over H_in for parallelism and writes each split's
@@ -155,23 +156,24 @@ def _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M: tl
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
-    K, R, K_PER_SPLIT,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_op, stride_ot, stride_or,
+    K, NR, R, K_PER_SPLIT,
+    stride_xt, stride_xk, stride_as, stride_ai, stride_ar, stride_ak, stride_op, stride_ot, stride_or,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # grid: (tile, rank block, K split); split p writes its partial sums to out[p].
+    # grid: (tile, block of the n * R stacked ranks, K split); split p writes its partial sums to out[p].
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
     if slot < 0:
         return
     tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < R
+    n_mask = offs_n < NR
     split = tl.program_id(2)
     k_begin = split * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     x_rows = x_ptr + tokens[:, None] * stride_xt
-    a_cols = a_ptr + slot * stride_as + offs_n[None, :] * stride_ar
+    # Stacked rank n = slice n // R, rank n % R: A's slices and ranks may have any strides.
+    a_cols = a_ptr + slot * stride_as + ((offs_n // R) * stride_ai + (offs_n % R) * stride_ar).to(tl.int64)[None, :]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
     for k in range(k_begin, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -240,7 +242,8 @@ def _shrink_split_k(max_tiles: int, k: int) -> int:
 
 def _shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, split_k: int | None = None) -> torch.Tensor:
     num_tokens, k = x.shape
-    rank = lora_a.shape[1]
+    lora_a = _stacked(lora_a)
+    rank = lora_a.shape[1] * lora_a.shape[2]
     if num_tokens == 0 or rank == 0 or k == 0:
         return torch.zeros(1, num_tokens, rank, dtype=torch.float32, device=x.device)
     split_k = split_k or _shrink_split_k(meta.max_tiles, k)
@@ -253,7 +256,7 @@ def _shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, split_
         _lora_shrink_kernel, (meta.max_tiles, triton.cdiv(rank, block_n), split_k), x.device,
         x, lora_a, out,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        k, rank, k_per_split,
+        k, rank, lora_a.shape[2], k_per_split,
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_K=_SHRINK_BLOCK_K, PRECISION=_launch.precision(x.dtype),
     )
@@ -288,10 +291,15 @@ def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, sca
     )
 
 
+def _stacked(lora_a: torch.Tensor) -> torch.Tensor:
+    """A as [S, n, R, H_in] (a 3-D [S, R, H_in] is one slice)."""
+    return lora_a[:, None] if lora_a.dim() == 3 else lora_a
+
+
 def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> None:
-    assert x.dim() == 2 and lora_a.dim() == 3, f"x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}"
+    assert x.dim() == 2 and lora_a.dim() in (3, 4), f"x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}"
     assert x.shape[0] == meta.num_tokens, f"x has {x.shape[0]} tokens, meta {meta.num_tokens}"
-    assert lora_a.shape[0] == meta.num_slots and lora_a.shape[2] == x.shape[1], (
+    assert lora_a.shape[0] == meta.num_slots and lora_a.shape[-1] == x.shape[1], (
         f"lora_a {tuple(lora_a.shape)} does not fit x {tuple(x.shape)} and {meta.num_slots} slots")
     assert x.dtype == lora_a.dtype, f"x is {x.dtype}, lora_a is {lora_a.dtype}"
 
@@ -319,8 +327,9 @@ def _expand_args(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scale
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     """buf[:, t].sum(0) = x[t] @ lora_a[s].T with s = meta.token_slots[t], for tokens with s >= 0.
 
-    x: [T, H_in]; lora_a: [S, R, H_in] (any strides; a fused layer's R is n_slices * rank),
-    same dtype as x. Returns buf [P, T, R] float32: P planes of split-K partial sums, as
+    x: [T, H_in]; lora_a: [S, n, R, H_in] for n stacked slices, or [S, R, H_in] for one (any
+    strides), same dtype as x; lora_a[s] above means its n * R rows in (slice, rank) order.
+    Returns buf [P, T, n * R] float32: P planes of split-K partial sums, as
     `lora_expand` takes them. Rows of tokens with s = -1 are left unwritten (undefined).
     Runs the Triton kernel on CUDA tensors (or with MULTILORA_TRITON_INTERPRET_KERNELS=1),
     else `lora_shrink_ref`.
@@ -361,10 +370,11 @@ def _used_slots(meta: LoRAMeta) -> list[int]:
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     """Pure-torch `lora_shrink`: per used slot, x[rows] @ A[s].T in float32 (PEFT's order); one plane."""
     _check_shrink(x, lora_a, meta)
-    out = torch.zeros(1, x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    lora_a = _stacked(lora_a)
+    out = torch.zeros(1, x.shape[0], lora_a.shape[1] * lora_a.shape[2], dtype=torch.float32, device=x.device)
     for slot in _used_slots(meta):
         rows = (meta.token_slots == slot).nonzero().squeeze(1)
-        out[0, rows] = x[rows].float() @ lora_a[slot].float().T
+        out[0, rows] = x[rows].float() @ lora_a[slot].flatten(0, 1).float().T
     return out
 
 

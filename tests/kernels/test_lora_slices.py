@@ -148,3 +148,23 @@ def test_slot_strided_weights(lora, monkeypatch):
     lora.lora_expand(y, lora.lora_shrink(x, a_view, meta), b_view, s_view, meta, GATE_UP)
     lora.lora_expand_ref(y_ref, lora.lora_shrink_ref(x, a, meta), b, scales, meta, GATE_UP)
     torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_rank_major_stacked_a(lora, monkeypatch, use_triton):
+    """A as [S, n, R, H] with rank-major strides and B as [S, N, R] with the rank outermost
+    (the slot-weights layout: an adapter of rank r fills a prefix) equal the contiguous stack."""
+    monkeypatch.setenv(INTERPRET_ENV, "1" if use_triton else "0")
+    gen = torch.Generator().manual_seed(5)
+    _, a, b, scales = _adapters(QKV, (8, 3, 5, 8), [{0, 1, 2}, {0, 2}, {1}, {0, 1, 2}], gen)
+    n = len(QKV)
+    a_rank_major = torch.zeros(NUM_SLOTS, RANK, n, H_IN).permute(0, 2, 1, 3)  # [S, n, R, H]
+    a_rank_major.copy_(a.view(NUM_SLOTS, n, RANK, H_IN))
+    b_rank_major = torch.zeros(NUM_SLOTS, RANK, sum(QKV)).transpose(1, 2)     # [S, N, R]
+    b_rank_major.copy_(b)
+    x, y0 = torch.randn(23, H_IN, generator=gen), torch.randn(23, sum(QKV), generator=gen)
+    meta = lora.build_lora_meta(_slots("skewed", 23), NUM_SLOTS)
+    y, y_ref = y0.clone(), y0.clone()
+    lora.lora_expand(y, lora.lora_shrink(x, a_rank_major, meta), b_rank_major, scales, meta, QKV)
+    lora.lora_expand_ref(y_ref, lora.lora_shrink_ref(x, a, meta), b, scales, meta, QKV)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])

@@ -37,8 +37,7 @@ def _adapter(model, modules: dict[tuple[int, str], int], seed: int) -> LoRAAdapt
 
 def _slice_weights(target, slot):
     layer, i = target.layer, target.index
-    a = layer.lora_a[slot, i * MAX_RANK:(i + 1) * MAX_RANK]
-    return a, layer.lora_b[slot, target.rows], layer.lora_scales[slot, i]
+    return layer.lora_a[slot, i], layer.lora_b[slot, target.rows], layer.lora_scales[slot, i]
 
 
 def test_targets_name_hf_modules_and_share_one_buffer():
@@ -57,7 +56,7 @@ def test_targets_name_hf_modules_and_share_one_buffer():
 def test_upload_writes_each_module_into_its_slice_and_zeroes_the_rest():
     model = _model()
     first = _adapter(model, {(0, "q_proj"): 8, (0, "k_proj"): 4, (1, "up_proj"): 2, (1, "o_proj"): 8}, seed=1)
-    second = _adapter(model, {(0, "v_proj"): 3, (1, "down_proj"): 8}, seed=2)
+    second = _adapter(model, {(0, "v_proj"): 3, (1, "down_proj"): 2}, seed=2)  # lower rank than `first`
     slots = model.slot_weights
     slots.upload(1, first)
     slots.upload(2, second)
@@ -86,18 +85,21 @@ class _CopyCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_one_copy_per_upload_and_the_host_image_lives_with_the_adapter():
+def test_one_copy_per_upload_of_the_ranks_prefix_and_the_host_image_lives_with_the_adapter():
     model = _model()
     slots = model.slot_weights
     adapter = _adapter(model, {(layer, m): 4 for layer in (0, 1) for m in ("q_proj", "v_proj", "gate_proj")}, seed=3)
     image = slots.host_image(adapter)
-    assert image.shape == (slots.slot_bytes,) and image.dtype == torch.uint8
+    # Rank 4 of max 8: the image is the slot's scales and its first 4 rank rows, no padding.
+    assert image.shape == (slots.header_bytes + 4 * slots.row_bytes,) and image.dtype == torch.uint8
+    assert image.numel() < slots.slot_bytes * 0.6
     assert slots.host_image(adapter) is image  # built once per adapter
     counter = _CopyCounter()
     with counter:
         slots.upload(2, adapter)
     assert counter.copies == 1
-    assert torch.equal(slots.buffer[2], image)
+    assert torch.equal(slots.buffer[2, :image.numel()], image)
+    assert torch.all(slots.buffer[2, image.numel():] == 0)
     del adapter, image
     gc.collect()
     assert not slots._images  # the host image goes with the adapter

@@ -4,7 +4,7 @@ A fused projection (q/k/v, or gate/up) is one GEMM over the slices' weights
 stacked at load; adapters still name the HF modules (q_proj, ...), and each
 module is one slice (`LoRATarget`). For S adapter slots, rank R and n slices:
 
-    lora_a [S, n * R, in]    the slices' A stacked along the rank
+    lora_a [S, n, R, in]     the slices' A stacked
     lora_b [S, out, R]       slice i's B in the rows of slice i's output columns
     lora_scales [S, n]       float32
 
@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
     def attach_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scales: torch.Tensor) -> None:
         """Points the layer at its per-slot weights (views into the slot buffer; any strides)."""
         num_slots, rank = lora_b.shape[0], lora_b.shape[2]
-        assert lora_a.shape == (num_slots, len(self.slices) * rank, self.in_features), tuple(lora_a.shape)
+        assert lora_a.shape == (num_slots, len(self.slices), rank, self.in_features), tuple(lora_a.shape)
         assert lora_b.shape == (num_slots, self.out_features, rank), tuple(lora_b.shape)
         assert lora_scales.shape == (num_slots, len(self.slices)), tuple(lora_scales.shape)
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, lora_scales

@@ -2,13 +2,18 @@
 
 The buffer is [num_slots, slot_bytes] bytes; each layer's `lora_a`, `lora_b` and
 `lora_scales` are typed views into it (model dtype for A/B, float32 scales), so
-one adapter slot is one contiguous byte range over all layers and slices. An
-adapter's host image is laid out exactly like a slot: built once per adapter
-(pinned memory on GPUs, so the copy is a real DMA that does not block the host),
-it is uploaded with ONE copy. On a GPU the copy runs on a side stream and the
-compute stream waits on its event before the step that first uses the slot
-(issued at upload time, which the engine does right before that step), so the
-host never waits and no step before it is delayed.
+one adapter slot is one contiguous byte range over all layers and slices. Inside
+a slot the bytes are rank-major: first every layer's scales, then rank row 0 of
+every layer's A and B, then rank row 1, ... So an adapter of rank r fills a
+prefix of its slot, and its host image is exactly that prefix, laid out like the
+slot: built once per adapter (pinned memory on GPUs, so the copy is a real DMA
+that never blocks the host), uploaded with ONE copy of r / max_rank of a slot.
+Rows left over from a previous adapter of higher rank are zeroed on the device.
+
+On a GPU the copy runs on a side stream; the compute stream waits on its event
+before the step that first uses the slot (the engine uploads right before that
+step), so the host never waits. The side stream first waits for the work already
+queued on the compute stream, which may still read the slot's previous adapter.
 """
 
 from __future__ import annotations
@@ -23,15 +28,15 @@ from multilora.lora.lora_linear import LoRALinear, LoRATarget
 _ALIGN = 64  # bytes: every typed view starts aligned, for any dtype and vectorised loads
 
 
-@dataclass(frozen=True)
-class _LayerLayout:
-    a_offset: int       # byte offsets inside one slot
-    b_offset: int
-    scales_offset: int
-
-
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class _LayerLayout:
+    scales_offset: int  # bytes from the slot's start: [n] float32
+    a_offset: int       # bytes from a rank row's start: [n, in] model dtype (row j of each slice's A)
+    b_offset: int       # bytes from a rank row's start: [out] model dtype (column j of B)
 
 
 class SlotWeights:
@@ -41,56 +46,56 @@ class SlotWeights:
                  dtype: torch.dtype, device: torch.device):
         self.targets, self.num_slots, self.max_rank = targets, num_slots, max_rank
         self.dtype, self.device = dtype, device
-        self.layers: list[LoRALinear] = list(dict.fromkeys(t.layer for t in targets.values()))
+        layers: list[LoRALinear] = list(dict.fromkeys(t.layer for t in targets.values()))
         self.layouts: dict[LoRALinear, _LayerLayout] = {}
-        offset = 0
-        for layer in self.layers:
-            a_bytes = len(layer.slices) * max_rank * layer.in_features * dtype.itemsize
-            b_bytes = layer.out_features * max_rank * dtype.itemsize
-            self.layouts[layer] = _LayerLayout(offset, offset + _aligned(a_bytes), offset + _aligned(a_bytes)
-                                               + _aligned(b_bytes))
-            offset += _aligned(a_bytes) + _aligned(b_bytes) + _aligned(4 * len(layer.slices))
-        self.slot_bytes = offset
+        header = row = 0
+        for layer in layers:
+            n = len(layer.slices)
+            self.layouts[layer] = _LayerLayout(header, row, row + _aligned(n * layer.in_features * dtype.itemsize))
+            header += _aligned(4 * n)
+            row += _aligned(n * layer.in_features * dtype.itemsize) + _aligned(layer.out_features * dtype.itemsize)
+        self.header_bytes, self.row_bytes = header, row
+        self.slot_bytes = header + max_rank * row
         self.buffer = torch.zeros(num_slots, self.slot_bytes, dtype=torch.uint8, device=device)
-        for layer in self.layers:
-            layer.attach_lora(*self._views(self.buffer, layer))
+        for layer in layers:
+            layer.attach_lora(*self._views(self.buffer, layer, max_rank))
+        self._slot_ranks = [0] * num_slots  # rank rows that may be non-zero, per slot
         self._images: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel()
-
-    def _views(self, buffer: torch.Tensor, layer: LoRALinear):
-        """(lora_a, lora_b, lora_scales) of `layer` inside `buffer` [..., slot_bytes]."""
-        lead, layout, r, n = buffer.shape[:-1], self.layouts[layer], self.max_rank, len(layer.slices)
-
-        def typed(offset: int, dtype: torch.dtype, *shape: int) -> torch.Tensor:
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            return buffer[..., offset:offset + nbytes].view(dtype).view(*lead, *shape)
-
-        return (typed(layout.a_offset, self.dtype, n * r, layer.in_features),
-                typed(layout.b_offset, self.dtype, layer.out_features, r),
-                typed(layout.scales_offset, torch.float32, n))
+    def _views(self, buffer: torch.Tensor, layer: LoRALinear, rank: int):
+        """(lora_a [.., n, rank, in], lora_b [.., out, rank], lora_scales [.., n]) of `layer` in `buffer`."""
+        lead, layout, n = buffer.shape[:-1], self.layouts[layer], len(layer.slices)
+        item = self.dtype.itemsize
+        scales = buffer[..., layout.scales_offset:layout.scales_offset + 4 * n].view(torch.float32)
+        rows = buffer[..., self.header_bytes:self.header_bytes + rank * self.row_bytes]
+        rows = rows.view(self.dtype).view(*lead, rank, self.row_bytes // item)
+        a_start, b_start = layout.a_offset // item, layout.b_offset // item
+        lora_a = rows[..., a_start:a_start + n * layer.in_features].unflatten(-1, (n, layer.in_features))
+        lora_b = rows[..., b_start:b_start + layer.out_features]
+        return lora_a.movedim(-3, -2), lora_b.transpose(-1, -2), scales
 
     def host_image(self, adapter) -> torch.Tensor:
-        """The adapter laid out like one slot: [slot_bytes] bytes, pinned on GPUs; built once per adapter."""
+        """The adapter laid out like the prefix of a slot that its rank fills: uint8 bytes, pinned on
+        GPUs; built once per adapter and freed with it."""
         cached = self._images.get(id(adapter))
         if cached is not None and cached[0]() is adapter:
             return cached[1]
-        image = torch.zeros(self.slot_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        rank = max((a.shape[0] for a, _, _ in adapter.weights.values()), default=0)
+        assert rank <= self.max_rank, f"adapter '{adapter.name}' has rank {rank} > max_lora_rank {self.max_rank}"
+        image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
+                            pin_memory=self.device.type == "cuda")
         for key, (a, b, scaling) in adapter.weights.items():
             target = self.targets.get(key)
             if target is None:
                 continue  # a module this model serves without LoRA; the adapter loader validated the rest
-            lora_a, lora_b, scales = self._views(image, target.layer)
-            rank, first = a.shape[0], target.index * self.max_rank
-            lora_a[first:first + rank].copy_(a)
-            lora_b[target.rows, :rank].copy_(b)
+            lora_a, lora_b, scales = self._views(image, target.layer, rank)
+            lora_a[target.index, :a.shape[0]].copy_(a)
+            lora_b[target.rows, :a.shape[0]].copy_(b)
             scales[target.index] = scaling
         try:
             ref = weakref.ref(adapter)
-        except TypeError:  # a record without weak references: rebuilt at each upload (rare, small)
+        except TypeError:  # a record without weak references: rebuilt at each upload
             return image
         self._images[id(adapter)] = (ref, image)
         weakref.finalize(adapter, self._images.pop, id(adapter), None)  # pinned memory goes with the adapter
@@ -100,14 +105,19 @@ class SlotWeights:
         """Makes `adapter_slot` hold `adapter` (every layer; untargeted modules zero) with one copy."""
         assert 0 <= adapter_slot < self.num_slots, f"adapter slot {adapter_slot} outside 0..{self.num_slots - 1}"
         image = self.host_image(adapter)
+        rank = (image.numel() - self.header_bytes) // self.row_bytes
+        slot = self.buffer[adapter_slot]
+        stale = slot[image.numel():self.header_bytes + self._slot_ranks[adapter_slot] * self.row_bytes]
+        self._slot_ranks[adapter_slot] = rank
         if self._stream is None:
-            self.buffer[adapter_slot].copy_(image)
+            slot[:image.numel()].copy_(image)
+            stale.zero_()
             return
         compute = torch.cuda.current_stream(self.device)
-        # The slot's previous adapter may still be read by work already queued: copy after it.
-        self._stream.wait_stream(compute)
+        self._stream.wait_stream(compute)  # queued steps may still read the slot's previous adapter
         with torch.cuda.stream(self._stream):
-            self.buffer[adapter_slot].copy_(image, non_blocking=True)
+            slot[:image.numel()].copy_(image, non_blocking=True)
+            stale.zero_()
             done = torch.cuda.Event()
             done.record(self._stream)
         compute.wait_event(done)
