@@ -173,7 +173,8 @@ def _lora_shrink_kernel(
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     x_rows = x_ptr + tokens[:, None] * stride_xt
     # Stacked rank n = slice n // R, rank n % R: A's slices and ranks may have any strides.
-    a_cols = a_ptr + slot * stride_as + ((offs_n // R) * stride_ai + (offs_n % R) * stride_ar).to(tl.int64)[None, :]
+    a_cols = a_ptr + slot * stride_as + ((offs_n // R).to(tl.int64) * stride_ai
+                                         + (offs_n % R).to(tl.int64) * stride_ar)[None, :]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
     for k in range(k_begin, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -216,7 +217,9 @@ def _lora_expand_kernel(
         h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
         for p in range(0, P):  # the shrink's split-K partial sums
             h += tl.load(buf_rows + p * stride_bp + offs_r[None, :] * stride_br, mask=h_mask, other=0.0)
-        b = tl.load(b_cols + offs_r[:, None] * stride_bk, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        # int64: in the slot layout B's rank stride spans every layer's rank row.
+        b = tl.load(b_cols + offs_r[:, None].to(tl.int64) * stride_bk, mask=r_mask[:, None] & n_mask[None, :],
+                    other=0.0)
         # Half-precision B: feed the tensor cores in B's dtype (PEFT rounds this
         # intermediate to the model dtype too); fp32 B: keep full fp32.
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
