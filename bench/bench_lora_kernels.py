@@ -114,7 +114,7 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
     slots = make_slots(mix, num_tokens, s, dev)
     meta = k.build_lora_meta(slots, s)
     x = torch.randn(num_tokens, h_in, device=dev, dtype=dtype)
-    # The engine's slot layout (multilora.lora.slot_weights): rank-major A [S, n, R, H_in], B [S, H_out, R].
+    # The engine's slot layout (multilora.lora.adapter_slot_weights): rank-major A [S, n, R, H_in], B [S, H_out, R].
     a = (torch.randn(s, r, n, h_in, device=dev) / h_in**0.5).to(dtype).permute(0, 2, 1, 3)
     b = (torch.randn(s, r, h_out, device=dev) / r**0.5).to(dtype).transpose(1, 2)
     scales = torch.rand(s, n, device=dev) + 0.5

@@ -28,7 +28,7 @@ into static buffers and replay CUDA graphs over it.
 
 Adapters of rank < R are zero-padded in A and B, so mixed ranks just work.
 A/B may be views with any slot stride (all layers' slot weights live in one
-buffer per slot, see multilora.lora.slot_weights); the kernels take strides.
+buffer per slot, see multilora.lora.adapter_slot_weights); the kernels take strides.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ class ModelRunner:
     # ---- adapters -------------------------------------------------------
     def write_adapter(self, adapter_slot: int, adapter) -> None:
         """Makes GPU adapter slot `adapter_slot` hold `adapter` in every LoRA layer (modules it does not
-        target: zero): one copy of its pinned host image, queued on a side stream (see SlotWeights)."""
-        self.model.slot_weights.upload(adapter_slot, adapter)
+        target: zero): one copy of its pinned host image, queued on a side stream (see AdapterSlotWeights)."""
+        self.model.adapter_slot_weights.upload(adapter_slot, adapter)
 
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from multilora.lora.lora_linear import LoRALinear, LoRATarget
-from multilora.lora.slot_weights import SlotWeights
+from multilora.lora.adapter_slot_weights import AdapterSlotWeights
 from multilora.model.attention import AttentionMetadata, paged_attention
 from multilora.model.rotary import RotaryEmbedding
 from multilora_kernels.activation import silu_and_mul
@@ -133,16 +133,16 @@ class LlamaForCausalLM(nn.Module):
                     found[(index, name)] = LoRATarget(linear, i, self.enable_lora)
         return found
 
-    def enable_lora(self, num_slots: int, max_rank: int) -> SlotWeights:
+    def enable_lora(self, num_slots: int, max_rank: int) -> AdapterSlotWeights:
         """Gives every LoRA layer its per-slot weights, in one slot buffer (once; later calls return it)."""
-        existing = getattr(self, "slot_weights", None)
+        existing = getattr(self, "adapter_slot_weights", None)
         if existing is not None:
             assert (existing.num_slots, existing.max_rank) == (num_slots, max_rank), (
                 f"LoRA already enabled with {existing.num_slots} slots of rank {existing.max_rank}")
             return existing
         weight = self.lm_head.weight
-        self.slot_weights = SlotWeights(self.lora_layers(), num_slots, max_rank, weight.dtype, weight.device)
-        return self.slot_weights
+        self.adapter_slot_weights = AdapterSlotWeights(self.lora_layers(), num_slots, max_rank, weight.dtype, weight.device)
+        return self.adapter_slot_weights
 
     def checkpoint_views(self) -> dict[str, torch.Tensor]:
         """HF checkpoint tensor name -> the parameter (or the rows of a fused one) it loads into."""

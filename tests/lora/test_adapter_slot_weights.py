@@ -1,4 +1,4 @@
-"""SlotWeights: one buffer per adapter slot over every layer and slice, uploaded with one copy;
+"""AdapterSlotWeights: one buffer per adapter slot over every layer and slice, uploaded with one copy;
 fused LoRA layers read their HF modules' slices from it."""
 
 import gc
@@ -47,17 +47,17 @@ def test_targets_name_hf_modules_and_share_one_buffer():
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert targets[(0, "q_proj")].layer is targets[(0, "v_proj")].layer is model.model.layers[0].self_attn.qkv_proj
     assert targets[(1, "up_proj")].rows == slice(48, 96)
-    buffer = model.slot_weights.buffer
+    buffer = model.adapter_slot_weights.buffer
     for target in targets.values():  # every layer's weights are views into the one slot buffer
         assert target.layer.lora_a.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-    assert model.enable_lora(NUM_SLOTS, MAX_RANK) is model.slot_weights
+    assert model.enable_lora(NUM_SLOTS, MAX_RANK) is model.adapter_slot_weights
 
 
 def test_upload_writes_each_module_into_its_slice_and_zeroes_the_rest():
     model = _model()
     first = _adapter(model, {(0, "q_proj"): 8, (0, "k_proj"): 4, (1, "up_proj"): 2, (1, "o_proj"): 8}, seed=1)
     second = _adapter(model, {(0, "v_proj"): 3, (1, "down_proj"): 2}, seed=2)  # lower rank than `first`
-    slots = model.slot_weights
+    slots = model.adapter_slot_weights
     slots.upload(1, first)
     slots.upload(2, second)
     slots.upload(1, second)  # the same slot again: nothing of `first` may survive
@@ -87,7 +87,7 @@ class _CopyCounter(TorchDispatchMode):
 
 def test_one_copy_per_upload_of_the_ranks_prefix_and_the_host_image_lives_with_the_adapter():
     model = _model()
-    slots = model.slot_weights
+    slots = model.adapter_slot_weights
     adapter = _adapter(model, {(layer, m): 4 for layer in (0, 1) for m in ("q_proj", "v_proj", "gate_proj")}, seed=3)
     image = slots.host_image(adapter)
     # Rank 4 of max 8: the image is the slot's scales and its first 4 rank rows, no padding.
@@ -110,8 +110,8 @@ def test_fused_layer_output_equals_separate_per_module_lora():
     model = _model()
     qv = _adapter(model, {(0, "q_proj"): 8, (0, "v_proj"): 2}, seed=4)
     k_only = _adapter(model, {(0, "k_proj"): 5}, seed=5)
-    model.slot_weights.upload(0, qv)
-    model.slot_weights.upload(2, k_only)
+    model.adapter_slot_weights.upload(0, qv)
+    model.adapter_slot_weights.upload(2, k_only)
     layer = model.model.layers[0].self_attn.qkv_proj
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(6))
     token_slots = torch.tensor([0, -1, 2, 0, 2])

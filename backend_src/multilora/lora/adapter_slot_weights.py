@@ -1,4 +1,4 @@
-"""SlotWeights: every LoRA layer's per-slot A/B/scales in one device buffer, and the uploads into it.
+"""AdapterSlotWeights: every LoRA layer's per-slot A/B/scales in one device buffer, and the uploads into it.
 
 The buffer is [num_slots, slot_bytes] bytes; each layer's `lora_a`, `lora_b` and
 `lora_scales` are typed views into it (model dtype for A/B, float32 scales), so
@@ -39,7 +39,7 @@ class _LayerLayout:
     b_offset: int       # bytes from a rank row's start: [out] model dtype (column j of B)
 
 
-class SlotWeights:
+class AdapterSlotWeights:
     """Allocates the slot buffer, attaches every layer's views, and uploads adapters into slots."""
 
     def __init__(self, targets: dict[tuple[int, str], LoRATarget], num_slots: int, max_rank: int,
@@ -106,17 +106,17 @@ class SlotWeights:
         assert 0 <= adapter_slot < self.num_slots, f"adapter slot {adapter_slot} outside 0..{self.num_slots - 1}"
         image = self.host_image(adapter)
         rank = (image.numel() - self.header_bytes) // self.row_bytes
-        slot = self.buffer[adapter_slot]
-        stale = slot[image.numel():self.header_bytes + self._slot_ranks[adapter_slot] * self.row_bytes]
+        dst = self.buffer[adapter_slot]
+        stale = dst[image.numel():self.header_bytes + self._slot_ranks[adapter_slot] * self.row_bytes]
         self._slot_ranks[adapter_slot] = rank
         if self._stream is None:
-            slot[:image.numel()].copy_(image)
+            dst[:image.numel()].copy_(image)
             stale.zero_()
             return
         compute = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(compute)  # queued steps may still read the slot's previous adapter
         with torch.cuda.stream(self._stream):
-            slot[:image.numel()].copy_(image, non_blocking=True)
+            dst[:image.numel()].copy_(image, non_blocking=True)
             stale.zero_()
             done = torch.cuda.Event()
             done.record(self._stream)
