@@ -132,8 +132,19 @@ def test_expand_touches_only_its_slices_columns(lora, monkeypatch):
     assert not torch.allclose(y[:, q:k], y0[:, q:k])
 
 
+def _assert_views_match_stack(lora, slices, views, stacked, mix, num_tokens, gen):
+    """LoRA through strided (A, B, scales) views equals the twins on the contiguous stack."""
+    x, y0 = torch.randn(num_tokens, H_IN, generator=gen), torch.randn(num_tokens, sum(slices), generator=gen)
+    meta = lora.build_lora_meta(_slots(mix, num_tokens), NUM_SLOTS)
+    (a_view, b_view, s_view), (a, b, scales) = views, stacked
+    y, y_ref = y0.clone(), y0.clone()
+    lora.lora_expand(y, lora.lora_shrink(x, a_view, meta), b_view, s_view, meta, slices)
+    lora.lora_expand_ref(y_ref, lora.lora_shrink_ref(x, a, meta), b, scales, meta, slices)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+
+
 def test_slot_strided_weights(lora, monkeypatch):
-    """A/B/scales as views into one buffer per slot (the slot-weights layout) give the same result."""
+    """A/B/scales as views into one buffer per slot give the same result."""
     monkeypatch.setenv(INTERPRET_ENV, "1")
     gen = torch.Generator().manual_seed(4)
     _, a, b, scales = _adapters(GATE_UP, (8, 2, 8, 4), [{0, 1}] * 4, gen)
@@ -142,18 +153,13 @@ def test_slot_strided_weights(lora, monkeypatch):
     b_view = pool[:, a[0].numel():a[0].numel() + b[0].numel()].view(NUM_SLOTS, *b.shape[1:])
     s_view = pool[:, -2:]
     a_view.copy_(a), b_view.copy_(b), s_view.copy_(scales)
-    x, y0 = torch.randn(17, H_IN, generator=gen), torch.randn(17, sum(GATE_UP), generator=gen)
-    meta = lora.build_lora_meta(_slots("distinct", 17), NUM_SLOTS)
-    y, y_ref = y0.clone(), y0.clone()
-    lora.lora_expand(y, lora.lora_shrink(x, a_view, meta), b_view, s_view, meta, GATE_UP)
-    lora.lora_expand_ref(y_ref, lora.lora_shrink_ref(x, a, meta), b, scales, meta, GATE_UP)
-    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    _assert_views_match_stack(lora, GATE_UP, (a_view, b_view, s_view), (a, b, scales), "distinct", 17, gen)
 
 
 @pytest.mark.parametrize("use_triton", [True, False])
 def test_rank_major_stacked_a(lora, monkeypatch, use_triton):
     """A as [S, n, R, H] with rank-major strides and B as [S, N, R] with the rank outermost
-    (the slot-weights layout: an adapter of rank r fills a prefix) equal the contiguous stack."""
+    (the adapter-slot layout: an adapter of rank r fills a prefix) equal the contiguous stack."""
     monkeypatch.setenv(INTERPRET_ENV, "1" if use_triton else "0")
     gen = torch.Generator().manual_seed(5)
     _, a, b, scales = _adapters(QKV, (8, 3, 5, 8), [{0, 1, 2}, {0, 2}, {1}, {0, 1, 2}], gen)
@@ -162,9 +168,4 @@ def test_rank_major_stacked_a(lora, monkeypatch, use_triton):
     a_rank_major.copy_(a.view(NUM_SLOTS, n, RANK, H_IN))
     b_rank_major = torch.zeros(NUM_SLOTS, RANK, sum(QKV)).transpose(1, 2)     # [S, N, R]
     b_rank_major.copy_(b)
-    x, y0 = torch.randn(23, H_IN, generator=gen), torch.randn(23, sum(QKV), generator=gen)
-    meta = lora.build_lora_meta(_slots("skewed", 23), NUM_SLOTS)
-    y, y_ref = y0.clone(), y0.clone()
-    lora.lora_expand(y, lora.lora_shrink(x, a_rank_major, meta), b_rank_major, scales, meta, QKV)
-    lora.lora_expand_ref(y_ref, lora.lora_shrink_ref(x, a, meta), b, scales, meta, QKV)
-    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    _assert_views_match_stack(lora, QKV, (a_rank_major, b_rank_major, scales), (a, b, scales), "skewed", 23, gen)
