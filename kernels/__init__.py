@@ -8,11 +8,17 @@ is this directory; it should not pull in triton for a probe.
 
 import importlib
 
-_LORA_NAMES = ("LoRAMeta", "build_lora_meta", "lora_expand", "lora_expand_ref", "lora_shrink", "lora_shrink_ref")
-__all__ = list(_LORA_NAMES)
+_MODULE_OF = {
+    **dict.fromkeys(("LoRAMeta", "build_lora_meta", "lora_expand", "lora_expand_ref", "lora_shrink",
+                     "lora_shrink_ref"), "lora"),
+    **dict.fromkeys(("fused_add_rms_norm", "fused_add_rms_norm_ref"), "norm"),
+    **dict.fromkeys(("rotary_kv_write", "rotary_kv_write_ref"), "rotary"),
+    **dict.fromkeys(("silu_and_mul", "silu_and_mul_ref"), "activation"),
+}
+__all__ = list(_MODULE_OF)
 
 
 def __getattr__(name: str):
-    if name in _LORA_NAMES:
-        return getattr(importlib.import_module(f"{__name__}.lora"), name)
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,20 @@ A LoRA layer on a batch whose tokens use different adapters is two grouped GEMMs
     buf[t] = x[t] @ A[s].T                    shrink  [T, H_in] -> [T, R]   (fp32)
     y[t]  += scale[s] * (buf[t] @ B[s].T)     expand  [T, R]    -> [T, H_out]
 
-with s = the GPU adapter slot of token t (-1 = base model: buf row 0, y row untouched).
+with s = the GPU adapter slot of token t (-1 = base model: y row untouched).
+
+A fused projection (q/k/v or gate/up as one GEMM) is one LoRA layer of several
+output slices: its A is the slices' A stacked ([S, n, R, H_in]), so one shrink
+computes every slice's rank-R activations (buf column i*R + j is slice i's rank j),
+and one expand adds slice i's `buf[:, i*R:(i+1)*R] @ B_i[s].T * scale[s, i]` into
+slice i's columns.
+An adapter that targets only some slices leaves the others' A/B zero.
+
+The shrink splits its reduction over H_in for parallelism and writes each split's
+partial sums to its own plane of `buf` [P, T, n * R]; the expand adds the planes
+as it reads them. So no buffer is ever zero-filled and no atomics are needed:
+every element the expand reads was written by the shrink (rows of base-model
+tokens are never written nor read).
 `build_lora_meta` sorts the tokens by slot once per step and cuts each slot's run
 into tiles of `block_m` tokens, so each kernel program works on tokens of ONE slot
 and reads that slot's A/B tile once for the whole tile (Punica's SGMV).
@@ -14,20 +27,21 @@ shape depends only on (T, S), so the model runner can copy a fresh `LoRAMeta`
 into static buffers and replay CUDA graphs over it.
 
 Adapters of rank < R are zero-padded in A and B, so mixed ranks just work.
+A/B may be views with any slot stride (all layers' slot weights live in one
+buffer per slot, see multilora.lora.adapter_slot_weights); the kernels take strides.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# "1" = run the Triton kernels on CPU tensors too (tests). Set it, or TRITON_INTERPRET=1,
-# before this module is imported: Triton picks compiled or interpreted at decoration.
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+from multilora_kernels import _launch
+from multilora_kernels._launch import INTERPRET_ENV  # noqa: F401  (tests and benches read it here)
 
 # Shrink splits its reduction over H_in until roughly this many programs are in flight:
 # decode batches have only a few tiles, and one program per tile would idle an H200.
@@ -127,21 +141,7 @@ def build_lora_meta(token_slots: torch.Tensor, num_slots: int) -> LoRAMeta:
 # ----------------------------------------------------------------------------- Triton kernels
 
 
-def _jit(fn):
-    """`triton.jit`, but interpreted when MULTILORA_TRITON_INTERPRET_KERNELS=1 at import.
-
-    The kernels call only Triton builtins (no @triton.jit helpers of triton.language
-    such as tl.zeros), so they interpret correctly even when triton was imported
-    compiled, and TRITON_INTERPRET need not be set for the whole process.
-    """
-    if os.environ.get(INTERPRET_ENV) != "1":
-        return triton.jit(fn)
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = True
-        return triton.jit(fn)
-
-
-@_jit
+@_launch.jit
 def _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M: tl.constexpr):
     """Token indices (int64) of one tile's rows and the mask of rows that exist."""
     start = tl.load(tile_starts_ptr + tile)
@@ -152,71 +152,78 @@ def _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M: tl
     return tokens, mask
 
 
-@_jit
+@_launch.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
-    K, R, K_PER_SPLIT,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    K, NR, R, K_PER_SPLIT,
+    stride_xt, stride_xk, stride_as, stride_ai, stride_ar, stride_ak, stride_op, stride_ot, stride_or,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # grid: (tile, rank block, K split). out must be zero on entry when ATOMIC.
+    # grid: (tile, block of the n * R stacked ranks, K split); split p writes its partial sums to out[p].
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
     if slot < 0:
         return
     tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < R
-    k_begin = tl.program_id(2) * K_PER_SPLIT
+    n_mask = offs_n < NR
+    split = tl.program_id(2)
+    k_begin = split * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     x_rows = x_ptr + tokens[:, None] * stride_xt
-    a_cols = a_ptr + slot * stride_as + offs_n[None, :] * stride_ar
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _jit
+    # Stacked rank n = slice n // R, rank n % R: A's slices and ranks may have any strides.
+    a_cols = a_ptr + slot * stride_as + ((offs_n // R).to(tl.int64) * stride_ai
+                                         + (offs_n % R).to(tl.int64) * stride_ar)[None, :]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
     for k in range(k_begin, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(x, a, input_precision=PRECISION)
-    out = out_ptr + tokens[:, None] * stride_ot + offs_n[None, :] * stride_or
-    mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
-    else:
-        tl.store(out, acc, mask=mask)
+    out = out_ptr + split.to(tl.int64) * stride_op + tokens[:, None] * stride_ot + offs_n[None, :] * stride_or
+    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@_jit
+@_launch.jit
 def _lora_expand_kernel(
-    buf_ptr, b_ptr, y_ptr, scales_ptr,
+    buf_ptr, b_ptr, y_ptr, scales_ptr, slice_starts_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
-    N, R,
-    stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    R, P,
+    stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # grid: (tile, output-column block)
+    # grid: (tile, column block within a slice, slice); narrower slices' surplus blocks exit.
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
     if slot < 0:
         return
+    part = tl.program_id(2)
+    col_end = tl.load(slice_starts_ptr + part + 1)
+    col = tl.load(slice_starts_ptr + part) + tl.program_id(1) * BLOCK_N
+    if col >= col_end:
+        return
     tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    buf_rows = buf_ptr + tokens[:, None] * stride_bt
+    offs_n = col + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
+    buf_rows = buf_ptr + tokens[:, None] * stride_bt + (part * R).to(tl.int64) * stride_br
     b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _jit
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
     for r in range(0, R, BLOCK_R):
         offs_r = r + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        h = tl.load(buf_rows + offs_r[None, :] * stride_br, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        b = tl.load(b_cols + offs_r[:, None] * stride_bk, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        h_mask = m_mask[:, None] & r_mask[None, :]
+        h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+        for p in range(0, P):  # the shrink's split-K partial sums
+            h += tl.load(buf_rows + p * stride_bp + offs_r[None, :] * stride_br, mask=h_mask, other=0.0)
+        # int64: in the slot layout B's rank stride spans every layer's rank row.
+        b = tl.load(b_cols + offs_r[:, None].to(tl.int64) * stride_bk, mask=r_mask[:, None] & n_mask[None, :],
+                    other=0.0)
         # Half-precision B: feed the tensor cores in B's dtype (PEFT rounds this
         # intermediate to the model dtype too); fp32 B: keep full fp32.
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
-    acc = acc * tl.load(scales_ptr + slot)
+    acc = acc * tl.load(scales_ptr + slot * stride_ss + part * stride_si)
     y = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
     mask = m_mask[:, None] & n_mask[None, :]
     old = tl.load(y, mask=mask, other=0.0).to(tl.float32)
@@ -226,126 +233,134 @@ def _lora_expand_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get(INTERPRET_ENV) == "1"
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # tf32 would cost fp32 models ~3 digits; half inputs ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _pow2_block(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
 
-def _check_kernel_runnable(t: torch.Tensor) -> None:
-    # A compiled (not interpreted) kernel cannot run on CPU tensors: say how to fix it.
-    interpreted = not isinstance(_lora_shrink_kernel, triton.runtime.JITFunction)
-    if not t.is_cuda and not interpreted:
-        raise RuntimeError(
-            f"Triton kernels on CPU tensors need {INTERPRET_ENV}=1 (or TRITON_INTERPRET=1) "
-            "set before multilora_kernels.lora is imported"
-        )
-
-
 def _shrink_split_k(max_tiles: int, k: int) -> int:
     k_blocks = triton.cdiv(k, _SHRINK_BLOCK_K)
-    # Keep >= 2 K blocks per split so the atomics stay a small share of the traffic.
+    # Keep >= 2 K blocks per split: each split adds a plane the expand reads back.
     return max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2))
 
 
 def _shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, split_k: int | None = None) -> torch.Tensor:
     num_tokens, k = x.shape
-    rank = lora_a.shape[1]
-    out = torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)
-    if num_tokens == 0 or rank == 0:
-        return out
-    _check_kernel_runnable(x)
+    lora_a = _stacked(lora_a)
+    rank = lora_a.shape[1] * lora_a.shape[2]
+    if num_tokens == 0 or rank == 0 or k == 0:
+        return torch.zeros(1, num_tokens, rank, dtype=torch.float32, device=x.device)
     split_k = split_k or _shrink_split_k(meta.max_tiles, k)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), _SHRINK_BLOCK_K) * _SHRINK_BLOCK_K
     split_k = triton.cdiv(k, k_per_split)
+    # Not zero-filled: the expand reads only rows of adapter tokens, which every split writes.
+    out = torch.empty(split_k, num_tokens, rank, dtype=torch.float32, device=x.device)
     block_n = _pow2_block(rank, _MAX_BLOCK_R)
-    grid = (meta.max_tiles, triton.cdiv(rank, block_n), split_k)
-    _lora_shrink_kernel[grid](
+    _launch.launch(
+        _lora_shrink_kernel, (meta.max_tiles, triton.cdiv(rank, block_n), split_k), x.device,
         x, lora_a, out,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        k, rank, k_per_split,
-        x.stride(0), x.stride(1), *lora_a.stride(), out.stride(0), out.stride(1),
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_K=_SHRINK_BLOCK_K,
-        ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
+        k, rank, lora_a.shape[2], k_per_split,
+        x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_K=_SHRINK_BLOCK_K, PRECISION=_launch.precision(x.dtype),
     )
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _slice_starts(slices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Once per (layer shape, device): the first calls run before any CUDA-graph capture.
+    starts = [0]
+    for width in slices:
+        starts.append(starts[-1] + width)
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
 def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                   meta: LoRAMeta) -> None:
-    num_tokens, n = y.shape
+                   meta: LoRAMeta, slices: tuple[int, ...]) -> None:
+    num_tokens = y.shape[0]
     rank = lora_b.shape[2]
-    if num_tokens == 0 or rank == 0 or n == 0:
+    if num_tokens == 0 or rank == 0 or y.shape[1] == 0:
         return
-    _check_kernel_runnable(y)
     block_n = _EXPAND_BLOCK_N if num_tokens > 128 else _EXPAND_BLOCK_N // 2
-    grid = (meta.max_tiles, triton.cdiv(n, block_n))
-    _lora_expand_kernel[grid](
-        buf, lora_b, y, scales,
+    grid = (meta.max_tiles, triton.cdiv(max(slices), block_n), len(slices))
+    _launch.launch(
+        _lora_expand_kernel, grid, y.device,
+        buf, lora_b, y, scales, _slice_starts(slices, y.device),
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        n, rank,
-        buf.stride(0), buf.stride(1), *lora_b.stride(), y.stride(0), y.stride(1),
+        rank, buf.shape[0],
+        *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=_pow2_block(rank, _MAX_BLOCK_R),
-        PRECISION=_precision(lora_b.dtype),
+        PRECISION=_launch.precision(lora_b.dtype),
     )
 
 
+def _stacked(lora_a: torch.Tensor) -> torch.Tensor:
+    """A as [S, n, R, H_in] (a 3-D [S, R, H_in] is one slice)."""
+    return lora_a[:, None] if lora_a.dim() == 3 else lora_a
+
+
 def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> None:
-    assert x.dim() == 2 and lora_a.dim() == 3, f"x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}"
+    assert x.dim() == 2 and lora_a.dim() in (3, 4), f"x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}"
     assert x.shape[0] == meta.num_tokens, f"x has {x.shape[0]} tokens, meta {meta.num_tokens}"
-    assert lora_a.shape[0] == meta.num_slots and lora_a.shape[2] == x.shape[1], (
+    assert lora_a.shape[0] == meta.num_slots and lora_a.shape[-1] == x.shape[1], (
         f"lora_a {tuple(lora_a.shape)} does not fit x {tuple(x.shape)} and {meta.num_slots} slots")
     assert x.dtype == lora_a.dtype, f"x is {x.dtype}, lora_a is {lora_a.dtype}"
 
 
-def _check_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                  meta: LoRAMeta) -> None:
-    assert y.dim() == 2 and buf.dim() == 2 and lora_b.dim() == 3, (
+def _expand_args(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                 meta: LoRAMeta, slices: tuple[int, ...] | None):
+    """Checks the shapes; returns buf as [P, T, n * R], scales as [S, n] and the slice widths."""
+    slices = (y.shape[1],) if slices is None else tuple(slices)
+    buf = buf[None] if buf.dim() == 2 else buf
+    scales = scales[:, None] if scales.dim() == 1 else scales
+    assert y.dim() == 2 and buf.dim() == 3 and lora_b.dim() == 3, (
         f"y {tuple(y.shape)}, buf {tuple(buf.shape)}, lora_b {tuple(lora_b.shape)}")
-    assert y.shape[0] == buf.shape[0] == meta.num_tokens, (
-        f"y has {y.shape[0]} tokens, buf {buf.shape[0]}, meta {meta.num_tokens}")
-    assert lora_b.shape == (meta.num_slots, y.shape[1], buf.shape[1]), (
-        f"lora_b {tuple(lora_b.shape)} != ({meta.num_slots}, {y.shape[1]}, {buf.shape[1]})")
+    assert sum(slices) == y.shape[1], f"slices {slices} do not add up to y's {y.shape[1]} columns"
+    rank = lora_b.shape[2]
+    assert y.shape[0] == buf.shape[1] == meta.num_tokens, (
+        f"y has {y.shape[0]} tokens, buf {buf.shape[1]}, meta {meta.num_tokens}")
+    assert lora_b.shape[:2] == (meta.num_slots, y.shape[1]) and buf.shape[2] == len(slices) * rank, (
+        f"lora_b {tuple(lora_b.shape)}, buf {tuple(buf.shape)} do not fit y {tuple(y.shape)}, slices {slices}")
     assert buf.dtype == torch.float32, f"buf must be float32, got {buf.dtype}"
-    assert scales.shape == (meta.num_slots,) and scales.dtype == torch.float32, (
-        f"scales must be float32 [{meta.num_slots}], got {scales.dtype} {tuple(scales.shape)}")
+    assert scales.shape == (meta.num_slots, len(slices)) and scales.dtype == torch.float32, (
+        f"scales must be float32 [{meta.num_slots}, {len(slices)}], got {scales.dtype} {tuple(scales.shape)}")
+    return buf, scales, slices
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
-    """buf[t] = x[t] @ lora_a[s].T with s = meta.token_slots[t]; rows with s = -1 are 0.
+    """buf[:, t].sum(0) = x[t] @ lora_a[s].T with s = meta.token_slots[t], for tokens with s >= 0.
 
-    x: [T, H_in]; lora_a: [S, R, H_in], same dtype as x. Returns buf [T, R] float32.
+    x: [T, H_in]; lora_a: [S, n, R, H_in] for n stacked slices, or [S, R, H_in] for one (any
+    strides), same dtype as x; lora_a[s] above means its n * R rows in (slice, rank) order.
+    Returns buf [P, T, n * R] float32: P planes of split-K partial sums, as
+    `lora_expand` takes them. Rows of tokens with s = -1 are left unwritten (undefined).
     Runs the Triton kernel on CUDA tensors (or with MULTILORA_TRITON_INTERPRET_KERNELS=1),
     else `lora_shrink_ref`.
     """
     _check_shrink(x, lora_a, meta)
-    if _use_triton(x):
+    if _launch.use_triton(x):
         return _shrink_triton(x, lora_a, meta)
     return lora_shrink_ref(x, lora_a, meta)
 
 
 def lora_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                meta: LoRAMeta) -> None:
-    """In place: y[t] += scales[s] * (buf[t] @ lora_b[s].T) for tokens with s >= 0.
+                meta: LoRAMeta, slices: tuple[int, ...] | None = None) -> None:
+    """In place, for tokens t with s = meta.token_slots[t] >= 0 and each output slice i:
 
-    y: [T, H_out], any strides (e.g. a column slice of a fused qkv output), left
-    untouched where s = -1; buf: [T, R] float32 (any strides); lora_b: [S, H_out, R];
-    scales: [S] float32. Accumulates in fp32 and stores in y.dtype.
-    Runs the Triton kernel on CUDA tensors (or with MULTILORA_TRITON_INTERPRET_KERNELS=1),
-    else `lora_expand_ref`.
+        y[t, c_i:c_i+N_i] += scales[s, i] * (buf[:, t, i*R:(i+1)*R].sum(0) @ lora_b[s, c_i:c_i+N_i].T)
+
+    y: [T, sum N_i], any strides (e.g. a fused qkv output), left untouched where s = -1;
+    buf: [P, T, n * R] float32 from `lora_shrink` (or [T, n * R]); lora_b: [S, sum N_i, R],
+    slice i's B in rows c_i.. (any strides); scales: [S, n] float32 (or [S] for one slice);
+    slices: the widths N_i (default: one slice, all of y). Accumulates in fp32, stores in
+    y.dtype. One launch for all slices. Runs the Triton kernel on CUDA tensors (or with
+    MULTILORA_TRITON_INTERPRET_KERNELS=1), else `lora_expand_ref`.
     """
-    _check_expand(y, buf, lora_b, scales, meta)
-    if _use_triton(y):
-        _expand_triton(y, buf, lora_b, scales, meta)
+    buf, scales, slices = _expand_args(y, buf, lora_b, scales, meta, slices)
+    if _launch.use_triton(y):
+        _expand_triton(y, buf, lora_b, scales, meta, slices)
     else:
-        lora_expand_ref(y, buf, lora_b, scales, meta)
+        lora_expand_ref(y, buf, lora_b, scales, meta, slices)
 
 
 # ----------------------------------------------------------------------------- torch twins
@@ -356,20 +371,27 @@ def _used_slots(meta: LoRAMeta) -> list[int]:
 
 
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
-    """Pure-torch `lora_shrink`: per used slot, x[rows] @ A[s].T in float32 (PEFT's order)."""
+    """Pure-torch `lora_shrink`: per used slot, x[rows] @ A[s].T in float32 (PEFT's order); one plane."""
     _check_shrink(x, lora_a, meta)
-    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    lora_a = _stacked(lora_a)
+    out = torch.zeros(1, x.shape[0], lora_a.shape[1] * lora_a.shape[2], dtype=torch.float32, device=x.device)
     for slot in _used_slots(meta):
         rows = (meta.token_slots == slot).nonzero().squeeze(1)
-        out[rows] = x[rows].float() @ lora_a[slot].float().T
+        out[0, rows] = x[rows].float() @ lora_a[slot].flatten(0, 1).float().T
     return out
 
 
 def lora_expand_ref(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                    meta: LoRAMeta) -> None:
-    """Pure-torch `lora_expand`: per used slot, y[rows] += (buf[rows] @ B[s].T) * scale[s]."""
-    _check_expand(y, buf, lora_b, scales, meta)
+                    meta: LoRAMeta, slices: tuple[int, ...] | None = None) -> None:
+    """Pure-torch `lora_expand`: per used slot and slice, y[rows, cols] += (buf[rows] @ B[s, cols].T) * scale."""
+    buf, scales, slices = _expand_args(y, buf, lora_b, scales, meta, slices)
+    rank = lora_b.shape[2]
     for slot in _used_slots(meta):
         rows = (meta.token_slots == slot).nonzero().squeeze(1)
-        delta = (buf[rows] @ lora_b[slot].float().T) * scales[slot]
-        y[rows] = (y[rows].float() + delta).to(y.dtype)
+        h = buf[:, rows].sum(0)
+        col = 0
+        for i, width in enumerate(slices):
+            cols = slice(col, col + width)
+            delta = (h[:, i * rank:(i + 1) * rank] @ lora_b[slot, cols].float().T) * scales[slot, i]
+            y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
+            col += width

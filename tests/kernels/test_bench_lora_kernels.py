@@ -20,12 +20,15 @@ def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTILORA_TRITON_INTERPRET_KERNELS", "1")
     bench = _load_bench()
     rc = bench.main(["--device", "cpu", "--dtype", "float32", "--shape-div", "64", "--tokens", "5",
-                     "--mixes", "base_mix", "--layers", "k|v", "--slots", "4", "--rank", "8",
-                     "--warmup", "0", "--iters", "1"])
+                     "--mixes", "base_mix", "--layers", "qkv", "--slots", "4", "--rank", "8",
+                     "--elementwise-tokens", "3", "--warmup", "0", "--iters", "1"])
     result = json.loads((tmp_path / "lora_kernels.json").read_text())
     assert rc == 0
-    assert [(c["op"], c["tokens"], c["h_in"], c["h_out"]) for c in result["cases"]] == [
-        ("shrink", 5, 64, 16), ("expand", 5, 64, 16)]
+    assert [(c["layer"], c["op"], c["tokens"]) for c in result["cases"]] == [
+        ("qkv", "shrink", 5), ("qkv", "expand", 5),
+        ("add_rms_norm", "fused", 3), ("rotary_kv_write", "fused", 3), ("silu_and_mul", "fused", 3)]
+    qkv = result["cases"][0]
+    assert (qkv["h_in"], qkv["h_out"], qkv["slices"]) == (64, 96, [64, 16, 16])
     assert all(c["ok"] and c["floor_us"] > 0 for c in result["cases"])
 
 

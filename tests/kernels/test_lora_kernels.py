@@ -104,10 +104,11 @@ def test_kernels_match_ref(lora, triton_on_cpu, mix, num_tokens, dtype):
 
     buf = lora.lora_shrink(x, a, meta)
     buf_ref = lora.lora_shrink_ref(x, a, meta)
-    assert buf.shape == (num_tokens, RANK) and buf.dtype == torch.float32
-    torch.testing.assert_close(buf, buf_ref, **TOL[dtype])
+    assert buf.shape[1:] == (num_tokens, RANK) and buf.dtype == torch.float32
     base = meta.token_slots < 0
-    assert torch.all(buf[base] == 0)
+    # Rows of base-model tokens are never written (nor read by the expand).
+    torch.testing.assert_close(buf.sum(0)[~base], buf_ref[0][~base], **TOL[dtype])
+    assert torch.all(buf_ref[0][base] == 0)
 
     y0 = torch.randn(num_tokens, H_OUT, generator=gen).to(dtype)
     y, y_ref = y0.clone(), y0.clone()
@@ -125,8 +126,11 @@ def test_split_k_accumulates(lora, triton_on_cpu):
     a = torch.randn(NUM_SLOTS, RANK, 320, generator=gen) / 16
     meta = lora.build_lora_meta(_slots("random", 23, gen), NUM_SLOTS)
     expected = lora.lora_shrink_ref(x, a, meta)
+    used = meta.token_slots >= 0
     for split_k in (1, 3, 5):
-        torch.testing.assert_close(lora._shrink_triton(x, a, meta, split_k=split_k), expected)
+        planes = lora._shrink_triton(x, a, meta, split_k=split_k)
+        assert planes.shape[0] == split_k  # one plane of partial sums per split, no atomics
+        torch.testing.assert_close(planes.sum(0)[used], expected[0][used])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -257,7 +261,8 @@ def test_cuda_bf16_matches_ref(num_tokens):
     scales = torch.rand(8, **kw)
     meta = build_lora_meta(torch.randint(-1, 8, (num_tokens,), **kw), 8)
     buf = lora_shrink(x, a, meta)
-    torch.testing.assert_close(buf, lora_shrink_ref(x, a, meta), rtol=2e-2, atol=2e-2)
+    used = meta.token_slots >= 0
+    torch.testing.assert_close(buf.sum(0)[used], lora_shrink_ref(x, a, meta)[0][used], rtol=2e-2, atol=2e-2)
     y = torch.randn(num_tokens, 3 * 6144, **kw).bfloat16()[:, 6144:2 * 6144]
     y_ref = y.clone()
     lora_expand(y, buf, b, scales, meta)

@@ -106,14 +106,9 @@ class ModelRunner:
 
     # ---- adapters -------------------------------------------------------
     def write_adapter(self, adapter_slot: int, adapter) -> None:
-        """Copies a loaded adapter's weights into GPU adapter slot `adapter_slot` of every LoRA layer."""
-        for key, layer in self.lora_layers.items():
-            weights = adapter.weights.get(key)
-            if weights is None:
-                layer.set_slot(adapter_slot, None, None, 0.0)
-            else:
-                a, b, scaling = weights
-                layer.set_slot(adapter_slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype), scaling)
+        """Makes GPU adapter slot `adapter_slot` hold `adapter` in every LoRA layer (modules it does not
+        target: zero): one copy of its pinned host image, queued on a side stream (see AdapterSlotWeights)."""
+        self.model.adapter_slot_weights.upload(adapter_slot, adapter)
 
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()

@@ -1,46 +1,96 @@
-"""LoRALinear: a linear layer plus stacked per-slot LoRA weights.
+"""LoRALinear: a linear layer of one or more output slices, plus stacked per-slot LoRA weights.
 
-`lora_a[s]` is [max_rank, in] and `lora_b[s]` is [out, max_rank]; an adapter of
-smaller rank is zero-padded, so ranks mix freely in one batch. The output is
-`x @ W.T + b` plus, for each token t with slot s >= 0, `scale[s] * (x[t] @ A[s].T) @ B[s].T`.
+A fused projection (q/k/v, or gate/up) is one GEMM over the slices' weights
+stacked at load; adapters still name the HF modules (q_proj, ...), and each
+module is one slice (`LoRATarget`). For S adapter slots, rank R and n slices:
+
+    lora_a [S, n, R, in]     the slices' A stacked
+    lora_b [S, out, R]       slice i's B in the rows of slice i's output columns
+    lora_scales [S, n]       float32
+
+An adapter of smaller rank, or one that leaves a slice out, is zero there, so
+ranks and targets mix freely in one batch. The output is `x @ W.T + b` plus, for
+each token t with adapter slot s >= 0, each slice's `scale * (x @ A_i.T) @ B_i.T`:
+one shrink and one expand launch per layer whatever n is. Without a mapping
+(`lora_step(None)`, a step where no row uses an adapter) it is the GEMM alone.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from multilora.lora.mapping import active_lora_meta
 from multilora_kernels.lora import lora_expand, lora_shrink
 
 
-class LoRALinear(nn.Linear):
-    """Keeps nn.Linear's parameter names, so checkpoints load unchanged."""
+class LoRALinear(nn.Module):
+    """`weight` [sum(slices), in] (and `bias`), the slices' HF weights stacked in `slice_names` order."""
 
-    def enable_lora(self, num_slots: int, max_rank: int) -> None:
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, **factory), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(num_slots, self.out_features, max_rank, **factory), persistent=False)
-        self.register_buffer("lora_scales", torch.zeros(num_slots, dtype=torch.float32, device=self.weight.device),
-                             persistent=False)
+    def __init__(self, in_features: int, slices: tuple[int, ...], slice_names: tuple[str, ...], bias: bool):
+        super().__init__()
+        assert len(slices) == len(slice_names) >= 1, f"slices {slices} vs names {slice_names}"
+        self.in_features, self.slices, self.slice_names = in_features, tuple(slices), tuple(slice_names)
+        self.out_features = sum(slices)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+        self.lora_scales: torch.Tensor | None = None
+
+    def slice_rows(self, index: int) -> slice:
+        """Rows of `weight` (and columns of the output) that slice `index` owns."""
+        start = sum(self.slices[:index])
+        return slice(start, start + self.slices[index])
+
+    def attach_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scales: torch.Tensor) -> None:
+        """Points the layer at its per-slot weights (views into the slot buffer; any strides)."""
+        num_slots, rank = lora_b.shape[0], lora_b.shape[2]
+        assert lora_a.shape == (num_slots, len(self.slices), rank, self.in_features), tuple(lora_a.shape)
+        assert lora_b.shape == (num_slots, self.out_features, rank), tuple(lora_b.shape)
+        assert lora_scales.shape == (num_slots, len(self.slices)), tuple(lora_scales.shape)
+        self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, lora_scales
 
     @property
     def has_lora(self) -> bool:
-        return hasattr(self, "lora_a")
-
-    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        """Writes one adapter's weights for this layer into `slot` (None: the adapter does not touch it)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.lora_scales[slot] = 0.0
-        if a is not None:
-            rank = a.shape[0]
-            self.lora_a[slot, :rank].copy_(a)
-            self.lora_b[slot, :, :rank].copy_(b)
-            self.lora_scales[slot] = scale
+        return self.lora_a is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        meta = active_lora_meta() if self.has_lora else None
+        y = F.linear(x, self.weight, self.bias)
+        meta = active_lora_meta() if self.lora_a is not None else None
         if meta is not None:
             buf = lora_shrink(x, self.lora_a, meta)
-            lora_expand(y, buf, self.lora_b, self.lora_scales, meta)
+            lora_expand(y, buf, self.lora_b, self.lora_scales, meta, self.slices)
         return y
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One HF module an adapter may target (q_proj, ...): slice `index` of `layer`.
+
+    `enable_lora(num_slots, max_rank)` turns LoRA on for the whole model at once
+    (one slot buffer for every layer); it may be called once per target.
+    """
+
+    layer: LoRALinear
+    index: int
+    enable: Callable[[int, int], object]
+
+    @property
+    def rows(self) -> slice:
+        return self.layer.slice_rows(self.index)
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.slices[self.index]
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> None:
+        self.enable(num_slots, max_rank)

@@ -2,6 +2,9 @@
 
 The model runner builds it once per step and enters `lora_step(meta)`; the
 model itself never sees adapters: each `LoRALinear` reads the active mapping.
+`lora_step(None)` (or no `lora_step` at all) is a step where no row uses an
+adapter: every LoRA layer runs its GEMM alone and launches no LoRA kernel, so
+a CUDA graph captured under it costs exactly the base model.
 """
 
 import contextlib

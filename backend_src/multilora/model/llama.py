@@ -1,33 +1,39 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a paged KV cache.
 
-Parameter names match the Hugging Face checkpoints, so weights load by name.
 Tokens of all sequences in a step are flattened into one [T, hidden] batch.
-The model does not know adapters exist: its projections are `LoRALinear`s that
-read the step's adapter mapping on their own.
+q/k/v and gate/up are one GEMM each (`LoRALinear`s of several slices, weights
+stacked at load; `checkpoint_views` maps the HF tensor names onto them), and the
+elementwise work of a layer is three fused kernels: residual add + RMSNorm,
+rotary + KV-cache write, SiLU-and-mul. A decode layer is thus 4 GEMMs, 4 fused
+kernels and attention (tests/engine/test_kernel_budget.py holds it there).
+The model does not know adapters exist: its projections read the step's
+adapter mapping on their own.
 """
 
 import torch
 from torch import nn
 
-from multilora.lora.lora_linear import LoRALinear
-from multilora.model.attention import AttentionMetadata, paged_attention, write_kv
+from multilora.lora.lora_linear import LoRALinear, LoRATarget
+from multilora.lora.adapter_slot_weights import AdapterSlotWeights
+from multilora.model.attention import AttentionMetadata, paged_attention
 from multilora.model.rotary import RotaryEmbedding
+from multilora_kernels.activation import silu_and_mul
+from multilora_kernels.norm import fused_add_rms_norm
+from multilora_kernels.rotary import rotary_kv_write
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm with the residual add before it fused in: forward(x, residual) -> (normed, x + residual)."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as transformers' LlamaRMSNorm, for identical float32 results.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -37,20 +43,20 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        hidden = config.hidden_size
-        self.q_proj = LoRALinear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = LoRALinear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = LoRALinear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = LoRALinear(self.num_heads * self.head_dim, hidden,
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = LoRALinear(config.hidden_size, (q_size, kv_size, kv_size), ("q_proj", "k_proj", "v_proj"),
+                                   bias=bias)
+        self.o_proj = LoRALinear(q_size, (config.hidden_size,), ("o_proj",),
                                  bias=getattr(config, "attention_bias", False) and config.model_type != "qwen2")
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, cos, sin)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.qkv_proj.slices[0], self.qkv_proj.slices[1]
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
@@ -60,12 +66,12 @@ class MLP(nn.Module):
         super().__init__()
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
-        self.gate_proj = LoRALinear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = LoRALinear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = LoRALinear(config.intermediate_size, config.hidden_size, bias=False)
+        inter = config.intermediate_size
+        self.gate_up_proj = LoRALinear(config.hidden_size, (inter, inter), ("gate_proj", "up_proj"), bias=False)
+        self.down_proj = LoRALinear(inter, (config.hidden_size,), ("down_proj",), bias=False)
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -76,9 +82,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        """x: the previous layer's MLP output (the embeddings, residual None, for the first layer)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -102,21 +110,52 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden]; `compute_logits` picks rows to project."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def lora_layers(self) -> dict[tuple[int, str], LoRALinear]:
-        """(layer index, projection name) -> the layer, for writing adapter weights into slots."""
+    def lora_layers(self) -> dict[tuple[int, str], LoRATarget]:
+        """(layer index, HF module name) -> its `LoRATarget`, for writing adapter weights into slots.
+
+        Fused projections give one target per HF module (q_proj, k_proj, v_proj
+        are slices of qkv_proj), so adapters load unchanged.
+        """
         found = {}
         for index, layer in enumerate(self.model.layers):
-            for parent in (layer.self_attn, layer.mlp):
-                for name, module in parent.named_children():
-                    if isinstance(module, LoRALinear):
-                        found[(index, name)] = module
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj):
+                for i, name in enumerate(linear.slice_names):
+                    found[(index, name)] = LoRATarget(linear, i, self.enable_lora)
         return found
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> AdapterSlotWeights:
+        """Gives every LoRA layer its per-slot weights, in one slot buffer (once; later calls return it)."""
+        existing = getattr(self, "adapter_slot_weights", None)
+        if existing is not None:
+            assert (existing.num_slots, existing.max_rank) == (num_slots, max_rank), (
+                f"LoRA already enabled with {existing.num_slots} slots of rank {existing.max_rank}")
+            return existing
+        weight = self.lm_head.weight
+        self.adapter_slot_weights = AdapterSlotWeights(self.lora_layers(), num_slots, max_rank, weight.dtype, weight.device)
+        return self.adapter_slot_weights
+
+    def checkpoint_views(self) -> dict[str, torch.Tensor]:
+        """HF checkpoint tensor name -> the parameter (or the rows of a fused one) it loads into."""
+        views = dict(self.named_parameters())
+        for name, module in self.named_modules():
+            if not isinstance(module, LoRALinear):
+                continue
+            parent = name.rsplit(".", 1)[0]
+            for param in ("weight", "bias"):
+                tensor = getattr(module, param)
+                if tensor is None:
+                    continue
+                del views[f"{name}.{param}"]
+                for i, slice_name in enumerate(module.slice_names):
+                    views[f"{parent}.{slice_name}.{param}"] = tensor.data[module.slice_rows(i)]
+        return views

@@ -1,4 +1,8 @@
-"""Builds the model from a Hugging Face directory: config, then safetensors weights (or random ones)."""
+"""Builds the model from a Hugging Face directory: config, then safetensors weights (or random ones).
+
+Checkpoints are read by their HF tensor names; fused projections (qkv, gate_up) take
+each named tensor into their rows (`LlamaForCausalLM.checkpoint_views`).
+"""
 
 import json
 import logging
@@ -56,7 +60,8 @@ def _weight_files(model_dir: str) -> list[str]:
 
 
 def _load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
-    params = dict(model.named_parameters())
+    # By HF name: q/k/v and gate/up land in their rows of the fused projections.
+    params = model.checkpoint_views()
     missing = set(params)
     for path in _weight_files(model_dir):
         with safe_open(path, framework="pt") as f:
@@ -70,7 +75,7 @@ def _load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
                 if tensor.shape != param.shape:
                     raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                param.copy_(tensor)
                 missing.discard(name)
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")

@@ -1,0 +1,123 @@
+"""AdapterSlotWeights: every LoRA layer's per-slot A/B/scales in one device buffer, and the uploads into it.
+
+The buffer is [num_slots, slot_bytes] bytes; each layer's `lora_a`, `lora_b` and
+`lora_scales` are typed views into it (model dtype for A/B, float32 scales), so
+one adapter slot is one contiguous byte range over all layers and slices. Inside
+a slot the bytes are rank-major: first every layer's scales, then rank row 0 of
+every layer's A and B, then rank row 1, ... So an adapter of rank r fills a
+prefix of its slot, and its host image is exactly that prefix, laid out like the
+slot: built once per adapter (pinned memory on GPUs, so the copy is a real DMA
+that never blocks the host), uploaded with ONE copy of r / max_rank of a slot.
+Rows left over from a previous adapter of higher rank are zeroed on the device.
+
+On a GPU the copy runs on a side stream; the compute stream waits on its event
+before the step that first uses the slot (the engine uploads right before that
+step), so the host never waits. The side stream first waits for the work already
+queued on the compute stream, which may still read the slot's previous adapter.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from multilora.lora.lora_linear import LoRALinear, LoRATarget
+
+_ALIGN = 64  # bytes: every typed view starts aligned, for any dtype and vectorised loads
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class _LayerLayout:
+    scales_offset: int  # bytes from the slot's start: [n] float32
+    a_offset: int       # bytes from a rank row's start: [n, in] model dtype (row j of each slice's A)
+    b_offset: int       # bytes from a rank row's start: [out] model dtype (column j of B)
+
+
+class AdapterSlotWeights:
+    """Allocates the slot buffer, attaches every layer's views, and uploads adapters into slots."""
+
+    def __init__(self, targets: dict[tuple[int, str], LoRATarget], num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.targets, self.num_slots, self.max_rank = targets, num_slots, max_rank
+        self.dtype, self.device = dtype, device
+        layers: list[LoRALinear] = list(dict.fromkeys(t.layer for t in targets.values()))
+        self.layouts: dict[LoRALinear, _LayerLayout] = {}
+        header = row = 0
+        for layer in layers:
+            n = len(layer.slices)
+            self.layouts[layer] = _LayerLayout(header, row, row + _aligned(n * layer.in_features * dtype.itemsize))
+            header += _aligned(4 * n)
+            row += _aligned(n * layer.in_features * dtype.itemsize) + _aligned(layer.out_features * dtype.itemsize)
+        self.header_bytes, self.row_bytes = header, row
+        self.slot_bytes = header + max_rank * row
+        self.buffer = torch.zeros(num_slots, self.slot_bytes, dtype=torch.uint8, device=device)
+        for layer in layers:
+            layer.attach_lora(*self._views(self.buffer, layer, max_rank))
+        self._slot_ranks = [0] * num_slots  # rank rows that may be non-zero, per slot
+        self._images: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _views(self, buffer: torch.Tensor, layer: LoRALinear, rank: int):
+        """(lora_a [.., n, rank, in], lora_b [.., out, rank], lora_scales [.., n]) of `layer` in `buffer`."""
+        lead, layout, n = buffer.shape[:-1], self.layouts[layer], len(layer.slices)
+        item = self.dtype.itemsize
+        scales = buffer[..., layout.scales_offset:layout.scales_offset + 4 * n].view(torch.float32)
+        rows = buffer[..., self.header_bytes:self.header_bytes + rank * self.row_bytes]
+        rows = rows.view(self.dtype).view(*lead, rank, self.row_bytes // item)
+        a_start, b_start = layout.a_offset // item, layout.b_offset // item
+        lora_a = rows[..., a_start:a_start + n * layer.in_features].unflatten(-1, (n, layer.in_features))
+        lora_b = rows[..., b_start:b_start + layer.out_features]
+        return lora_a.movedim(-3, -2), lora_b.transpose(-1, -2), scales
+
+    def host_image(self, adapter) -> torch.Tensor:
+        """The adapter laid out like the prefix of a slot that its rank fills: uint8 bytes, pinned on
+        GPUs; built once per adapter and freed with it."""
+        cached = self._images.get(id(adapter))
+        if cached is not None and cached[0]() is adapter:
+            return cached[1]
+        rank = max((a.shape[0] for a, _, _ in adapter.weights.values()), default=0)
+        assert rank <= self.max_rank, f"adapter '{adapter.name}' has rank {rank} > max_lora_rank {self.max_rank}"
+        image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
+                            pin_memory=self.device.type == "cuda")
+        for key, (a, b, scaling) in adapter.weights.items():
+            target = self.targets.get(key)
+            if target is None:
+                continue  # a module this model serves without LoRA; the adapter loader validated the rest
+            lora_a, lora_b, scales = self._views(image, target.layer, rank)
+            lora_a[target.index, :a.shape[0]].copy_(a)
+            lora_b[target.rows, :a.shape[0]].copy_(b)
+            scales[target.index] = scaling
+        try:
+            ref = weakref.ref(adapter)
+        except TypeError:  # a record without weak references: rebuilt at each upload
+            return image
+        self._images[id(adapter)] = (ref, image)
+        weakref.finalize(adapter, self._images.pop, id(adapter), None)  # pinned memory goes with the adapter
+        return image
+
+    def upload(self, adapter_slot: int, adapter) -> None:
+        """Makes `adapter_slot` hold `adapter` (every layer; untargeted modules zero) with one copy."""
+        assert 0 <= adapter_slot < self.num_slots, f"adapter slot {adapter_slot} outside 0..{self.num_slots - 1}"
+        image = self.host_image(adapter)
+        rank = (image.numel() - self.header_bytes) // self.row_bytes
+        dst = self.buffer[adapter_slot]
+        stale = dst[image.numel():self.header_bytes + self._slot_ranks[adapter_slot] * self.row_bytes]
+        self._slot_ranks[adapter_slot] = rank
+        if self._stream is None:
+            dst[:image.numel()].copy_(image)
+            stale.zero_()
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(compute)  # queued steps may still read the slot's previous adapter
+        with torch.cuda.stream(self._stream):
+            dst[:image.numel()].copy_(image, non_blocking=True)
+            stale.zero_()
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        compute.wait_event(done)
