@@ -101,9 +101,9 @@ def launch(base: Path, model_args: list[str]):
     admin_key = "test-admin-key"
     cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *model_args, "--run-dir", str(base / "run"),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--dtype", "float32", "--device", "cpu", "--ready-timeout", str(READY_TIMEOUT_S),
-           "--admin-key", admin_key]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {"MULTILORA_TEST_THREADS": "1"}
+           "--dtype", "float32", "--device", "cpu", "--ready-timeout", str(READY_TIMEOUT_S)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {
+        "MULTILORA_TEST_THREADS": "1", "MULTILORA_ADMIN_KEY": admin_key}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     model_dir = Path(model_args[model_args.index("--model") + 1])
