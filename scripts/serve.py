@@ -29,13 +29,11 @@ import sysconfig
 import urllib.error
 import urllib.request
 
+from serve_checks import check_environment  # this directory
+from supervisor import CONTROL_DIR_ENV, Supervisor, SupervisorConfig, drain_seconds, log
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_MODEL_DIR = os.path.join(REPO, "model_repository", "multilora")
-sys.path.insert(0, os.path.join(SOURCE_MODEL_DIR, "1"))   # launcher_link.py: the model's side of supervision
-
-from launcher_link import CONTROL_DIR_ENV  # noqa: E402
-from serve_checks import check_environment  # noqa: E402
-from supervisor import Supervisor, SupervisorConfig, drain_seconds, log  # noqa: E402
 
 MODEL_NAME = "multilora"
 ADMIN_HEADER = "multilora-admin-key"

@@ -32,7 +32,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from launcher_link import DRAIN_FILE, HEALTH_FILE, read_health, request_drain
+# launcher_link.py sits beside model.py, where the stub imports it; the launcher reads the same file.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "model_repository", "multilora", "1"))
+from launcher_link import CONTROL_DIR_ENV, DRAIN_FILE, HEALTH_FILE, read_health, request_drain  # noqa: E402,F401
 
 POLL_S = 0.5
 RESTART_WINDOW_S = 600.0
