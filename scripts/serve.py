@@ -312,6 +312,7 @@ multilora is ready (tritonserver pid {proc.pid})
   model     {model_dir}
   adapters  {os.pathsep.join(roots) or '(no adapter roots)'}{' + ' + args.registry if args.registry else ''}
   admin     {RESTRICTED_APIS.replace(',', ', ')} APIs need header {ADMIN_HEADER}: {key_note}
+            (over gRPC the header is named triton-grpc-protocol-{ADMIN_HEADER})
 Try:
   {_shown_path(sys.executable)} {_shown_path(os.path.join(REPO, "client_examples", "grpc_stream.py"))} --url {host}:{args.grpc_port}{curl}
 Ctrl-C stops the server (in-flight requests get up to {drain_note(args)}).""", flush=True)
