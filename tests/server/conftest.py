@@ -236,6 +236,10 @@ def _tail(path: Path, lines: int = 150) -> str:
         return "(no log)"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: minutes of load against one server (CI runs it; -m 'not soak' skips it)")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
