@@ -40,6 +40,7 @@ from launcher_link import CONTROL_DIR_ENV, DRAIN_FILE, HEALTH_FILE, read_health,
 POLL_S = 0.5
 RESTART_WINDOW_S = 600.0
 EXIT_GRACE_S = 3.0      # after every request is answered: time for tritonserver to exit by itself
+ANSWER_GRACE_S = 5.0    # after the engine thread died: time for the model to send the answers it ended
 STUB_EXIT_WAIT_S = 5.0  # after a kill: how long to wait for the stub to be gone
 
 
@@ -154,7 +155,7 @@ class Supervisor:
 
     def _watch(self, proc: subprocess.Popen) -> Optional[str]:
         """Waits while the server is healthy; the reason it is not, or None when asked to stop."""
-        ready_at = time.time()
+        ready_at, engine_dead_at = time.time(), None
         while not self._stop_signals:
             code = proc.poll()
             if code is not None:
@@ -164,7 +165,10 @@ class Supervisor:
             if health is not None and not process_alive(health.pid):
                 return f"the Python backend stub (pid {health.pid}) died"
             if health is not None and not health.engine_alive and not health.draining:
-                return f"the engine thread died ({health.engine_failure})"
+                # The engine ended its requests as it died: let the model send those answers first.
+                engine_dead_at = engine_dead_at or time.monotonic()
+                if health.unanswered == 0 or time.monotonic() - engine_dead_at > ANSWER_GRACE_S:
+                    return f"the engine thread died ({health.engine_failure})"
             if age > self.config.health_timeout:
                 return (f"the model has not reported its health for {age:.0f} s (a hung Python backend stub); "
                         f"--health-timeout is {self.config.health_timeout:.0f} s")
