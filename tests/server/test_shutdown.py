@@ -8,18 +8,16 @@ process of its process groups, no shared-memory region of its launcher.
 
 import glob
 import os
-import queue
 import re
 import signal
 import time
 import urllib.request
 
 import pytest
-import tritonclient.grpc as grpcclient
 
 from model_dir import import_model_module
 from multilora.demo_tasks import ADAPTER_NAMES, format_prompt, heldout_inputs
-from triton_client import make_inputs, run_stream
+from triton_client import Streams, run_stream
 
 launcher_link = import_model_module("launcher_link")
 
@@ -38,46 +36,6 @@ def _workload(n: int) -> dict[str, tuple[str, str | None]]:
 def _request(prompt: str, adapter) -> dict:
     return {"text_input": prompt, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
             **({"lora_id": adapter} if adapter else {})}
-
-
-class Streams:
-    """Requests on one gRPC stream; each ends with a final response, an error, or the stream's own end."""
-
-    def __init__(self, url: str, workload: dict):
-        self.responses: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-        self.tokens = {rid: [] for rid in workload}
-        self.finished: set[str] = set()
-        self.errors: list[str] = []
-        for rid, (prompt, adapter) in workload.items():
-            self.client.async_stream_infer("multilora", make_inputs(_request(prompt, adapter)), request_id=rid,
-                                           enable_empty_final_response=True)
-
-    def collect(self, until, timeout: float):
-        deadline = time.monotonic() + timeout
-        while not until() and time.monotonic() < deadline:
-            try:
-                result, error = self.responses.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if error is not None:
-                self.errors.append(f"{error.status()}: {error.message()}")
-                continue
-            response = result.get_response()
-            if response.outputs:
-                self.tokens[response.id] += result.as_numpy("output_ids").tolist()
-            if response.parameters["triton_final_response"].bool_param:
-                self.finished.add(response.id)
-
-    def answered(self) -> int:
-        return len(self.finished) + len(self.errors)
-
-    def close(self):
-        try:
-            self.client.stop_stream()
-        finally:
-            self.client.close()
 
 
 def _tritonserver_pid(log) -> int:
@@ -109,7 +67,7 @@ def test_sigterm_with_many_streams_answers_every_request_and_exits_in_time(launc
     proc, srv = launcher(["--max-num-seqs", "8", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)])
     server_pid = _tritonserver_pid(srv.log)
     workload = _workload(64)          # 8 run at a time, the rest wait
-    streams = Streams(srv.grpc_url, workload)
+    streams = Streams(srv.grpc_url, {rid: _request(*pr) for rid, pr in workload.items()})
     try:
         streams.collect(lambda: any(streams.tokens.values()), timeout=60)
         assert any(streams.tokens.values()), "no stream started"
@@ -139,7 +97,7 @@ def test_killed_stub_ends_streams_restarts_the_server_and_serves_again(launcher,
         urllib.request.urlopen(f"{srv.http_url}/v2/health/ready", timeout=5)
     first_server = _tritonserver_pid(srv.log)
     workload = _workload(16)
-    streams = Streams(srv.grpc_url, workload)
+    streams = Streams(srv.grpc_url, {rid: _request(*pr) for rid, pr in workload.items()})
     try:
         streams.collect(lambda: any(streams.tokens.values()), timeout=60)
         stub = launcher_link.read_health(str(srv.run_dir / "control")).pid

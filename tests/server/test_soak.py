@@ -17,7 +17,6 @@ negative or huge lora_alpha, temperature 1e-300, huge inputs and stop lists,
 deeply nested sampling_parameters).
 """
 
-import queue
 import random
 import shutil
 import threading
@@ -27,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from helpers.tiny_models import copy_adapter
 from metrics_text import eventually, sample, samples
 from model_dir import import_model_module
 from multilora.demo_tasks import ADAPTER_NAMES, format_prompt, heldout_inputs
-from triton_client import make_inputs
+from triton_client import Streams
 
 pytestmark = pytest.mark.soak
 launcher_link = import_model_module("launcher_link")
@@ -93,54 +91,35 @@ def _layout(tiny_zoo, root: Path):
     (root / "escape").symlink_to(outside / "upper", target_is_directory=True)
 
 
-def _run_batch(url: str, batch: list, cancel: bool, tally: Tally, references):
+def _run_batch(url: str, batch: list, cancel: bool, tally: Tally):
     """One stream: send the batch, maybe cancel it mid-way, collect every answer, check it."""
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    tokens = {rid: [] for rid, *_ in batch}
-    finished, errors = set(), []
+    streams = Streams(url, {rid: values for rid, values, _ in batch})
+    done = lambda: streams.answered() >= len(batch)  # noqa: E731
+    if cancel:          # the client goes away mid-stream
+        streams.collect(lambda: any(streams.tokens.values()) or done(), timeout=120)
+        streams.close(cancel=True)
+        with tally.lock:
+            tally.cancelled_streams += 1
+        return
     try:
-        for rid, values, _ in batch:
-            client.async_stream_infer("multilora", make_inputs(values), request_id=rid,
-                                      enable_empty_final_response=True)
-        deadline = time.monotonic() + 120
-        while len(finished) + len(errors) < len(batch):
-            if cancel and any(tokens.values()):
-                client.stop_stream(cancel_requests=True)    # the client goes away mid-stream
-                with tally.lock:
-                    tally.cancelled_streams += 1
-                return
-            try:
-                result, error = responses.get(timeout=1)
-            except queue.Empty:
-                assert time.monotonic() < deadline, f"a stream hung: {len(finished)} of {len(batch)} answered"
-                continue
-            if error is not None:
-                errors.append(error.message())
-                continue
-            response = result.get_response()
-            if response.outputs:
-                tokens[response.id] += result.as_numpy("output_ids").tolist()
-            if response.parameters["triton_final_response"].bool_param:
-                finished.add(response.id)
-        client.stop_stream()
+        streams.collect(done, timeout=120)
     finally:
-        client.close()
-    expected_errors = [expected for rid, _, expected in batch if isinstance(expected, str)]
+        streams.close()
+    assert done(), f"a stream hung: {streams.answered()} of {len(batch)} answered"
+    expected_errors = [expected for _, _, expected in batch if isinstance(expected, str)]
     with tally.lock:
         for rid, _, expected in batch:
             if isinstance(expected, list):
                 tally.checked += 1
-                if rid not in finished or tokens[rid] != expected:
-                    tally.wrong.append((rid, tokens[rid][:8], expected[:8]))
+                if rid not in streams.finished or streams.tokens[rid] != expected:
+                    tally.wrong.append((rid, streams.tokens[rid][:8], expected[:8]))
         tally.hostile += len(expected_errors)
         # A stream's errors carry no request id: each must be one that some hostile request must get.
-        unmatched = list(errors)
+        unmatched = list(streams.errors)
         for piece in expected_errors:
             match = next((e for e in unmatched if piece in e), None)
             if match is None:
-                tally.unexpected.append(f"missing an error with {piece!r}; got {errors}")
+                tally.unexpected.append(f"missing an error with {piece!r}; got {streams.errors}")
             else:
                 unmatched.remove(match)
         tally.unexpected += unmatched
@@ -187,7 +166,7 @@ def test_soak_overload_churn_cancellations_and_hostile_requests(launcher, tiny_z
                               "ignore_eos": eos, **({"lora_id": name} if name else {})}
                     source = "upper" if name == LATE else served.get(name)
                     batch.append((rid, values, references[(prompt, source, n, eos)]))
-                _run_batch(srv.grpc_url, batch, rng.random() < CANCEL_P, tally, references)
+                _run_batch(srv.grpc_url, batch, rng.random() < CANCEL_P, tally)
         except BaseException as e:      # reported by the main thread
             failures.append(repr(e))
 
