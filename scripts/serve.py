@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 
 from serve_checks import check_environment  # this directory
-from supervisor import CONTROL_DIR_ENV, Supervisor, SupervisorConfig, drain_seconds, log
+from supervisor import CONTROL_DIR_ENV, SHM_PREFIX_ENV, Supervisor, SupervisorConfig, drain_seconds, log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_MODEL_DIR = os.path.join(REPO, "model_repository", "multilora")
@@ -192,7 +192,8 @@ def prepare_wheel_backend(run_dir: str, wheel: str) -> str:
 
 
 def server_environment(wheel: str | None, control_dir: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV} | {CONTROL_DIR_ENV: control_dir}
+    env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV} | {
+        CONTROL_DIR_ENV: control_dir, SHM_PREFIX_ENV: shm_prefix()}
     if wheel is not None:
         # This Python's libpython first: otherwise the stub loads the system's and fails on import.
         libs = [sysconfig.get_config_var("LIBDIR"),

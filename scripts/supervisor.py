@@ -35,7 +35,8 @@ from typing import Callable, Optional
 # launcher_link.py sits beside model.py, where the stub imports it; the launcher reads the same file.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "model_repository", "multilora", "1"))
-from launcher_link import CONTROL_DIR_ENV, DRAIN_FILE, HEALTH_FILE, read_health, request_drain  # noqa: E402,F401
+from launcher_link import (CONTROL_DIR_ENV, DRAIN_FILE, HEALTH_FILE, SHM_PREFIX_ENV,  # noqa: E402,F401 (serve.py's)
+                           read_health, request_drain)
 
 POLL_S = 0.5
 RESTART_WINDOW_S = 600.0

@@ -74,7 +74,9 @@ def test_admin_key_comes_from_the_environment_or_a_file_never_the_command_line(t
     monkeypatch.setenv("MULTILORA_ADMIN_KEY", "from-env")
     assert serve.admin_key(serve.parse_args([])) == "from-env"
     # tritonserver gets it on its command line (its only way), never in its environment.
-    assert "MULTILORA_ADMIN_KEY" not in serve.server_environment(None, str(tmp_path))
+    env = serve.server_environment(None, str(tmp_path))
+    assert "MULTILORA_ADMIN_KEY" not in env
+    assert (env["MULTILORA_CONTROL_DIR"], env["MULTILORA_SHM_PREFIX"]) == (str(tmp_path), serve.shm_prefix())
     monkeypatch.delenv("MULTILORA_ADMIN_KEY")
     args = serve.parse_args(["--run-dir", str(tmp_path)])
     generated = serve.admin_key(args)

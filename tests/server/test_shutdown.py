@@ -130,3 +130,13 @@ def test_killed_stub_ends_streams_restarts_the_server_and_serves_again(launcher,
 
 def _tritonserver_pid_after_restart(log) -> int:
     return int(re.findall(r"ready again \(tritonserver pid (\d+)", log.read_text())[-1])
+
+
+def test_a_launcher_killed_with_sigkill_leaves_no_server_stub_or_shared_memory(launcher):
+    proc, srv = launcher([])
+    server_pid = _tritonserver_pid(srv.log)
+    stub = launcher_link.read_health(str(srv.run_dir / "control")).pid
+    os.kill(proc.pid, signal.SIGKILL)     # no shutdown at all: tritonserver dies with it, and the stub sees that
+    proc.wait(timeout=30)
+    _assert_nothing_left(proc.pid, server_pid)
+    assert not os.path.exists(f"/proc/{stub}")

@@ -14,6 +14,10 @@ watches a directory it owns instead (it sets MULTILORA_CONTROL_DIR):
                abort_at are ended with UNAVAILABLE, so every request has its
                final response before the server is stopped.
 
+The launcher also names the Python backend's shared-memory regions
+(MULTILORA_SHM_PREFIX), so that a stub whose tritonserver is gone (killed
+with a launcher killed by SIGKILL) can remove them before it exits.
+
 Standard library only: scripts/serve.py imports this file too, so both sides
 of the exchange live in one place. Without MULTILORA_CONTROL_DIR (a Triton
 server started some other way) the model's side does nothing.
@@ -22,12 +26,15 @@ server started some other way) the model's side does nothing.
 import json
 import logging
 import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 CONTROL_DIR_ENV = "MULTILORA_CONTROL_DIR"
+SHM_PREFIX_ENV = "MULTILORA_SHM_PREFIX"
 HEALTH_FILE = "health.json"
+PARENT_CHECK_S = 0.5
 DRAIN_FILE = "drain.json"
 logger = logging.getLogger("multilora.triton")
 
@@ -78,14 +85,14 @@ def request_drain(directory: str, abort_at: float):
 class LauncherLink:
     """The model's end: `report()` the heartbeat, `drain_deadline()` polls for a drain request."""
 
-    def __init__(self, directory: Optional[str]):
-        self._directory = directory
+    def __init__(self, directory: Optional[str], shm_prefix: Optional[str] = None):
+        self._directory, self._shm_prefix = directory, shm_prefix
         self._abort_at: Optional[float] = None
         self._failed_writes = 0
 
     @classmethod
     def from_environment(cls) -> "LauncherLink":
-        return cls(os.environ.get(CONTROL_DIR_ENV) or None)
+        return cls(os.environ.get(CONTROL_DIR_ENV) or None, os.environ.get(SHM_PREFIX_ENV) or None)
 
     @property
     def active(self) -> bool:
@@ -109,3 +116,21 @@ class LauncherLink:
             self._failed_writes += 1
             if self._failed_writes == 1:
                 logger.error("cannot write the health report for scripts/serve.py: %s", e)
+
+    def exit_with_parent(self):
+        """Ends this process (the stub) soon after its parent, tritonserver, is gone.
+
+        The Python backend stub of 2.51 outlives a tritonserver killed without a
+        shutdown (for example with a launcher killed by SIGKILL), keeping its
+        shared memory. The watch is a small shell process, not a thread: a
+        thread of this interpreter stops with all the others while one of them
+        waits, holding the GIL, on a call to the dead server.
+        """
+        if self._shm_prefix is None:    # not started by scripts/serve.py: leave the process alone
+            return
+        shm = f"/dev/shm/{self._shm_prefix}*"
+        server, stub = os.getppid(), os.getpid()
+        script = (f"while kill -0 {server} 2>/dev/null && kill -0 {stub} 2>/dev/null; do sleep {PARENT_CHECK_S}; done; "
+                  f"kill -0 {server} 2>/dev/null || {{ kill -9 {stub} 2>/dev/null; rm -f {shm}; }}")
+        subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True)

@@ -75,6 +75,7 @@ class TritonPythonModel:
                                       on_adapter_loaded=lambda name, s: self._outbox.put(("load", name, s)))
         self._streams: dict[str, _Stream] = {}
         self._link = LauncherLink.from_environment()
+        self._link.exit_with_parent()
         self._draining = False      # set once by the sender thread; read by execute()
         self._drainer: Optional[threading.Thread] = None
         self._failure_logged = False
