@@ -159,7 +159,7 @@ def main() -> int:
     try:
         ready_s = wait_for(lambda: http_ready(url) or proc.poll() is not None, 900)
         text = open(log_path).read()
-        refusals = re.findall(r"serve\.py: cannot serve: (.*)", text)
+        refusals = re.findall(r"serve\.py: cannot serve: (.*)", text) + re.findall(r"(no tritonserver found.*)", text)
         result["environment_check"] = "refused: " + " | ".join(refusals) if refusals else "passed"
         if proc.poll() is not None or ready_s is None:
             result["error"] = f"not ready (exit code {proc.poll()}); see {log_path}"
