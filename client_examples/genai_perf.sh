@@ -16,6 +16,6 @@ exec "${GENAI_PERF:-genai-perf}" profile -m multilora --backend vllm --streaming
   -u "${URL:-127.0.0.1:8001}" --tokenizer "$TOKENIZER" \
   --synthetic-input-tokens-mean 32 --synthetic-input-tokens-stddev 0 \
   --output-tokens-mean 16 --output-tokens-mean-deterministic \
-  --extra-inputs "lora_id:${ADAPTER:-upper}" \
+  --extra-inputs "lora_id:${ADAPTER:-upper}" --extra-inputs temperature:0.0 \
   --concurrency "${CONCURRENCY:-4}" --request-count "${REQUESTS:-48}" \
   --artifact-dir "${ARTIFACTS:-/tmp/genai-perf-multilora}" "$@"

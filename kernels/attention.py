@@ -337,11 +337,15 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
     # Like the kernel, never use a table entry past a row's context: padding may hold anything.
     needed = torch.arange(width, device=q.device)[None, :] * block_size < lens[:, None]
     blocks = torch.where(needed, blocks, 0)
-    k = kv_cache[0, blocks].flatten(1, 2).float()  # [D, C, KVH, Dh]
-    v = kv_cache[1, blocks].flatten(1, 2).float()
+    valid = torch.arange(width * block_size, device=q.device)[None, :] < lens[:, None]  # [D, C]
+    # Slots past a row's context hold whatever a previous request left there, NaN included,
+    # and a zero probability times NaN is NaN: zero those keys and values, as the kernel's
+    # masked loads do, so no output depends on them.
+    unused = ~valid[:, :, None, None]
+    k = kv_cache[0, blocks].flatten(1, 2).float().masked_fill(unused, 0.0)  # [D, C, KVH, Dh]
+    v = kv_cache[1, blocks].flatten(1, 2).float().masked_fill(unused, 0.0)
     query = q.float().reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("dkgh,dckh->dkgc", query, k) * scale
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]  # [D, C]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where((lens > 0)[:, None, None, None], probs, 0.0)  # no keys: 0, not NaN

@@ -52,12 +52,15 @@ def test_top_k_accepted(top_k):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"max_tokens": 0}, ["max_tokens", ">= 1", "0"]),
+        ({"max_tokens": 0}, ["max_tokens", "[1, 2**31)", "0"]),
+        ({"max_tokens": 2**31}, ["max_tokens", "[1, 2**31)", str(2**31)]),
+        ({"max_tokens": 2**40}, ["max_tokens", str(2**40)]),
         ({"max_tokens": -3}, ["max_tokens", "-3"]),
         ({"max_tokens": 2.5}, ["max_tokens", "integer", "2.5"]),
         ({"max_tokens": True}, ["max_tokens", "True"]),
         ({"max_tokens": "16"}, ["max_tokens", "'16'"]),
         ({"temperature": -0.1}, ["temperature", ">= 0", "-0.1"]),
+        ({"temperature": 10**400}, ["temperature", "finite", "characters)"]),
         ({"temperature": math.nan}, ["temperature", "nan"]),
         ({"temperature": math.inf}, ["temperature", "finite", "inf"]),
         ({"temperature": False}, ["temperature", "False"]),
@@ -65,6 +68,7 @@ def test_top_k_accepted(top_k):
         ({"top_p": 1.5}, ["top_p", "(0, 1]", "1.5"]),
         ({"top_p": math.nan}, ["top_p", "nan"]),
         ({"top_k": -2}, ["top_k", "-1", "-2"]),
+        ({"top_k": 2**31}, ["top_k", "2**31", str(2**31)]),
         ({"top_k": 1.0}, ["top_k", "1.0"]),
         ({"top_k": True}, ["top_k", "True"]),
         ({"seed": -1}, ["seed", "2**64", "-1"]),
@@ -104,6 +108,30 @@ def test_boundaries_accepted():
     assert p.greedy and p.min_tokens == 1
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
     assert SamplingParams(top_p=1e-6).top_p == 1e-6
+    assert SamplingParams(max_tokens=2**31 - 1, top_k=2**31 - 1).max_tokens == 2**31 - 1
+
+
+
+def test_values_past_float32_are_stored_as_its_limits():
+    # 1e300 became inf in the sampler (NaN beside a banned token); 1e-300 became 0 (an empty nucleus).
+    assert SamplingParams(temperature=1e300).temperature == float(np.finfo(np.float32).max)
+    assert SamplingParams(top_p=1e-300).top_p == float(np.finfo(np.float32).tiny)
+    assert SamplingParams(temperature=3e38, top_p=1e-30) == SamplingParams(temperature=3e38, top_p=1e-30)
+    assert SamplingParams(temperature=3e38).temperature == 3e38 and SamplingParams(top_p=1e-30).top_p == 1e-30
+
+
+def test_a_temperature_that_underflows_float32_is_greedy():
+    # 1e-300 used to reach the sampler, round to 0 in float32 and fail every request in the step.
+    assert SamplingParams(temperature=1e-300).greedy
+    assert SamplingParams(temperature=1e-39).greedy
+    assert not SamplingParams(temperature=1e-30).greedy
+    assert SamplingParams.from_vllm_dict({"temperature": "1e-300"}).greedy
+
+
+def test_refused_messages_stay_short():
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(max_tokens=int("9" * 4000))
+    assert len(str(info.value)) < 200
 
 
 # --- vllm_backend sampling_parameters ------------------------------------------
@@ -147,9 +175,12 @@ def test_from_vllm_dict_null_seed_and_stop():
     [
         ({"max_tokens": "many"}, ["max_tokens", "integer", "'many'"]),
         ({"max_tokens": "1.5"}, ["max_tokens", "'1.5'"]),
-        ({"max_tokens": "0"}, ["max_tokens", ">= 1"]),
+        ({"max_tokens": "0"}, ["max_tokens", "[1, 2**31)"]),
+        ({"max_tokens": str(2**40)}, ["max_tokens", str(2**40)]),
+        ({"max_tokens": "9" * 5000}, ["max_tokens", "integer", "(5002 characters)"]),
         ({"temperature": "hot"}, ["temperature", "number", "'hot'"]),
         ({"temperature": "-1"}, ["temperature", ">= 0"]),
+        ({"temperature": "1e999"}, ["temperature", "finite", "inf"]),
         ({"top_p": "nan"}, ["top_p"]),
         ({"ignore_eos": "maybe"}, ["ignore_eos", "'maybe'"]),
         ({"ignore_eos": 2}, ["ignore_eos", "2"]),

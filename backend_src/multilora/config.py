@@ -10,8 +10,96 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
+from multilora.errors import InvalidRequestError, LimitExceededError
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# The default max_prompt_bytes, per token of max_model_len: a text longer than this many bytes per
+# token the model can take is almost surely too long, and refusing it unread costs nothing, while
+# tokenizing it first could take seconds (a 10 MB prompt took 52).
+PROMPT_BYTES_PER_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How big a request may be (docs/limits.md); each check raises LimitExceededError naming its setting.
+
+    The checks look at sizes only, before any tokenizing or decoding, so an
+    oversized request costs microseconds. They are EngineConfig fields of the
+    same names, resolved by the engine (`LLMEngine.request_limits`) and applied
+    both by the Triton model's request parser and by the engine, for in-process use.
+    """
+
+    max_prompt_bytes: int = 1 << 20            # UTF-8 bytes of a text prompt; 4 per token id
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256           # UTF-8 bytes of one stop string
+    max_sampling_parameters_bytes: int = 1 << 16
+    max_sampling_parameters_depth: int = 4     # JSON nesting: the object is 1, the stop list in it 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+        if self.max_prompt_bytes < 4:
+            raise ValueError(f"max_prompt_bytes must be >= 4 (one token id), got {self.max_prompt_bytes}")
+
+    @property
+    def max_prompt_token_ids(self) -> int:
+        return self.max_prompt_bytes // 4       # token ids travel as INT32
+
+    def check_prompt_bytes(self, name: str, num_bytes: int) -> None:
+        if num_bytes > self.max_prompt_bytes:
+            raise LimitExceededError(f"{name} is {num_bytes} bytes; this server takes at most "
+                                     f"{self.max_prompt_bytes} (max_prompt_bytes): send a shorter prompt")
+
+    def check_prompt_token_ids(self, name: str, count: int) -> None:
+        if count > self.max_prompt_token_ids:
+            raise LimitExceededError(f"{name} has {count} token ids; this server takes at most "
+                                     f"{self.max_prompt_token_ids} (max_prompt_bytes {self.max_prompt_bytes}, "
+                                     "4 bytes per id): send a shorter prompt")
+
+    def check_prompt(self, prompt) -> None:
+        """A text prompt's UTF-8 size or a token-id prompt's length, before tokenizing."""
+        if isinstance(prompt, str):
+            # A character is at least one byte: only a prompt near the limit is encoded to count.
+            self.check_prompt_bytes("the prompt", len(prompt))
+            try:
+                self.check_prompt_bytes("the prompt", len(prompt.encode("utf-8")))
+            except UnicodeEncodeError:     # a lone surrogate: the tokenizer would fail on it
+                raise InvalidRequestError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
+        elif isinstance(prompt, (list, tuple)):
+            self.check_prompt_token_ids("the prompt", len(prompt))
+
+    def check_stop_count(self, count: int) -> None:
+        if count > self.max_stop_strings:
+            raise LimitExceededError(f"{count} stop strings; this server takes at most {self.max_stop_strings} "
+                                     "(max_stop_strings)")
+
+    def check_stop_string_bytes(self, num_bytes: int) -> None:
+        if num_bytes > self.max_stop_string_bytes:
+            raise LimitExceededError(f"a stop string of {num_bytes} bytes; this server takes at most "
+                                     f"{self.max_stop_string_bytes} per string (max_stop_string_bytes)")
+
+    def check_stop(self, stop) -> None:
+        """A SamplingParams' stop list (a list of str, already type-checked)."""
+        self.check_stop_count(len(stop))
+        for s in stop:
+            self.check_stop_string_bytes(len(s.encode("utf-8", "replace")))
+
+    def check_sampling_parameters_bytes(self, num_bytes: int) -> None:
+        if num_bytes > self.max_sampling_parameters_bytes:
+            raise LimitExceededError(f"sampling_parameters is {num_bytes} bytes; this server takes at most "
+                                     f"{self.max_sampling_parameters_bytes} (max_sampling_parameters_bytes)")
+
+    def check_sampling_parameters_depth(self, depth: int) -> None:
+        if depth > self.max_sampling_parameters_depth:
+            raise LimitExceededError(f"sampling_parameters nests {depth} levels deep; at most "
+                                     f"{self.max_sampling_parameters_depth} (max_sampling_parameters_depth): send "
+                                     'a flat object such as {"max_tokens": 32, "stop": ["\\n"]}')
+
+
+_LIMITS = RequestLimits()
 
 
 @dataclass(frozen=True)
@@ -37,6 +125,15 @@ class EngineConfig:
     max_loras: int = 4                     # GPU adapter slots = most distinct adapters in one step
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None    # host LRU of loaded adapters; defaults to max(32, max_loras)
+    # Request limits (RequestLimits; docs/limits.md)
+    max_prompt_bytes: Optional[int] = None        # None: PROMPT_BYTES_PER_TOKEN per token of max_model_len
+    max_stop_strings: int = _LIMITS.max_stop_strings
+    max_stop_string_bytes: int = _LIMITS.max_stop_string_bytes
+    max_sampling_parameters_bytes: int = _LIMITS.max_sampling_parameters_bytes
+    max_sampling_parameters_depth: int = _LIMITS.max_sampling_parameters_depth
+    # Waiting queue (docs/limits.md): beyond it, or after waiting this long, a request gets UNAVAILABLE
+    max_waiting_requests: Optional[int] = 1024    # None: unbounded (LLM's in-process batches)
+    max_queue_wait_s: Optional[float] = None      # None: no limit
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -58,6 +155,18 @@ class EngineConfig:
         check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
               f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        check(self.max_waiting_requests is None or self.max_waiting_requests >= 1,
+              f"max_waiting_requests must be >= 1 or null (unbounded), got {self.max_waiting_requests}")
+        check(self.max_queue_wait_s is None or self.max_queue_wait_s > 0,
+              f"max_queue_wait_s must be > 0 or null (no limit), got {self.max_queue_wait_s}")
+        self.request_limits(self.max_model_len or 1)  # validates the limits
+
+    def request_limits(self, max_model_len: int) -> RequestLimits:
+        """The request limits, with max_prompt_bytes resolved against the model's context length."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RequestLimits)}
+        if values["max_prompt_bytes"] is None:
+            values["max_prompt_bytes"] = PROMPT_BYTES_PER_TOKEN * max_model_len
+        return RequestLimits(**values)
 
     @property
     def host_lora_capacity(self) -> int:

@@ -23,6 +23,10 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt can never fit the model's context (max_model_len) or the KV cache."""
 
 
+class LimitExceededError(InvalidRequestError):
+    """A request larger than a configured limit (RequestLimits, docs/limits.md); the message names the setting."""
+
+
 class AdapterNotFoundError(MultiLoRAError):
     """No adapter of that name in any adapter root or in the registry."""
 
@@ -61,6 +65,20 @@ class AdapterWeightsError(AdapterError):
     """NaN/Inf or an unsupported dtype in the adapter weights."""
 
 
+class ServerOverloadedError(MultiLoRAError):
+    """The server has more work than it queues; the client should retry later or elsewhere."""
+
+    code = "UNAVAILABLE"
+
+
+class QueueFullError(ServerOverloadedError):
+    """max_waiting_requests requests are already waiting: a new one is refused at once."""
+
+
+class QueueTimeoutError(ServerOverloadedError):
+    """A request waited longer than max_queue_wait_s without starting."""
+
+
 class RequestCancelledError(MultiLoRAError):
     """The client cancelled the request, or it was aborted."""
 
@@ -71,3 +89,27 @@ class EngineStoppedError(MultiLoRAError):
     """The engine is shutting down and accepts no more requests."""
 
     code = "UNAVAILABLE"
+
+
+class NonFiniteLogitsError(MultiLoRAError):
+    """The model's logits for one request were NaN/Inf (a broken adapter or numerics): that request alone ends."""
+
+    code = "INTERNAL"
+
+
+class AdapterScalingError(AdapterError):
+    """lora_alpha (or an alpha_pattern value), or the scaling it gives, is not finite, not positive or too large."""
+
+
+class AdapterRangeError(AdapterWeightsError):
+    """Weights too large for the serving dtype, or an adapter whose effect on a layer is above the limit."""
+
+
+class AdapterPatternError(AdapterFormatError):
+    """A regex in adapter_config.json that is refused as too costly to match (or took too long)."""
+
+
+class AdapterWriteError(MultiLoRAError):
+    """Copying a loaded adapter into its GPU slot failed (a server-side fault; the log says why)."""
+
+    code = "INTERNAL"

@@ -19,6 +19,8 @@ class LLM:
     """`LLM(model=..., enable_lora=True, max_loras=4, ...)`: keyword arguments are EngineConfig fields."""
 
     def __init__(self, model: str, **kwargs):
+        # A batch queues all its prompts at once by design: no waiting-queue bound unless asked for.
+        kwargs.setdefault("max_waiting_requests", None)
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 

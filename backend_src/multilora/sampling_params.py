@@ -9,14 +9,25 @@ import numpy as np
 
 from multilora.errors import InvalidRequestError
 
-SEED_LIMIT = 2**64  # seeds arrive as Triton TYPE_UINT64
+SEED_LIMIT = 2**64   # seeds arrive as Triton TYPE_UINT64
+INT32_LIMIT = 2**31  # max_tokens, top_k and min_tokens arrive as TYPE_INT32: larger ones are refused, never wrapped
+# The sampler computes in float32. A temperature below its smallest normal number (1e-300 rounds to
+# 0 there) would divide by zero and give NaN, which used to fail every request in the step; greedy
+# decoding is its limit, so such a temperature means greedy. Past float32's range on the other side
+# (a temperature above its largest number, a top_p below its smallest) the arithmetic gives inf or 0;
+# those values are stored as float32's limits, which sample the same: as uniformly, the top token alone.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling settings, validated on construction.
 
-    `temperature == 0` (or `top_k == 1`) means greedy; `top_k` 0 or -1 means
+    `temperature == 0` (or `top_k == 1`) means greedy, and so does a temperature
+    too small for float32 (below about 1.2e-38); temperatures above float32's
+    largest number and top_p below its smallest are stored as those limits.
+    `top_k` 0 or -1 means
     no top-k filter; `top_p == 1` means no nucleus filter. Stop strings are
     matched on the output text and are not part of it.
     """
@@ -41,8 +52,8 @@ class SamplingParams:
             self.stop = list(self.stop)  # our own copy: the caller may reuse theirs
         self.validate()
         self.max_tokens = int(self.max_tokens)
-        self.temperature = float(self.temperature)
-        self.top_p = float(self.top_p)
+        self.temperature = min(float(self.temperature), FLOAT32_MAX)
+        self.top_p = max(float(self.top_p), FLOAT32_TINY)
         self.top_k = int(self.top_k)
         self.seed = None if self.seed is None else int(self.seed)
         self.min_tokens = int(self.min_tokens)
@@ -50,10 +61,11 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad value and its allowed range."""
-        _check_int("max_tokens", self.max_tokens, "an integer >= 1", lambda v: v >= 1)
+        _check_int("max_tokens", self.max_tokens, "an integer in [1, 2**31)", lambda v: 1 <= v < INT32_LIMIT)
         _check_real("temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
         _check_real("top_p", self.top_p, "a number in (0, 1]", lambda v: 0 < v <= 1)
-        _check_int("top_k", self.top_k, "-1 or 0 (off) or an integer >= 1", lambda v: v >= -1)
+        _check_int("top_k", self.top_k, "-1 or 0 (off) or an integer in [1, 2**31)",
+                   lambda v: -1 <= v < INT32_LIMIT)
         if self.seed is not None:
             _check_int("seed", self.seed, "an integer in [0, 2**64)", lambda v: 0 <= v < SEED_LIMIT)
         _check_int(
@@ -63,12 +75,12 @@ class SamplingParams:
             lambda v: 0 <= v <= self.max_tokens,
         )
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {_shown(self.ignore_eos)}")
         _check_stop(self.stop)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < FLOAT32_TINY or self.top_k == 1
 
     @classmethod
     def from_vllm_dict(cls, d: dict) -> "SamplingParams":
@@ -88,7 +100,7 @@ class SamplingParams:
                 _check_no_op(key, value)
             else:
                 known = ", ".join(sorted(_VLLM_PARSERS))
-                raise InvalidRequestError(f"unknown sampling parameter {key!r}; supported: {known}")
+                raise InvalidRequestError(f"unknown sampling parameter {_shown(key)}; supported: {known}")
         return cls(**kwargs)
 
 
@@ -97,15 +109,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _shown(value: Any) -> str:
+    """repr(value), cut short: a 5000-digit number or a huge list must not become a huge message."""
+    text = repr(value)
+    return text if len(text) <= 48 else f"{text[:24]}...({len(text)} characters)"
+
+
 def _check_int(name: str, value: Any, allowed: str, ok: Callable[[int], bool]) -> None:
     if not _is_int(value) or not ok(int(value)):
-        raise InvalidRequestError(f"{name} must be {allowed}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be {allowed}, got {_shown(value)}")
 
 
 def _check_real(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_real or not math.isfinite(value) or not ok(float(value)):
-        raise InvalidRequestError(f"{name} must be {allowed}, got {value!r}")
+    try:
+        real = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int past float's range
+        real = math.nan
+    if not math.isfinite(real) or not ok(real):
+        raise InvalidRequestError(f"{name} must be {allowed}, got {_shown(value)}")
 
 
 def _check_stop(stop: Any) -> None:
@@ -113,7 +134,7 @@ def _check_stop(stop: Any) -> None:
         raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
     for s in stop:
         if not isinstance(s, str) or not s:
-            raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")
+            raise InvalidRequestError(f"stop strings must be non-empty strings, got {_shown(s)}")
 
 
 # --- vllm_backend JSON: values may arrive as strings -------------------------
@@ -126,7 +147,8 @@ def _parse_int(key: str, value: Any) -> Any:
         try:
             return int(value.strip())
         except ValueError:
-            raise InvalidRequestError(f"sampling parameter {key!r} must be an integer, got {value!r}") from None
+            raise InvalidRequestError(f"sampling parameter {_shown(key)} must be an integer, "
+                                      f"got {_shown(value)}") from None
     return value  # validate() reports anything else with the allowed range
 
 
@@ -135,7 +157,8 @@ def _parse_float(key: str, value: Any) -> Any:
         try:
             return float(value.strip())
         except ValueError:
-            raise InvalidRequestError(f"sampling parameter {key!r} must be a number, got {value!r}") from None
+            raise InvalidRequestError(f"sampling parameter {_shown(key)} must be a number, "
+                                      f"got {_shown(value)}") from None
     return value
 
 
@@ -151,7 +174,7 @@ def _parse_bool(key: str, value: Any) -> bool:
         return value.strip().lower() in _TRUE
     if _is_int(value) and value in (0, 1):
         return bool(value)
-    raise InvalidRequestError(f"sampling parameter {key!r} must be true or false, got {value!r}")
+    raise InvalidRequestError(f"sampling parameter {_shown(key)} must be true or false, got {_shown(value)}")
 
 
 def _as_is(key: str, value: Any) -> Any:
@@ -193,4 +216,5 @@ def _check_no_op(key: str, value: Any) -> None:
     else:
         same = isinstance(parsed, numbers.Real) and parsed == no_op
     if not same:
-        raise InvalidRequestError(f"sampling parameter {key!r}={value!r} is not supported; only {no_op!r} is")
+        raise InvalidRequestError(f"sampling parameter {key!r}={_shown(value)} is not supported; "
+                                  f"only {no_op!r} is")

@@ -8,8 +8,8 @@ import pytest
 
 from helpers.engine_runs import OutputCollector, async_engine_config, assert_idle, greedy, make_llm
 from helpers.zoo import SHORT_PROMPTS
-from multilora import AsyncLLMEngine
-from multilora.errors import InvalidRequestError, MultiLoRAError
+from multilora import AsyncLLMEngine, LoRARequest
+from multilora.errors import AdapterWriteError, InvalidRequestError, MultiLoRAError
 
 
 @pytest.fixture()
@@ -88,10 +88,12 @@ def test_failed_adapter_write_never_serves_stale_weights(tiny_zoo, monkeypatch):
 
     monkeypatch.setattr(runner, "write_adapter", fail_first)
     lora = tiny_zoo.lora_request("llama", "code")
-    with pytest.raises(RuntimeError, match="injected"):
+    (failed,) = llm.generate([SHORT_PROMPTS[1]], greedy(6), lora_request=lora)
+    assert type(failed.error) is AdapterWriteError and failed.outputs[0].token_ids == []
+    assert_idle(llm.llm_engine)                      # the failed write freed its slot and the request's blocks
+    with pytest.raises(AdapterWriteError):           # remembered: no second write of the same version
         llm.generate([SHORT_PROMPTS[1]], greedy(6), lora_request=lora)
-    assert_idle(llm.llm_engine)                      # generate() freed what it held
-    (out,) = llm.generate([SHORT_PROMPTS[1]], greedy(6), lora_request=lora)
+    (out,) = llm.generate([SHORT_PROMPTS[1]], greedy(6), lora_request=LoRARequest("code", 999, lora.lora_path))
     assert out.outputs[0].token_ids == tiny_zoo.reference("llama", "code", SHORT_PROMPTS[1], 6)
 
 

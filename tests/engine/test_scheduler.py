@@ -1,12 +1,16 @@
 """Scheduler, block manager and adapter pool: pure bookkeeping, tested with fakes on any CPU."""
 
+import random
 import threading
 import time
+
+import pytest
 
 from multilora.config import EngineConfig
 from multilora.engine.block_manager import BlockManager
 from multilora.engine.scheduler import Scheduler
-from multilora.engine.sequence import Sequence
+from multilora.engine.sequence import Sequence, SequenceStatus
+from multilora.errors import QueueFullError
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.sampling_params import SamplingParams
@@ -14,9 +18,9 @@ from multilora.sampling_params import SamplingParams
 LORAS = {name: LoRARequest(name, i + 1, f"/adapters/{name}") for i, name in enumerate("abcde")}
 
 
-def make_scheduler(num_slots=2, num_blocks=64, budget=64, max_num_seqs=16):
+def make_scheduler(num_slots=2, num_blocks=64, budget=64, max_num_seqs=16, **config):
     config = EngineConfig(model="fake", block_size=4, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                          enable_lora=True, max_loras=num_slots)
+                          enable_lora=True, max_loras=num_slots, **config)
     pool = AdapterPool(num_slots, 8, load=lambda request: request.lora_name)
     return Scheduler(config, BlockManager(num_blocks, 4), pool)
 
@@ -127,3 +131,117 @@ def test_failed_load_is_not_cached():
         except FileNotFoundError:
             pass
     assert len(attempts) == 2
+
+
+# ---- the bounded waiting queue (docs/limits.md) ------------------------------------
+
+
+def test_a_full_waiting_queue_refuses_new_requests_at_once():
+    scheduler = make_scheduler(max_waiting_requests=2, max_num_seqs=1)
+    scheduler.add(make_seq("r0"))
+    scheduler.add(make_seq("r1"))
+    with pytest.raises(QueueFullError) as info:
+        scheduler.add(make_seq("r2"))
+    assert info.value.code == "UNAVAILABLE"
+    assert "2 requests are already waiting (max_waiting_requests 2)" in str(info.value)
+    assert [s.request_id for s in scheduler.waiting] == ["r0", "r1"]
+    run_step(scheduler)                                  # r0 starts: room for one more
+    scheduler.add(make_seq("r2"))
+    assert [s.request_id for s in scheduler.waiting] == ["r1", "r2"]
+
+
+def test_unbounded_queue_when_max_waiting_requests_is_none():
+    scheduler = make_scheduler(max_waiting_requests=None)
+    for i in range(3000):
+        scheduler.add(make_seq(f"r{i}"))
+    assert len(scheduler.waiting) == 3000
+
+
+def test_a_request_waiting_too_long_ends_and_holds_nothing():
+    scheduler = make_scheduler(num_slots=1, max_queue_wait_s=5.0)
+    scheduler.add(make_seq("a0", "a"))
+    run_step(scheduler)                                  # "a" holds the only slot
+    late, fresh = make_seq("b0", "b"), make_seq("c0", "c")
+    late.arrival_time -= 10                              # it has waited 10 s for a slot
+    scheduler.add(late)
+    scheduler.add(fresh)
+    batch = run_step(scheduler)
+    [(seq, error)] = batch.expired
+    assert seq is late and error.code == "UNAVAILABLE"
+    assert str(error).startswith("the request waited 10.0 s in the queue without starting (max_queue_wait_s 5)")
+    assert late.status is SequenceStatus.FINISHED and late.finish_reason == "abort"
+    assert [s.request_id for s in scheduler.waiting] == ["c0"]
+    assert [s.request_id for s in batch.seqs] == ["a0"]
+    assert scheduler.adapter_pool.num_holds == 1         # a0's only
+    assert run_step(scheduler).expired == []
+
+
+def test_a_preempted_request_is_never_expired():
+    scheduler = make_scheduler(num_blocks=4, max_queue_wait_s=1.0)
+    first, second = make_seq("x", prompt_len=7), make_seq("y", prompt_len=7)
+    scheduler.add(first)
+    scheduler.add(second)
+    for _ in range(3):
+        run_step(scheduler)                              # the third step preempts y
+    assert second.num_preemptions == 1
+    second.arrival_time -= 100
+    assert run_step(scheduler).expired == []
+    assert second.status is not SequenceStatus.FINISHED
+
+
+def test_expiry_is_off_by_default():
+    scheduler = make_scheduler(num_slots=1)
+    scheduler.add(make_seq("a0", "a"))
+    run_step(scheduler)
+    old = make_seq("b0", "b")
+    old.arrival_time -= 10**6
+    scheduler.add(old)
+    assert run_step(scheduler).expired == []
+
+
+# ---- fairness under a popularity-skewed stream ----------------------------------------
+
+REQUEST_STEPS = 4   # each request: one prefill step and three decode steps
+
+
+def run_skewed_stream(seed: int, num_steps: int = 200):
+    """Two slots, five adapters with skewed popularity (half the requests for "a"), about one arrival a step.
+
+    Returns, per request: (arrival step, admission step, requests waiting ahead of it on arrival),
+    and per request the steps it spent at the head of the waiting queue.
+    """
+    rng = random.Random(seed)
+    scheduler = make_scheduler(num_slots=2, num_blocks=512, budget=256, max_num_seqs=32)
+    record, head_steps = {}, {}
+    for step in range(num_steps):
+        arrivals = rng.choice([0, 1, 1, 2]) if step < num_steps - 60 else 0      # then let the queue drain
+        for _ in range(arrivals):
+            adapter = rng.choices("abcde", [0.5, 0.3, 0.1, 0.06, 0.04])[0]
+            seq = Sequence(f"r{len(record)}", None, list(range(6)), SamplingParams(max_tokens=REQUEST_STEPS),
+                           LORAS[adapter], adapter)
+            record[seq.request_id] = [step, None, len(scheduler.waiting)]
+            scheduler.add(seq)
+        if scheduler.waiting:
+            head = scheduler.waiting[0].request_id
+            head_steps[head] = head_steps.get(head, 0) + 1
+        for seq in run_step(scheduler).seqs:
+            if record[seq.request_id][1] is None:
+                record[seq.request_id][1] = step
+        for seq in list(scheduler.running):
+            if len(seq.output_token_ids) >= REQUEST_STEPS:
+                scheduler.finish(seq, "length")
+    assert not scheduler.has_unfinished()
+    return record, head_steps
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_request_waits_beyond_the_bound_under_skewed_popularity(seed):
+    # The bound: at the head of the queue a request waits at most REQUEST_STEPS steps (no later request
+    # may take a slot before it, so a held slot frees once its holders finish), hence a request with
+    # k requests ahead of it on arrival starts within (k + 1) * REQUEST_STEPS steps.
+    record, head_steps = run_skewed_stream(seed)
+    assert len(record) > 100
+    assert max(head_steps.values()) <= REQUEST_STEPS
+    for request_id, (arrived, admitted, ahead) in record.items():
+        assert admitted is not None, request_id
+        assert admitted - arrived <= (ahead + 1) * REQUEST_STEPS, (request_id, arrived, admitted, ahead)

@@ -25,3 +25,17 @@ def test_same_seed_same_tokens_alone_in_a_batch_and_under_preemption(tiny_zoo):
     (other_seed,) = llm.generate([SHORT_PROMPTS[0]], sampled(8), lora_request=lora)
     assert other_seed.outputs[0].token_ids != alone.outputs[0].token_ids
     assert_idle(llm.llm_engine)
+
+
+def test_seeded_tokens_are_those_of_the_per_row_sampler(tiny_zoo):
+    import torch
+    from helpers.per_row_sampler import PerRowSampler
+
+    prompts = [SHORT_PROMPTS[0], SHORT_PROMPTS[1], SHORT_PROMPTS[2]]
+    params = [sampled(7), sampled(11, min_tokens=4), SamplingParams(max_tokens=10, temperature=0.6, top_k=3, seed=5)]
+    batched = make_llm(tiny_zoo, "llama").generate(prompts, params)
+    per_row = make_llm(tiny_zoo, "llama")
+    reference = PerRowSampler()
+    per_row.llm_engine.runner.sampler = lambda logits, rows: torch.tensor(reference(logits, rows))
+    expected = per_row.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in batched] == [o.outputs[0].token_ids for o in expected]

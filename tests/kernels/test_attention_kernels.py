@@ -371,6 +371,74 @@ def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
     assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2  # the interpreter mis-reads bf16
 
 
+# --- a previous request's values never leak into another's attention ----------------------
+
+
+def _stale(kv, tables, lens, fill):
+    """A copy of `kv` with every slot outside the rows' contexts set to `fill`: what freed blocks
+    (partly reused, or only named by table padding) may hold after a NaN-producing request."""
+    block_size = kv.shape[2]
+    live = torch.zeros(kv.shape[1] * block_size, dtype=torch.bool)
+    for row, n in zip(tables.long(), lens.tolist()):
+        positions = torch.arange(max(n, 0))
+        live[row[positions // block_size] * block_size + positions % block_size] = True
+    stale = kv.clone().flatten(1, 2)
+    stale[:, ~live] = fill
+    return stale.view_as(kv)
+
+
+STALE_DECODE_LENS = [5, 17, 2, 9, 1]     # contexts ending mid-block (block size 4), tables padded with block 0
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_never_reads_stale_slots(attn, triton_on_cpu, fill, dtype):
+    gen = torch.Generator().manual_seed(30)
+    q, kv, tables, lens = _case(STALE_DECODE_LENS, 4, 2, 16, 4, dtype, gen, pad_blocks=2)
+    clean, stale = _stale(kv, tables, lens, 0.0), _stale(kv, tables, lens, fill)
+    expected = attn.paged_decode_attention_ref(q, clean, tables, lens, 0.25)
+    assert expected.isfinite().all()
+    assert torch.equal(attn.paged_decode_attention_ref(q, stale, tables, lens, 0.25), expected)
+    for num_splits in (1, 3):
+        outs = []
+        for cache in (clean, stale):
+            outs.append(torch.empty_like(q))
+            attn._decode_triton(q, cache, tables, lens, 0.25, outs[-1], num_splits=num_splits, block_n=16)
+        assert torch.equal(outs[0], outs[1]) and outs[1].isfinite().all()
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_prefill_never_reads_stale_slots(prefill, triton_on_cpu, fill):
+    gen = torch.Generator().manual_seed(31)
+    q, kv, tables, query_start, lens = _prefill_case([3, 6, 1], [10, 6, 7], (4, 2, 16, 4), torch.float32, gen)
+    clean, stale = _stale(kv, tables, lens, 0.0), _stale(kv, tables, lens, fill)
+    expected = prefill.paged_prefill_attention_ref(q, clean, tables, query_start, lens, 0.3)
+    assert expected.isfinite().all()
+    assert torch.equal(prefill.paged_prefill_attention_ref(q, stale, tables, query_start, lens, 0.3), expected)
+    outs = [prefill.paged_prefill_attention(q, cache, tables, query_start, lens, 0.3) for cache in (clean, stale)]
+    assert torch.equal(outs[0], outs[1]) and outs[1].isfinite().all()
+
+
+def test_model_attention_never_reads_stale_slots():
+    """The model's own path on CPU: SDPA over gathered blocks for prefill chunks, the torch twin for decode."""
+    from multilora.model.attention import AttentionMetadata, paged_attention
+
+    gen = torch.Generator().manual_seed(32)
+    # Two prefill chunks (one after cached tokens, one whole prompt), then three decode rows.
+    query_lens, context_lens = [3, 6, 1, 1, 1], [10, 6, 5, 17, 2]
+    q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, (4, 2, 16, 4), torch.float32, gen)
+    block_size = kv.shape[2]
+    slots = torch.cat([tables[n, p // block_size] * block_size + p % block_size
+                       for n, (ql, cl) in enumerate(zip(query_lens, context_lens)) for p in [torch.arange(cl - ql, cl)]])
+    outs = []
+    for cache in (_stale(kv, tables, lens, 0.0), _stale(kv, tables, lens, float("nan"))):
+        k_new, v_new = (cache[i].flatten(0, 1)[slots] for i in (0, 1))
+        meta = AttentionMetadata(slots, [3, 6], [10, 6], [tables[0], tables[1]], num_prefill_tokens=9,
+                                 decode_block_tables=tables[2:].int(), decode_context_lens=lens[2:].int())
+        outs.append(paged_attention(q, k_new, v_new, cache, meta, 0.3))
+    assert torch.equal(outs[0], outs[1]) and outs[1].isfinite().all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_seqs", [1, 16, 256])
 def test_cuda_bf16_llama_shapes_match_ref(num_seqs):

@@ -64,3 +64,11 @@ def make_peft_adapter():
 def tiny_config():
     """The tiny LlamaConfig, with optional overrides."""
     return tiny_llama_config
+
+
+@pytest.fixture(scope="session")
+def spec(tiny_config):
+    """The LoRAModelSpec of the tiny LlamaConfig."""
+    from multilora.lora.adapter import LoRAModelSpec
+
+    return LoRAModelSpec.from_hf_config(tiny_config())

@@ -31,11 +31,6 @@ Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q0_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 
-@pytest.fixture(scope="module")
-def spec(tiny_config):
-    return LoRAModelSpec.from_hf_config(tiny_config())
-
-
 def _load(directory, spec, max_lora_rank=16):
     return load_adapter(LoRARequest(NAME, 7, str(directory)), spec, max_lora_rank)
 

@@ -177,6 +177,30 @@ def test_unchanged_files_keep_id_changed_files_get_new_id(root):
     assert res.resolve("a").lora_int_id == a5
 
 
+def test_same_size_file_renamed_into_place_with_preserved_mtime_is_a_new_version(root):
+    make_adapter(root / "a", weights=b"old weights")
+    res = AdapterResolver([root])
+    before = res.resolve("a").lora_int_id
+    weights = root / "a" / "adapter_model.safetensors"
+    staged = root / "a" / "staged.tmp"       # same directory, so the rename is atomic (what `cp -p` + `mv` do)
+    staged.write_bytes(b"new weights")
+    st = os.stat(weights)
+    os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(staged, weights)
+    after_st = os.stat(weights)
+    assert (after_st.st_size, after_st.st_mtime_ns) == (st.st_size, st.st_mtime_ns)   # what the old version saw
+    after = res.resolve("a").lora_int_id
+    assert after != before
+    assert res.resolve("a").lora_int_id == after
+
+
+def test_deeply_nested_registry_is_a_format_error(tmp_path):
+    reg = tmp_path / "multi_lora.json"
+    reg.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFormatError):
+        AdapterResolver(registry_path=reg)
+
+
 def test_same_id_from_many_threads(root):
     make_adapter(root / "a")
     make_adapter(root / "b")

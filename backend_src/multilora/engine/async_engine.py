@@ -21,6 +21,7 @@ import torch
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import EngineStats, LLMEngine
+from multilora.engine.scheduler import check_queue_room
 from multilora.errors import EngineStoppedError, InvalidRequestError, MultiLoRAError, RequestCancelledError
 from multilora.lora.request import LoRARequest
 from multilora.outputs import CompletionOutput, RequestOutput
@@ -46,6 +47,7 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, on_adapter_loaded: Optional[Callable[[str, float], None]] = None):
         self.engine = LLMEngine(config, on_adapter_loaded)
         self.tokenizer = self.engine.tokenizer
+        self.request_limits = self.engine.request_limits
         self._inbox: queue.Queue = queue.Queue()
         self._live: dict[str, _Request] = {}    # every request without its final output yet
         self._lock = threading.Lock()
@@ -63,6 +65,8 @@ class AsyncLLMEngine:
         with self._lock:
             if self._stopped:
                 raise EngineStoppedError("the engine is shutting down; retry on another instance")
+            # At once, before any preparing: every live request not running is waiting (or about to).
+            check_queue_room(len(self._live) - self._stats.num_running, self.engine.config.max_waiting_requests)
             duplicate = request_id in self._live
             if not duplicate:
                 self._live[request_id] = _Request(on_output, lora_request)

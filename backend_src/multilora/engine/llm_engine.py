@@ -13,13 +13,14 @@ from multilora.engine.block_manager import BlockManager
 from multilora.engine.model_runner import ModelRunner
 from multilora.engine.scheduler import Scheduler
 from multilora.engine.sequence import Sequence, SequenceStatus
-from multilora.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
+                             NonFiniteLogitsError, PromptTooLongError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from multilora.sampler import SampleRow, derive_step_seed
+from multilora.sampler import FAILED, SampleRow, derive_step_seed
 from multilora.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class LLMEngine:
         self.config = config
         self.hf_config = load_hf_config(config.model)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        self.request_limits = config.request_limits(self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, self.hf_config, self.max_model_len)
@@ -85,6 +87,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         params.validate()
+        self.request_limits.check_prompt(prompt)   # before tokenizing: an oversized prompt is refused at once
+        self.request_limits.check_stop(params.stop)
         prompt_text, token_ids = self._tokenize(prompt)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; this server takes at most "
@@ -117,8 +121,8 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)                  # raises QueueFullError when the waiting queue is full
         self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams,
                     lora_request: Optional[LoRARequest] = None) -> None:
@@ -138,29 +142,66 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        self._write_adapters()
+        expired = [self._expired_output(seq, error) for seq, error in batch.expired]
+        failed = self._write_adapters(batch)
         if not batch:
-            return []
+            return expired + failed
         adapter_slots = [self.adapter_pool.slot_of(s.adapter_id) if s.adapter_id else -1 for s in batch.seqs]
         rows = [self._sample_row(seq) if seq.num_computed_tokens + n == seq.num_tokens else None
                 for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         tokens = self.runner.execute(batch, adapter_slots, rows)
-        outputs = []
+        outputs = expired + failed
         for seq, num_new, token in zip(batch.seqs, batch.num_new_tokens, tokens):
             seq.num_computed_tokens += num_new
-            if token is not None:
+            if token == FAILED:
+                outputs.append(self._fail_sampling(seq))
+            elif token is not None:
                 outputs.append(self._append_token(seq, token))
         return outputs
 
-    def _write_adapters(self) -> None:
-        writes = self.adapter_pool.take_pending_writes()
-        for i, (slot, adapter) in enumerate(writes):
+    def _fail_sampling(self, seq: Sequence) -> RequestOutput:
+        """The sampler gave up on this row (non-finite logits): this request ends alone, with an error."""
+        adapter = f"adapter '{seq.adapter_name}'" if seq.adapter_name else "the base model"
+        logger.warning("Request %s: non-finite logits (%s)", seq.request_id, adapter)
+        self.scheduler.finish(seq, "abort")
+        del self.requests[seq.request_id]
+        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        out.error = NonFiniteLogitsError(f"the model produced non-finite logits for this request ({adapter}); "
+                                         "retry, or report the prompt and adapter to the server's operator")
+        return out
+
+    def _expired_output(self, seq: Sequence, error: MultiLoRAError) -> RequestOutput:
+        """The final output of a request the scheduler ended for waiting too long (it holds nothing)."""
+        del self.requests[seq.request_id]
+        out = self._output(seq, [], seq.detokenizer.take_delta(finished=True))
+        out.error = error
+        return out
+
+    def _write_adapters(self, batch) -> list[RequestOutput]:
+        """Writes adapters newly placed in slots; returns the final outputs of requests failed by a write.
+
+        A failed write frees its slot (never served half-written) and ends, once, every request that needs
+        that adapter, taking them out of `batch`; the pool remembers the failure, so it is not retried
+        at every step.
+        """
+        failed = []
+        for slot, adapter in self.adapter_pool.take_pending_writes():
             try:
                 self.runner.write_adapter(slot, adapter)
-            except BaseException:
-                # Keep the unwritten ones queued: a slot must never be served with stale weights.
-                self.adapter_pool.requeue_writes(writes[i:])
-                raise
+            except Exception:
+                logger.exception("Writing adapter '%s' into GPU slot %d failed", adapter.name, slot)
+                error = AdapterWriteError(f"adapter '{adapter.name}' could not be copied to the GPU and is refused "
+                                          "for now; retry later, or ask the operator to check the server log")
+                adapter_id = self.adapter_pool.fail_write(slot, error)
+                for seq in [s for s in self.requests.values() if s.adapter_id == adapter_id]:
+                    if seq in batch.seqs:
+                        i = batch.seqs.index(seq)
+                        del batch.seqs[i], batch.num_new_tokens[i]
+                    self.scheduler.finish(seq, "abort")
+                    del self.requests[seq.request_id]
+                    failed.append(self._output(seq, [], seq.detokenizer.take_delta(finished=True)))
+                    failed[-1].error = error
+        return failed
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         params = seq.params

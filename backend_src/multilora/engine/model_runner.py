@@ -127,7 +127,7 @@ class ModelRunner:
         if wanted:
             rows = self._tensor([step.last_index[i] for i in wanted], torch.long)
             logits = self.model.compute_logits(hidden[rows])
-            for i, token in zip(wanted, self.sampler(logits, [sample_rows[i] for i in wanted])):
+            for i, token in zip(wanted, self.sampler(logits, [sample_rows[i] for i in wanted]).tolist()):
                 result[i] = token
         return result
 

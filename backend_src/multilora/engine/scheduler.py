@@ -7,14 +7,25 @@ Waiting sequences are admitted first come, first served. A request whose adapter
 cannot get a GPU slot waits, and later requests that would hold a slot wait
 behind it, so a stream of requests for resident adapters cannot starve it;
 base-model requests hold no slot and may pass.
+
+The waiting queue is bounded (docs/limits.md): beyond `max_waiting_requests`
+a new request is refused at once, and one that has not started within
+`max_queue_wait_s` of its arrival is ended. Both are UNAVAILABLE: the server
+is overloaded, and the client should retry later or elsewhere. A waiting
+request holds no KV block and no adapter slot, so ending it frees nothing
+but its place in the queue; a preempted one has already started and is
+never expired.
 """
 
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from multilora.config import EngineConfig
 from multilora.engine.block_manager import BlockManager
 from multilora.engine.sequence import Sequence, SequenceStatus
+from multilora.errors import QueueFullError, QueueTimeoutError
 from multilora.lora.adapter_pool import AdapterPool
 
 
@@ -22,6 +33,8 @@ from multilora.lora.adapter_pool import AdapterPool
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]     # tokens each sequence computes this step
+    # Ended this step without starting (max_queue_wait_s), each with its error; already finished.
+    expired: list[tuple[Sequence, QueueTimeoutError]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -31,10 +44,20 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
+def check_queue_room(num_waiting: int, max_waiting_requests: Optional[int]) -> None:
+    """Raises QueueFullError when a new request would wait beyond max_waiting_requests (None: unbounded)."""
+    if max_waiting_requests is not None and num_waiting >= max_waiting_requests:
+        raise QueueFullError(f"{num_waiting} requests are already waiting (max_waiting_requests "
+                             f"{max_waiting_requests}); the server is overloaded: retry later or on another "
+                             "instance")
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, adapter_pool: AdapterPool):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_waiting_requests = config.max_waiting_requests
+        self.max_queue_wait_s = config.max_queue_wait_s
         self.block_manager = block_manager
         self.adapter_pool = adapter_pool
         self.waiting: deque[Sequence] = deque()
@@ -42,13 +65,15 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queues a new request; raises QueueFullError when max_waiting_requests are already waiting."""
+        check_queue_room(len(self.waiting), self.max_waiting_requests)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], [])
+        batch = ScheduledBatch([], [], self._expire_waiting())
         preemptions_before = self.num_preemptions
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if self.num_preemptions == preemptions_before:   # no new work while memory is short
@@ -95,6 +120,28 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+
+    def _expire_waiting(self) -> list[tuple[Sequence, QueueTimeoutError]]:
+        """Ends the requests that have waited longer than max_queue_wait_s without starting.
+
+        New requests queue in arrival order, so the scan stops at the first one
+        that has not waited too long; preempted ones (at the front) are skipped.
+        """
+        if self.max_queue_wait_s is None:
+            return []
+        now, expired = time.time(), []
+        for seq in self.waiting:
+            if seq.num_preemptions:
+                continue
+            waited = now - seq.arrival_time
+            if waited <= self.max_queue_wait_s:
+                break
+            expired.append((seq, QueueTimeoutError(
+                f"the request waited {waited:.1f} s in the queue without starting (max_queue_wait_s "
+                f"{self.max_queue_wait_s:g}); the server is overloaded: retry later or on another instance")))
+        for seq, _ in expired:
+            self.finish(seq, "abort")
+        return expired
 
     def preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's KV blocks and slot hold; it is recomputed when readmitted."""

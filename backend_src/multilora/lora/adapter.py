@@ -2,6 +2,8 @@
 
 Only `adapter_model.safetensors` is read; pickled weights are refused, never
 unpickled. `adapter_config.json` is parsed by `multilora.lora.peft_config`.
+Adapters are validated as numbers as well as files (see `load_adapter`), so an
+adapter that loads cannot overflow its GPU slot or flood the model with NaN.
 Every problem with the user's files raises a typed error from
 `multilora.errors` whose message names the adapter and never its directory.
 """
@@ -12,20 +14,23 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from multilora.errors import (
     AdapterCorruptError,
     AdapterFormatError,
     AdapterNotFoundError,
+    AdapterScalingError,
     AdapterShapeError,
     AdapterTargetError,
     AdapterWeightsError,
 )
-from multilora.lora.peft_config import CONFIG_FILE, PeftConfig, check_ranks, read_peft_config
+from multilora.lora.peft_config import CONFIG_FILE, MAX_LORA_ALPHA, PeftConfig, check_ranks, read_peft_config
 from multilora.lora.request import LoRARequest
+from multilora.lora.weight_limits import DEFAULT_SERVING_DTYPE, MAX_DELTA_NORM, WeightLimits, check_effect, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +44,17 @@ _MODULE_PARENT = {
 _WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
+# Room in a weights file beyond its tensors' data: the JSON header (names, shapes, offsets) and metadata.
+_HEADER_ALLOWANCE = 1 << 20
+_HEADER_BYTES_PER_TENSOR = 1024
+
 # PEFT saves `base_model.model.<module key>.lora_A.weight`, or with the adapter
 # name before `.weight` when saved by hand; the module key is relative to the
 # *ForCausalLM model, which is what rank_pattern/alpha_pattern match against.
 _TENSOR_NAME = re.compile(r"(?:base_model\.model\.)?(?P<key>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 _EMBEDDING_TENSOR = re.compile(r".*\.lora_embedding_[AB](\..*)?")
-_MODULE_KEY = re.compile(r"(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<module>[^.]+)")
+# At most 6 digits: a layer index never needs more, and int() of a huge digit string is itself slow.
+_MODULE_KEY = re.compile(r"(?:model\.)?layers\.(?P<layer>\d{1,6})\.(?P<parent>self_attn|mlp)\.(?P<module>[^.]+)")
 
 
 @dataclass(frozen=True)
@@ -99,10 +109,18 @@ class LoRAAdapter:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.weights.values())
 
 
-def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: int) -> LoRAAdapter:
+def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: int, *,
+                 serving_dtype: Optional[torch.dtype] = None, max_delta_norm: float = MAX_DELTA_NORM) -> LoRAAdapter:
     """Reads `lora_request.lora_path` (a PEFT LoRA directory) and checks it against `spec`.
 
-    Raises the `multilora.errors.Adapter*Error` that names the problem.
+    Besides names, shapes and ranks, the numbers are checked: lora_alpha and
+    alpha_pattern finite, positive and at most `peft_config.MAX_LORA_ALPHA`;
+    every weight finite and within the range of `serving_dtype` (default
+    float16, the narrowest the engine serves); and for each module the
+    spectral norm of `scaling * B @ A`, and of `A`, at most `max_delta_norm`
+    (default MAX_DELTA_NORM = 1e3): the adapter can change a layer's output
+    by at most that many times the input's norm. Raises the
+    `multilora.errors.Adapter*Error` that names the problem.
     """
     start = time.perf_counter()
     name = lora_request.lora_name
@@ -112,7 +130,9 @@ def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: 
             f"adapter '{name}' was not found: its directory does not exist; check the adapter name and roots")
     config = read_peft_config(directory, name)
     check_ranks(config, name, max_lora_rank)
-    weights = _build_weights(config, _read_tensors(directory, name), spec, name)
+    tensors = _read_tensors(directory, name, _max_weights_bytes(spec, max_lora_rank))
+    limits = WeightLimits(torch.finfo(serving_dtype or DEFAULT_SERVING_DTYPE), max_delta_norm)
+    weights = _build_weights(config, tensors, spec, name, limits)
     adapter = LoRAAdapter(name, lora_request.lora_int_id, max(a.shape[0] for a, _, _ in weights.values()), weights)
     logger.info("loaded LoRA adapter '%s' (id %d): rank %d, modules %s, %.2f MiB, %.3f s",
                 name, adapter.adapter_id, adapter.rank, sorted(adapter.target_modules),
@@ -120,7 +140,14 @@ def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: 
     return adapter
 
 
-def _read_tensors(directory: str, name: str) -> dict[str, torch.Tensor]:
+def _max_weights_bytes(spec: LoRAModelSpec, max_lora_rank: int) -> int:
+    """The largest weights file an adapter of this base model can need (every module, float64, max rank)."""
+    per_layer = sum(max_lora_rank * (n_in + n_out) for n_in, n_out in spec.module_shapes.values())
+    num_tensors = 2 * spec.num_layers * len(spec.module_shapes)
+    return 8 * spec.num_layers * per_layer + _HEADER_ALLOWANCE + _HEADER_BYTES_PER_TENSOR * num_tensors
+
+
+def _read_tensors(directory: str, name: str, max_bytes: int) -> dict[str, torch.Tensor]:
     path = os.path.join(directory, _WEIGHTS_FILE)
     if not os.path.isfile(path):
         if any(f.endswith(_PICKLED_SUFFIXES) for f in os.listdir(directory)):
@@ -128,17 +155,27 @@ def _read_tensors(directory: str, name: str) -> dict[str, torch.Tensor]:
                 f"adapter '{name}' has only pickled weights, which are refused because loading them can run "
                 f"code; convert them to {_WEIGHTS_FILE} (PEFT save_pretrained(safe_serialization=True))")
         raise AdapterFormatError(f"adapter '{name}' has no {_WEIGHTS_FILE}; save it with PEFT's save_pretrained")
+    # Checked before parsing, so neither the header nor the tensors can make us allocate more than this.
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise AdapterFormatError(
+            f"adapter '{name}': {_WEIGHTS_FILE} is {size / 2**20:.1f} MiB, more than an adapter of rank at most "
+            f"max_lora_rank for this base model can need ({max_bytes / 2**20:.1f} MiB); use an adapter trained "
+            "for this base model")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    # The parser is native code fed an untrusted file: whatever it raises (SafetensorError, a dtype torch lacks,
+    # an I/O error) means the same thing, a file we cannot read.
+    except Exception as exc:
         logger.warning("adapter '%s': cannot parse %s: %s", name, path, exc)
         raise AdapterCorruptError(
             f"adapter '{name}': {_WEIGHTS_FILE} cannot be parsed ({type(exc).__name__}, truncated or not "
             "safetensors); copy or save the adapter again") from None
 
 
-def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: LoRAModelSpec, name: str):
+def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: LoRAModelSpec, name: str,
+                   limits: WeightLimits):
     """Checks names against the base model, then shapes, dtypes and values; -> LoRAAdapter.weights."""
     halves, unknown = _index_tensors(tensors, name)
     # Report an unsupported module before the stray tensors PEFT saves beside it (lm_head.base_layer.weight).
@@ -146,8 +183,8 @@ def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: L
         _check_module(key.rsplit(".", 1)[-1], spec, name)
     if unknown:
         raise AdapterShapeError(
-            f"adapter '{name}' holds tensor '{unknown[0]}', which is not a LoRA weight of this base model; "
-            "use an adapter trained for this base model")
+            f"adapter '{name}' holds tensor {_shown_name(unknown[0])}, which is not a LoRA weight of this base "
+            "model; use an adapter trained for this base model")
     if not halves:
         raise AdapterFormatError(f"adapter '{name}' holds no LoRA weights; save it again with PEFT")
     weights = {}
@@ -155,17 +192,27 @@ def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: L
         if len(pair) != 2:
             missing = "lora_B" if "lora_A" in pair else "lora_A"
             raise AdapterShapeError(
-                f"adapter '{name}' has no {missing} tensor for '{key}'; save the complete adapter again")
+                f"adapter '{name}' has no {missing} tensor for {_shown_name(key)}; save the complete adapter again")
         layer, module = _locate(key, spec, name)
-        if not config.targets(key):
+        if (layer, module) in weights:
+            raise AdapterShapeError(
+                f"adapter '{name}' holds two sets of weights for layer {layer} {module}; save it again with PEFT")
+        # PEFT matched its patterns against the model's own module names, which is this canonical form;
+        # matching the file's spelling instead would let a hostile name (long, zero-padded) feed the regexes.
+        module_key = f"model.layers.{layer}.{_MODULE_PARENT[module]}.{module}"
+        if not config.targets(module_key):
             raise AdapterFormatError(
-                f"adapter '{name}' has weights for '{key}', which target_modules in {CONFIG_FILE} "
+                f"adapter '{name}' has weights for '{module_key}', which target_modules in {CONFIG_FILE} "
                 "does not select; fix target_modules or remove those weights")
-        r, alpha = config.rank_and_alpha(key)
+        r, alpha = config.rank_and_alpha(module_key)
         in_features, out_features = spec.module_shapes[module]
-        a = _to_float32(tensors[pair["lora_A"]], pair["lora_A"], (r, in_features), name)
-        b = _to_float32(tensors[pair["lora_B"]], pair["lora_B"], (out_features, r), name)
-        weights[(layer, module)] = (a, b, alpha / (math.sqrt(r) if config.use_rslora else r))
+        a = _to_float32(tensors[pair["lora_A"]], pair["lora_A"], (r, in_features), name, limits.finfo)
+        b = _to_float32(tensors[pair["lora_B"]], pair["lora_B"], (out_features, r), name, limits.finfo)
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        if not 0 < scaling <= MAX_LORA_ALPHA:   # follows from the alpha and rank checks; kept as the last word
+            raise AdapterScalingError(f"adapter '{name}': the scaling {scaling:g} of '{module_key}' is out of range")
+        check_effect(a, b, scaling, module_key, name, limits.max_delta_norm)
+        weights[(layer, module)] = (a, b, scaling)
     return weights
 
 
@@ -176,14 +223,15 @@ def _index_tensors(tensors, name: str) -> tuple[dict[str, dict[str, str]], list[
     for tensor_name in tensors:
         if _EMBEDDING_TENSOR.fullmatch(tensor_name):
             raise AdapterTargetError(
-                f"adapter '{name}' has LoRA on an embedding layer ('{tensor_name}'), which this engine does not "
-                "support; retrain it on linear layers only")
+                f"adapter '{name}' has LoRA on an embedding layer ({_shown_name(tensor_name)}), which this engine "
+                "does not support; retrain it on linear layers only")
         match = _TENSOR_NAME.fullmatch(tensor_name)
         if match is None:
             unknown.append(tensor_name)
         elif match["ab"] in halves.setdefault(match["key"], {}):
             raise AdapterShapeError(
-                f"adapter '{name}' holds two {match['ab']} tensors for '{match['key']}'; save it again with PEFT")
+                f"adapter '{name}' holds two {match['ab']} tensors for {_shown_name(match['key'])}; save it again "
+                "with PEFT")
         else:
             halves[match["key"]][match["ab"]] = tensor_name
     return halves, unknown
@@ -192,7 +240,7 @@ def _index_tensors(tensors, name: str) -> tuple[dict[str, dict[str, str]], list[
 def _check_module(module: str, spec: LoRAModelSpec, name: str) -> None:
     if module not in SUPPORTED_TARGET_MODULES:
         raise AdapterTargetError(
-            f"adapter '{name}' targets module '{module}', which this engine does not support "
+            f"adapter '{name}' targets module {_shown_name(module)}, which this engine does not support "
             f"(supported: {', '.join(SUPPORTED_TARGET_MODULES)}); retrain it on supported modules")
     if module not in spec.module_shapes:
         raise AdapterTargetError(
@@ -205,7 +253,7 @@ def _locate(key: str, spec: LoRAModelSpec, name: str) -> tuple[int, str]:
     match = _MODULE_KEY.fullmatch(key)
     if match is None or match["parent"] != _MODULE_PARENT.get(match["module"]):
         raise AdapterShapeError(
-            f"adapter '{name}' has weights for '{key}', which is not a module of this base model; "
+            f"adapter '{name}' has weights for {_shown_name(key)}, which is not a module of this base model; "
             "use an adapter trained for this base model")
     layer = int(match["layer"])
     if layer >= spec.num_layers:
@@ -215,18 +263,26 @@ def _locate(key: str, spec: LoRAModelSpec, name: str) -> tuple[int, str]:
     return layer, match["module"]
 
 
-def _to_float32(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], name: str) -> torch.Tensor:
+def _to_float32(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], name: str,
+                finfo: torch.finfo) -> torch.Tensor:
+    shown = _shown_name(tensor_name)
     if tuple(tensor.shape) != shape:
         raise AdapterShapeError(
-            f"adapter '{name}': tensor '{tensor_name}' has shape {list(tensor.shape)} but this base model and "
+            f"adapter '{name}': tensor {shown} has shape {list(tensor.shape)} but this base model and "
             f"the adapter's rank need {list(shape)}; use an adapter trained for this base model")
     if not tensor.is_floating_point():
         raise AdapterWeightsError(
-            f"adapter '{name}': tensor '{tensor_name}' has dtype {tensor.dtype}, not a floating type; "
+            f"adapter '{name}': tensor {shown} has dtype {tensor.dtype}, not a floating type; "
             "save the adapter in float32, float16 or bfloat16")
     # A copy, so the adapter never shares memory with the file it came from.
     out = tensor.to(dtype=torch.float32, copy=True).contiguous()
     if not torch.isfinite(out).all():
         raise AdapterWeightsError(
-            f"adapter '{name}': tensor '{tensor_name}' contains NaN or Inf values; fix or retrain the adapter")
+            f"adapter '{name}': tensor {shown} contains NaN or Inf values; fix or retrain the adapter")
+    check_range(out, shown, name, finfo)
     return out
+
+
+def _shown_name(text: str) -> str:
+    """A tensor or module name from the user's file for a message, cut short so it cannot flood the log."""
+    return repr(text if len(text) <= 200 else text[:200] + "...")

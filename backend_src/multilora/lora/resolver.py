@@ -2,13 +2,17 @@
 
 Lookup order: the registry file (`multi_lora.json`, Triton vllm_backend format:
 name -> local directory, or name -> {"hub": "org/repo", "revision": "..."}),
-then `<root>/<name>` in each adapter root. Nothing is cached negatively, so new
-adapters are served without a restart; the registry is re-read when its mtime
-or size changes. An adapter's int id is derived from a fingerprint of its files
-(name, real directory, and name/size/mtime_ns of adapter_config.json and every
-*.safetensors), so changed files get a new id and the engine never serves a
-stale cached copy. Replace adapters atomically (write elsewhere, then rename)
-so a half-copied directory is never fingerprinted.
+then `<root>/<name>` in each adapter root. Names are never cached negatively, so
+new adapters are served without a restart; the registry is re-read when its
+mtime, size or inode changes. An adapter's int id is its version: derived from a
+fingerprint of its files (name, real directory, and for adapter_config.json and
+every *.safetensors its name, size, mtime_ns, inode, device and ctime_ns), so
+changed files get a new id and the engine never serves a stale cached copy nor
+a remembered failure of an older version. The inode and ctime catch what size
+and mtime miss: a same-size file renamed into place with its mtime preserved
+(`cp -p`, `rsync -t`), or rewritten in place and `touch`ed back (which sets
+ctime). Replace adapters atomically (write elsewhere, then rename) so a
+half-copied directory is never fingerprinted.
 
 Error messages show only the name the client sent; filesystem paths go to the
 log, for the operator.
@@ -70,6 +74,8 @@ def _parse_registry(text: str, base_dir: str) -> dict[str, _Entry]:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise AdapterFormatError(f"multi_lora.json is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:   # a number of too many digits; nesting too deep
+        raise AdapterFormatError(f"multi_lora.json is not usable JSON ({type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise AdapterFormatError("multi_lora.json must be a JSON object: adapter name -> directory")
     return {name: _parse_entry(name, value, base_dir) for name, value in raw.items()}
@@ -218,7 +224,8 @@ class AdapterResolver:
     # ---- versions -----------------------------------------------------------
 
     def _fingerprint(self, name: str, real_dir: str, real_root: str | None) -> tuple:
-        """(name, dir, sorted (file, size, mtime_ns)) from stat calls only; checks file symlinks stay in root."""
+        """(name, dir, sorted (file, size, mtime, inode, device, ctime)) from stat calls only; checks file
+        symlinks stay in root."""
         files = []
         try:
             with os.scandir(real_dir) as entries:
@@ -230,7 +237,7 @@ class AdapterResolver:
                         if not _inside(target, real_root):
                             self._refuse_escape(name, entry.path, target)
                     st = entry.stat()
-                    files.append((entry.name, st.st_size, st.st_mtime_ns))
+                    files.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns))
         except OSError as e:
             logger.warning("adapter %s: cannot stat files in %s: %s", _shown(name), real_dir, e)
             raise AdapterFormatError(f"adapter {_shown(name)} cannot be read (it may be being replaced); "

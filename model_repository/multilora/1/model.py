@@ -97,7 +97,7 @@ class TritonPythonModel:
         try:
             if self._draining:
                 raise EngineStoppedError(SHUTTING_DOWN)
-            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()})
+            parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()}, self._engine.request_limits)
             params = SamplingParams(**parsed.sampling)
         except Exception as e:  # a request's own fault: answer it alone
             sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)

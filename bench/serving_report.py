@@ -1,0 +1,213 @@
+"""bench/serving.py's measurements: per-request records -> a summary, a table, JSON and a PNG plot.
+
+Definitions (client side, the same for every target):
+- TTFT: from sending the request to the first response that carries a token.
+- TPOT: per request, (last token time - first token time) / (tokens after the first response).
+- ITL: every gap between two token-carrying responses of a stream, divided by the tokens of
+  the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks),
+  "warm" otherwise.
+- Output tok/s and req/s: over the measured window, first send to last final response; the
+  steady_* figures stop at the last send, before the load drains (perf_analyzer's kind).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    adapter: Optional[str]
+    prompt_len: int
+    output_len: int                  # asked for
+    send_s: float
+    first_token_s: Optional[float] = None
+    end_s: Optional[float] = None
+    tokens: int = 0
+    error: Optional[str] = None
+    token_times: list[tuple[float, int]] = field(default_factory=list)   # (time, tokens in that response)
+
+    def on_tokens(self, now: float, count: int) -> None:
+        if count <= 0:
+            return
+        if self.first_token_s is None:
+            self.first_token_s = now
+        self.tokens += count
+        self.token_times.append((now, count))
+
+    @property
+    def finished(self) -> bool:
+        return self.end_s is not None and self.error is None
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile (numpy's default), None for no values."""
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(values, q))
+
+
+def _dist(values: list[float]) -> dict:
+    return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
+            "max": max(values) if values else None, "mean": sum(values) / len(values) if values else None,
+            "count": len(values)}
+
+
+def _tpot(r: RequestRecord) -> float:
+    return (r.token_times[-1][0] - r.first_token_s) / (r.tokens - r.token_times[0][1])
+
+
+def _overlaps(a: float, b: float, windows: list[tuple[float, float]]) -> bool:
+    return any(start < b and a < end for start, end in windows)
+
+
+def summarize(records: list[RequestRecord], load_windows: list[tuple[float, float]] = ()) -> dict:
+    done = [r for r in records if r.finished]
+    sends = [r.send_s for r in records]
+    ends = [r.end_s for r in records if r.end_s is not None]
+    window = (max(ends) - min(sends)) if ends and sends else 0.0
+    tokens = sum(r.tokens for r in records)
+    ttft = [r.first_token_s - r.send_s for r in done if r.first_token_s is not None]
+    tpot = [_tpot(r) for r in done if len(r.token_times) > 1]
+    warm, cold = [], []
+    for r in done:
+        for (t0, _), (t1, n) in zip(r.token_times, r.token_times[1:]):
+            (cold if _overlaps(t0, t1, load_windows) else warm).append((t1 - t0) / n)
+    # Steady state: until the last request is sent, a closed loop holds its full concurrency; after
+    # it, the load drains. What finished by then, over that span, is the rate a long run converges to
+    # (the figure perf_analyzer's measurement windows give).
+    last_send = max(sends) if sends else 0.0
+    steady_span = last_send - min(sends) if sends else 0.0
+    steady_tokens = sum(n for r in records for t, n in r.token_times if t <= last_send)
+    steady_done = sum(1 for r in done if r.end_s <= last_send)
+    errors: dict[str, int] = {}
+    for r in records:
+        if r.error is not None:
+            errors[r.error[:120]] = errors.get(r.error[:120], 0) + 1
+    return {
+        "requests": len(records), "finished": len(done), "errors": sum(errors.values()), "error_kinds": errors,
+        "unfinished": sum(1 for r in records if r.end_s is None),
+        "short": sum(1 for r in done if r.tokens != r.output_len),
+        "seconds": window, "output_tokens": tokens,
+        "output_tok_s": tokens / window if window else 0.0, "req_s": len(done) / window if window else 0.0,
+        "steady_output_tok_s": steady_tokens / steady_span if steady_span > 0 else None,
+        "steady_req_s": steady_done / steady_span if steady_span > 0 else None,
+        "ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "itl_warm_s": _dist(warm), "itl_cold_s": _dist(cold),
+        "itl_cold_over_warm": (_dist(cold)["mean"] / _dist(warm)["mean"]) if cold and warm else None,
+        "distinct_adapters_requested": len({r.adapter for r in records if r.adapter}),
+    }
+
+
+def decode_rate(records: list[RequestRecord]) -> Optional[float]:
+    """Tokens per second while every request of a closed batch is decoding: from the last first
+    token to the first end (no prefill and no finished rows in that span)."""
+    firsts = [r.first_token_s for r in records if r.first_token_s is not None]
+    ends = [r.end_s for r in records if r.end_s is not None]
+    if len(firsts) < len(records) or not ends or min(ends) <= max(firsts):
+        return None
+    t0, t1 = max(firsts), min(ends)
+    return sum(n for r in records for t, n in r.token_times if t0 < t <= t1) / (t1 - t0)
+
+
+def cdf_points(records: list[RequestRecord], limit: int = 400) -> dict:
+    """Sorted TTFT and TPOT values, thinned to at most `limit` points, for the CDF plot."""
+    done = [r for r in records if r.finished and r.first_token_s is not None]
+    ttft = sorted(r.first_token_s - r.send_s for r in done)
+    tpot = sorted(_tpot(r) for r in done if len(r.token_times) > 1)
+    thin = lambda v: v if len(v) <= limit else [v[round(i * (len(v) - 1) / (limit - 1))] for i in range(limit)]
+    return {"ttft_s": thin(ttft), "tpot_s": thin(tpot)}
+
+
+def records_json(records: list[RequestRecord]) -> list[dict]:
+    out = []
+    for r in records:
+        d = asdict(r)
+        d.pop("token_times")
+        out.append(d)
+    return out
+
+
+# ---- table and plot ----------------------------------------------------------------------
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 1e3:.1f}"
+
+
+def table(runs: list[dict]) -> str:
+    """One line per run: what a reader checks first."""
+    head = (f"{'run':28} {'target':8} {'N':>5} {'done/req':>10} {'err':>4} {'out tok/s':>10} {'req/s':>7} "
+            f"{'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>7} {'loads':>6} {'evict':>6} {'dist/step':>9} "
+            f"{'peak GiB':>8}")
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        s, e = run["summary"], run.get("engine", {})
+        mem = run.get("memory", {}).get("peak_gib")
+        dist = e.get("mean_distinct_adapters_per_step")
+        lines.append(
+            f"{run['label'][:28]:28} {run['target']:8} {run['workload']['num_adapters']:5d} "
+            f"{s['finished']:>4}/{s['requests']:<5} {s['errors']:4d} {s['output_tok_s']:10.1f} {s['req_s']:7.2f} "
+            f"{_ms(s['ttft_s']['p50']):>9} {_ms(s['ttft_s']['p99']):>8} {_ms(s['tpot_s']['p50']):>9} "
+            f"{_ms(s['tpot_s']['p99']):>7} {str(e.get('adapter_loads', '-')):>6} "
+            f"{str(e.get('adapter_evictions', '-')):>6} {('-' if dist is None else f'{dist:.1f}'):>9} "
+            f"{('-' if mem is None else f'{mem:.1f}'):>8}")
+    lines.append("(TTFT, TPOT in ms; N = adapters in the workload; dist/step = mean distinct adapters "
+                 "per engine step; peak GiB = device memory in use, all processes)")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> Optional[Path]:
+    """Throughput and p99 latency against the number of adapters (one line per target), and CDFs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    # One line per (invocation, target): only the points of one --adapters sweep are joined.
+    series: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        if run.get("phase") != "calibration":
+            series.setdefault((run.get("group", ""), run["target"]), []).append(run)
+    for (group, target), members in sorted(series.items()):
+        members = sorted(members, key=lambda r: r["workload"]["num_adapters"])
+        n = [max(1, r["workload"]["num_adapters"]) for r in members]
+        name = f"{group} {target}".strip()
+        axes[0][0].plot(n, [r["summary"]["output_tok_s"] for r in members], "o-", label=name)
+        axes[0][1].plot(n, [(r["summary"]["ttft_s"]["p99"] or 0) * 1e3 for r in members], "o-", label=f"{name} TTFT")
+        axes[0][1].plot(n, [(r["summary"]["tpot_s"]["p99"] or 0) * 1e3 for r in members], "s--",
+                        label=f"{name} TPOT")
+    axes[0][1].set_yscale("log")
+    for ax, title, ylabel in ((axes[0][0], "output throughput", "tok/s"), (axes[0][1], "p99 latency", "ms")):
+        ax.set_xscale("log")
+        ax.set_xlabel("adapters in the workload")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    for ax, key, title in ((axes[1][0], "ttft_s", "TTFT CDF"), (axes[1][1], "tpot_s", "TPOT CDF")):
+        for run in runs:
+            values = run.get("cdf", {}).get(key) or []
+            if values:
+                ys = [(i + 1) / len(values) for i in range(len(values))]
+                ax.plot([v * 1e3 for v in values], ys, label=f"{run['label'][:28]} {run['target']}")
+        ax.set_xscale("log")
+        ax.set_xlabel("ms")
+        ax.set_title(title)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    runs = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        runs.extend(data["runs"] if "runs" in data else [data])
+    return runs

@@ -1,0 +1,96 @@
+"""Issue 8's checks over bench/serving.py reports: one table, then each target of "Done when"
+beside its figure, and one plot of every run.
+
+    python bench/serving_summary.py $OUT/A-compare.json $OUT/B-128x16.json $OUT/C-1024.json
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving_report import load_runs, plot, table   # noqa: E402
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.0f} ms"
+
+
+def checks(runs: list[dict]) -> list[str]:
+    lines = []
+    by = {}
+    for r in runs:
+        if r.get("phase") != "calibration":
+            by.setdefault((r["group"], r["workload"]["num_adapters"]), {})[r["target"]] = r
+    for (prefix, n), group in sorted(by.items()):
+        inproc, triton = group.get("inproc"), group.get("triton")
+        if inproc and triton:
+            a, b = inproc["summary"], triton["summary"]
+            ratio = b["output_tok_s"] / a["output_tok_s"] if a["output_tok_s"] else 0.0
+            steady = (b["steady_output_tok_s"] / a["steady_output_tok_s"]
+                      if a.get("steady_output_tok_s") and b.get("steady_output_tok_s") else None)
+            lines.append(f"[{prefix} N={n}] server / in-process output tok/s = {b['output_tok_s']:.0f} / "
+                         f"{a['output_tok_s']:.0f} = {ratio:.2f}x (steady state "
+                         f"{'-' if steady is None else f'{steady:.2f}x'}; target >= 0.9x); errors: triton "
+                         f"{b['errors']} (+{triton['engine'].get('stream_errors', 0)} stream), inproc {a['errors']}"
+                         " (target 0)")
+            pa = triton.get("perf_analyzer")
+            if pa:
+                ours = b.get("steady_req_s")
+                lines.append(f"[{prefix} N={n}] client check: perf_analyzer --streaming {pa.get('req_s')} req/s vs "
+                             f"this client {'-' if ours is None else f'{ours:.2f}'} req/s in steady state "
+                             f"({b['req_s']:.2f} over the whole run) at the same concurrency (ok={pa.get('ok')})")
+        for base in ("hf", "hf-peft"):
+            if inproc and group.get(base):
+                other = group[base]["summary"]["output_tok_s"]
+                goal = "10x" if base == "hf" else "300x"
+                lines.append(f"[{prefix} N={n}] multilora / {base} output tok/s = {inproc['summary']['output_tok_s']:.0f}"
+                             f" / {other:.1f} = {inproc['summary']['output_tok_s'] / other:.1f}x (target >= {goal})"
+                             if other else f"[{prefix} N={n}] {base}: no throughput")
+        bound = inproc and inproc.get("decode_bound")
+        if bound and bound.get("decode_tok_s"):
+            got = inproc["summary"]["steady_output_tok_s"] or inproc["summary"]["output_tok_s"]
+            lines.append(f"[{prefix} N={n}] output tok/s {got:.0f} (steady state) = {got / bound['decode_tok_s']:.2f}x "
+                         f"the bound {bound['decode_tok_s']:.0f}: {bound['rows']} rows decoding together over "
+                         f"{bound['distinct_adapters']} distinct adapters at ({bound['prompt_len']} + "
+                         f"{bound['output_len']}) tokens (target >= 0.9x)")
+        if inproc and inproc["workload"]["num_adapters"]:
+            e = inproc["engine"]
+            if e.get("mean_distinct_adapters_per_step") is not None:
+                lines.append(f"[{prefix} N={n}] mean distinct adapters per step {e['mean_distinct_adapters_per_step']:.1f}"
+                             f" (bound: {inproc['engine_args'].get('max_num_seqs')} rows / the mixed decode step at that count, "
+                             "bench/decode_step.py); loads "
+                             f"{e.get('adapter_loads')}, evictions {e.get('adapter_evictions')}, load time "
+                             f"{e.get('adapter_load_seconds_sum', 0):.1f} s in all")
+        for r in group.values():
+            if r["workload"]["rate"] is None:
+                continue
+            s, m = r["summary"], r.get("memory", {})
+            cold = s["itl_cold_over_warm"]
+            lines.append(f"[{prefix} N={n} {r['target']} Poisson {r['workload']['rate']:.2f} req/s] finished "
+                         f"{s['finished']}/{s['requests']}; TTFT p99 {_ms(s['ttft_s']['p99'])}, max "
+                         f"{_ms(s['ttft_s']['max'])} (= the longest queue wait + its prefill); most waiting "
+                         f"{r['engine'].get('max_waiting')}; ITL while adapters load / warm = "
+                         f"{'-' if cold is None else f'{cold:.2f}x'} (target <= 1.2x; "
+                         f"{s['itl_cold_s']['count']} cold gaps); GPU memory at warm-up {m.get('warmup_start_gib')}, "
+                         f"run start {m.get('first_gib')}, end {m.get('last_gib')} GiB, peak {m.get('peak_gib')} "
+                         "(target: flat)")
+    return lines
+
+
+def main(argv=None) -> int:
+    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv) if Path(p).is_file()]
+    runs = load_runs(paths)
+    if not runs:
+        print("no runs found in", paths)
+        return 1
+    if paths:
+        plot(runs, paths[0].parent / "serving-summary.png")
+    print(table(runs))
+    print()
+    print("\n".join(checks(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

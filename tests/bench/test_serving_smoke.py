@@ -1,0 +1,84 @@
+"""bench/serving.py's smoke configuration: the tiny preset, tens of adapters, seconds on a CPU.
+
+It keeps the benchmark from rotting: the report has its shape and every request finished,
+with the tokens it asked for. Times are never asserted.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SUMMARY_KEYS = {"requests", "finished", "errors", "unfinished", "short", "seconds", "output_tokens", "output_tok_s",
+                "req_s", "steady_output_tok_s", "steady_req_s", "ttft_s", "tpot_s", "itl_warm_s", "itl_cold_s", "itl_cold_over_warm",
+                "distinct_adapters_requested"}
+DIST_KEYS = {"p50", "p90", "p99", "max", "mean", "count"}
+ENGINE_KEYS = {"adapter_loads", "adapter_evictions", "adapter_pool_hits", "adapter_pool_misses",
+               "mean_distinct_adapters_per_step", "max_waiting"}
+
+
+def _serving():
+    sys.path.insert(0, str(BENCH))
+    import serving
+
+    return serving
+
+
+def _smoke(tmp_path: Path, target: str, *extra: str) -> list[dict]:
+    args = ["--preset", "tiny", "--target", target, "--adapters", "20", "--requests", "24", "--concurrency", "4",
+            "--prompt-len", "8:24", "--output-len", "3:10", "--base-share", "0.25", "--max-loras", "4",
+            "--max-cpu-loras", "8", "--ranks", "8,16", "--work", str(tmp_path / "work"), "--out",
+            str(tmp_path / "out"), "--label", "smoke", "--progress-every", "60", *extra]
+    assert _serving().main(args) == 0
+    report = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "out" / "smoke.png").stat().st_size > 0
+    return report["runs"]
+
+
+def _check_run(run: dict, requests: int) -> None:
+    s = run["summary"]
+    assert SUMMARY_KEYS <= set(s)
+    assert (s["requests"], s["finished"], s["errors"], s["unfinished"], s["short"]) == (requests, requests, 0, 0, 0)
+    assert s["output_tokens"] > 0
+    assert DIST_KEYS <= set(s["ttft_s"]) and s["ttft_s"]["count"] == requests
+    assert ENGINE_KEYS <= set(run["engine"])
+    assert run["engine"]["adapter_loads"] >= 1
+    assert len(run["cdf"]["ttft_s"]) == requests
+
+
+def test_inproc_smoke_run_finishes_every_request(tmp_path):
+    runs = _smoke(tmp_path, "inproc", "--save-records", "--decode-bound")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["target"] == "inproc" and run["workload"]["num_adapters"] == 20
+    _check_run(run, 24)
+    records = run["records"]
+    assert all(r["tokens"] == r["output_len"] and r["error"] is None for r in records)
+    # Zipf popularity and the base share reach the requests: some base, several adapters.
+    adapters = [r["adapter"] for r in records]
+    assert None in adapters and len({a for a in adapters if a}) >= 3
+    assert 0 < run["engine"]["mean_distinct_adapters_per_step"] <= 4      # never more than max_loras
+    bound = run["decode_bound"]
+    assert bound["rows"] == 4 and 1 <= bound["distinct_adapters"] <= 4 and bound["decode_tok_s"] is not None
+
+
+def test_poisson_run_at_a_fraction_of_the_closed_loop_rate(tmp_path):
+    runs = _smoke(tmp_path, "inproc", "--rate-fraction", "0.8", "--requests", "16")
+    closed, poisson = runs
+    assert closed["workload"]["concurrency"] == 4 and closed["workload"]["rate"] is None
+    assert poisson["workload"]["concurrency"] is None
+    assert poisson["workload"]["rate"] == pytest.approx(0.8 * closed["summary"]["req_s"])
+    _check_run(poisson, 16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tritonclient") is None,
+                    reason="needs nvidia-pytriton and tritonclient (make venv)")
+def test_triton_smoke_run_finishes_every_request(tmp_path):
+    runs = _smoke(tmp_path, "triton", "--client-procs", "2")
+    assert runs[0]["target"] == "triton"
+    _check_run(runs[0], 24)
+    assert runs[0]["engine"]["stream_errors"] == 0

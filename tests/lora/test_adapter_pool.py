@@ -1,0 +1,147 @@
+"""AdapterPool: remembered failures (negative cache with expiry) and failed slot writes, on the CPU with fakes."""
+
+import json
+import shutil
+
+import pytest
+
+from multilora.errors import AdapterFormatError, AdapterRangeError, AdapterScalingError, AdapterWriteError
+from multilora.lora.adapter import load_adapter
+from multilora.lora.adapter_pool import FAILURE_TTL_S, AdapterPool
+from multilora.lora.request import LoRARequest
+from multilora.lora.resolver import AdapterResolver
+
+A, B, C = (LoRARequest(name, i, f"/adapters/{name}") for i, name in enumerate("abc", start=1))
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def counting_loader(fail_for=()):
+    """load(request) -> a fake adapter; raises AdapterRangeError for names in `fail_for`; records every call."""
+    calls = []
+
+    def load(request):
+        calls.append(request.lora_name)
+        if request.lora_name in fail_for:
+            raise AdapterRangeError(f"adapter '{request.lora_name}': weights too large")
+        return f"adapter-{request.lora_name}"
+
+    load.calls = calls
+    return load
+
+
+def test_failed_load_is_remembered_until_it_expires(clock):
+    load = counting_loader(fail_for={"a"})
+    pool = AdapterPool(2, 4, load, clock=clock)
+    messages = set()
+    for _ in range(5):
+        with pytest.raises(AdapterRangeError) as info:
+            pool.get(A)
+        messages.add(str(info.value))
+    assert load.calls == ["a"]                      # one load for five requests
+    assert messages == {"adapter 'a': weights too large"}
+    assert (pool.counters.failed_loads, pool.counters.remembered_failures) == (1, 4)
+    clock.now += FAILURE_TTL_S + 1
+    with pytest.raises(AdapterRangeError):
+        pool.get(A)
+    assert load.calls == ["a", "a"]                 # expired: loaded again
+
+
+def test_a_new_version_is_loaded_at_once(clock):
+    load = counting_loader(fail_for={"a"})
+    pool = AdapterPool(2, 4, load, clock=clock)
+    with pytest.raises(AdapterRangeError):
+        pool.get(A)
+    fixed = LoRARequest("a", 42, A.lora_path)       # the resolver gives changed files a new id
+    load_fixed = counting_loader()
+    pool._load = load_fixed
+    assert pool.get(fixed) == "adapter-a"
+    assert load_fixed.calls == ["a"]
+
+
+def test_a_remembered_failure_raises_a_fresh_error_each_time(clock):
+    pool = AdapterPool(2, 4, counting_loader(fail_for={"a"}), clock=clock)
+    errors = []
+    for _ in range(3):
+        with pytest.raises(AdapterRangeError) as info:
+            pool.get(A)
+        errors.append(info.value)
+    assert len({id(e) for e in errors}) == 3        # re-raising one object would grow its traceback for ever
+
+
+def test_errors_that_are_not_the_adapters_fault_are_not_remembered(clock):
+    calls = []
+
+    def load(request):
+        calls.append(1)
+        raise OSError("disk hiccup")
+
+    pool = AdapterPool(2, 4, load, clock=clock)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            pool.get(A)
+    assert len(calls) == 2
+
+
+def test_fail_write_frees_the_slot_and_remembers(clock):
+    load = counting_loader()
+    pool = AdapterPool(2, 4, load, clock=clock)
+    slot_a = pool.acquire(A, pool.get(A))
+    pool.acquire(A, pool.get(A))                    # two sequences hold it
+    slot_b = pool.acquire(B, pool.get(B))
+    assert [s for s, _ in pool.take_pending_writes()] == [slot_a, slot_b]
+    error = AdapterWriteError("adapter 'a' could not be copied to the GPU")
+    assert pool.fail_write(slot_a, error) == A.lora_int_id
+    assert not pool.is_resident(A.lora_int_id) and pool.resident_adapter_names == ["b"]
+    with pytest.raises(AdapterWriteError, match="could not be copied"):
+        pool.get(A)                                 # new requests fail at once, without a load
+    assert load.calls == ["a", "b"]
+    pool.release(A.lora_int_id)                     # the failed sequences finish
+    pool.release(A.lora_int_id)
+    assert pool.num_holds == 1                      # b's
+    # The freed slot is free, not evictable: C takes it without evicting b, and a is never "evicted".
+    assert pool.can_acquire(C.lora_int_id)
+    assert pool.acquire(C, pool.get(C)) == slot_a
+    assert pool.counters.evictions == 0 and pool.counters.failed_writes == 1
+    assert pool.take_pending_writes() == [(slot_a, "adapter-c")]
+
+
+def test_remembered_failures_are_bounded(clock, monkeypatch):
+    monkeypatch.setattr("multilora.lora.adapter_pool.MAX_REMEMBERED_FAILURES", 3)
+
+    def load(request):
+        raise AdapterFormatError(f"adapter '{request.lora_name}' is broken")
+
+    pool = AdapterPool(2, 4, load, clock=clock)
+    for i in range(10):
+        with pytest.raises(AdapterFormatError):
+            pool.get(LoRARequest(f"x{i}", 100 + i, "/x"))
+    assert len(pool._failed) == 3 and list(pool._failed) == [107, 108, 109]
+
+
+def test_a_fixed_adapter_is_a_new_version_and_loads_at_once(peft_adapters, spec, tmp_path, clock):
+    """Resolver + pool + loader: a broken adapter costs one load; fixing its files gives a new id, loaded at once."""
+    directory = shutil.copytree(peft_adapters["attn_r4"][0], tmp_path / "root" / "tenant")
+    config_path = directory / "adapter_config.json"
+    good = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**good, "lora_alpha": float("nan")}))
+    resolver = AdapterResolver([tmp_path / "root"])
+    pool = AdapterPool(2, 4, lambda request: load_adapter(request, spec, 16), clock=clock)
+    for _ in range(3):
+        with pytest.raises(AdapterScalingError):
+            pool.get(resolver.resolve("tenant"))
+    assert (pool.counters.failed_loads, pool.counters.remembered_failures) == (1, 2)
+    config_path.write_text(json.dumps(good))            # the tenant fixes the adapter; no time passes
+    adapter = pool.get(resolver.resolve("tenant"))
+    assert adapter.name == "tenant" and pool.counters.loads == 1
