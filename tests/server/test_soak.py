@@ -12,11 +12,9 @@ server is back to idle (no KV block, adapter hold or request left); the
 stub's memory is flat after warm-up.
 
 Marked `soak`: CI runs it (about two minutes); `-m "not soak"` skips it locally.
-Hostile cases still being fixed on other branches are not mixed in yet (NaN,
-negative or huge lora_alpha, temperature 1e-300, huge inputs and stop lists,
-deeply nested sampling_parameters).
 """
 
+import json
 import random
 import shutil
 import threading
@@ -26,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from safetensors.torch import load_file, save_file
 
 from helpers.tiny_models import copy_adapter
 from metrics_text import eventually, sample, samples
@@ -46,8 +46,12 @@ LATE = "late-upper"               # copied into the root mid-soak
 MAX_TOKENS = (8, 16, 32)
 CANCEL_P = 0.12
 HOSTILE_P = 0.15
-# Hostile adapters in the root, each refused with its name in the message.
+# Hostile adapters in the root, each refused with its name in the message: broken files from the test zoo,
+# and copies of a demo adapter whose numbers are hostile (adapter_config.json changes, or weights scaled).
 HOSTILE_ADAPTERS = {"binonly": "bin_only", "truncated": "truncated", "otherbase": "other_base", "nanweights": "nan"}
+HOSTILE_NUMBERS = {"alpha-1e300": {"lora_alpha": 1e300}, "alpha-nan": {"lora_alpha": float("nan")},
+                   "alpha-negative": {"lora_alpha": -16}, "regex-backtracking": {"target_modules": r"(.*)*x"},
+                   "weights-1e30": 1e30}
 
 
 def _hostile_requests(prompt: str) -> list[tuple[dict, str]]:
@@ -60,7 +64,11 @@ def _hostile_requests(prompt: str) -> list[tuple[dict, str]]:
              ({"text_input": prompt, "top_p": 2.0}, "top_p"),
              ({"text_input": prompt, "sampling_parameters": '{"temperature": "hot"}'}, "temperature"),
              ({"text_input": prompt, "max_tokens": bad_dtype}, "max_tokens")]
-    cases += [({"text_input": prompt, "lora_id": name}, f"'{name}'") for name in HOSTILE_ADAPTERS]
+    cases += [({"text_input": prompt, "lora_id": name}, f"'{name}'") for name in (*HOSTILE_ADAPTERS, *HOSTILE_NUMBERS)]
+    cases += [({"text_input": prompt * 5000}, "max_prompt_bytes"),
+              ({"text_input": prompt, "stop": [f"s{i}" for i in range(100)]}, "max_stop_strings"),
+              ({"text_input": prompt, "sampling_parameters": '{"stop": ' + "[" * 64 + "]" * 64 + "}"},
+               "max_sampling_parameters_depth")]
     return cases
 
 
@@ -86,6 +94,14 @@ def _layout(tiny_zoo, root: Path):
         shutil.copytree(DEMO_ADAPTERS / source, root / served)
     for served, case in HOSTILE_ADAPTERS.items():
         copy_adapter(tiny_zoo.broken_adapter_dir(case), root / served)
+    for served, damage in HOSTILE_NUMBERS.items():
+        directory = shutil.copytree(DEMO_ADAPTERS / "upper", root / served)
+        if isinstance(damage, dict):
+            config = json.loads((directory / "adapter_config.json").read_text())
+            (directory / "adapter_config.json").write_text(json.dumps({**config, **damage}))
+        else:
+            weights = str(directory / "adapter_model.safetensors")
+            save_file({k: t * damage if "lora_B" in k else t for k, t in load_file(weights).items()}, weights)
     outside = root.parent / "outside"
     shutil.copytree(DEMO_ADAPTERS / "upper", outside / "upper")
     (root / "escape").symlink_to(outside / "upper", target_is_directory=True)
@@ -164,6 +180,9 @@ def test_soak_overload_churn_cancellations_and_hostile_requests(launcher, tiny_z
                     n, eos = rng.choice(MAX_TOKENS), rng.random() < 0.5
                     values = {"text_input": prompt, "stream": True, "max_tokens": n, "temperature": 0.0,
                               "ignore_eos": eos, **({"lora_id": name} if name else {})}
+                    if rng.random() < 0.1:      # too small for float32: means greedy, not an error for everyone
+                        del values["temperature"]
+                        values["sampling_parameters"] = json.dumps({"temperature": 1e-300})
                     source = "upper" if name == LATE else served.get(name)
                     batch.append((rid, values, references[(prompt, source, n, eos)]))
                 _run_batch(srv.grpc_url, batch, rng.random() < CANCEL_P, tally)
