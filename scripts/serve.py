@@ -1,12 +1,16 @@
 """Start a Triton Inference Server serving the `multilora` model (what `make serve` runs).
 
 It finds a tritonserver (--tritonserver, then PATH, then the one inside the
-nvidia-pytriton wheel), prepares a runtime directory (the model repository
-with a serving.json written from these options and, for the wheel's server, a
-Python backend whose stub matches this Python), starts the server bound to
-127.0.0.1 with the shared-memory, logging and model-repository APIs behind a
-key, waits until the model is ready, prints the endpoints and a client
-command, and forwards Ctrl-C / SIGTERM to the server.
+nvidia-pytriton wheel), refuses to start when the stub's Python cannot serve
+(serve_checks.py: numpy 2 under the wheel's stub, the package not importable,
+a CUDA device asked for but absent), prepares a runtime directory (the model
+repository with a serving.json written from these options and, for the wheel's
+server, a Python backend whose stub matches this Python), starts the server
+bound to 127.0.0.1 with the admin-like APIs (shared memory, logging, model
+repository, trace) behind a key, waits until the model is ready and prints the
+endpoints and a client command. Then it supervises the server (supervisor.py):
+a crashed server, dead stub or dead engine is restarted; Ctrl-C or SIGTERM
+drains and stops it within --shutdown-timeout.
 
 Every option can also be set by an environment variable, shown in --help.
 Without --model it serves models/demo-llama with models/demo-adapters when
@@ -15,24 +19,27 @@ directory.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import sysconfig
-import time
 import urllib.error
 import urllib.request
 
+from serve_checks import check_environment  # this directory
+from supervisor import CONTROL_DIR_ENV, SHM_PREFIX_ENV, Supervisor, SupervisorConfig, drain_seconds, log
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_MODEL_DIR = os.path.join(REPO, "model_repository", "multilora")
+
 MODEL_NAME = "multilora"
 ADMIN_HEADER = "multilora-admin-key"
-RESTRICTED_APIS = "shared-memory,logging,model-repository"
+ADMIN_KEY_ENV = "MULTILORA_ADMIN_KEY"
+# Every admin-like API: loading models, registering shared memory, changing the log, tracing to files.
+RESTRICTED_APIS = "shared-memory,logging,model-repository,trace"
 DEMO_MODEL = os.path.join(REPO, "models", "demo-llama")
 DEMO_ADAPTERS = os.path.join(REPO, "models", "demo-adapters")
 
@@ -60,6 +67,16 @@ def _add(parser, flag, help_text, default=None, **kwargs):
     parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help_text} [env {env}]", **kwargs)
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _RefuseKeyOnCommandLine(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: a key on a command line is visible to every local user "
+                     f"(ps). Set {ADMIN_KEY_ENV} or pass --admin-key-file")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model and adapters")
@@ -78,12 +95,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add(g, "--http-port", "HTTP port", default=8000, type=int)
     _add(g, "--grpc-port", "gRPC port", default=8001, type=int)
     _add(g, "--metrics-port", "Prometheus /metrics port", default=8002, type=int)
-    _add(g, "--admin-key", "value of the admin header that unlocks the restricted APIs "
-         "(default: random, saved in RUN_DIR/admin-key)")
+    _add(g, "--admin-key-file", f"file holding the value of the header {ADMIN_HEADER} that unlocks the "
+         f"restricted APIs; or set {ADMIN_KEY_ENV} (default: random, saved in RUN_DIR/admin-key, mode 600)")
+    g.add_argument("--admin-key", nargs="?", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
+    g.add_argument("--grpc-only", action="store_true", default=_env_flag("MULTILORA_GRPC_ONLY"),
+                   help="serve gRPC only, no HTTP endpoint [env MULTILORA_GRPC_ONLY=1]")
     _add(g, "--run-dir", "runtime directory (model repository copy, backend, random model; default: .run)",
          default=os.path.join(REPO, ".run"))
     _add(g, "--tritonserver", "tritonserver binary (default: on PATH, else the nvidia-pytriton wheel's)")
     _add(g, "--ready-timeout", "seconds to wait for the model to be ready", default=600, type=float)
+    _add(g, "--shutdown-timeout", "seconds from SIGTERM to exit; requests still unfinished "
+         "max(T/2, T-10) s after it end with UNAVAILABLE", default=30, type=float)
+    _add(g, "--health-timeout", "seconds without a health report from the model before the server "
+         "is restarted (a hung stub)", default=20, type=float)
+    _add(g, "--max-restarts", "restarts allowed within 10 minutes before giving up", default=5, type=int)
     _add(g, "--log-verbose", "Triton server verbose log level", default=0, type=int)
     return parser.parse_args(argv)
 
@@ -166,8 +191,9 @@ def prepare_wheel_backend(run_dir: str, wheel: str) -> str:
     return backends
 
 
-def server_environment(wheel: str | None) -> dict:
-    env = dict(os.environ)
+def server_environment(wheel: str | None, control_dir: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV} | {
+        CONTROL_DIR_ENV: control_dir, SHM_PREFIX_ENV: shm_prefix()}
     if wheel is not None:
         # This Python's libpython first: otherwise the stub loads the system's and fails on import.
         libs = [sysconfig.get_config_var("LIBDIR"),
@@ -182,8 +208,18 @@ def server_environment(wheel: str | None) -> dict:
 
 
 def admin_key(args) -> str:
-    if args.admin_key:
-        return args.admin_key
+    """From the environment, else the key file, else a random one written to RUN_DIR/admin-key."""
+    if os.environ.get(ADMIN_KEY_ENV, "").strip():
+        return os.environ[ADMIN_KEY_ENV].strip()
+    if args.admin_key_file:
+        try:
+            with open(args.admin_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as e:
+            sys.exit(f"--admin-key-file: {e}")
+        if not key:
+            sys.exit(f"--admin-key-file {args.admin_key_file} is empty")
+        return key
     path = os.path.join(args.run_dir, "admin-key")
     key = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -192,14 +228,26 @@ def admin_key(args) -> str:
     return key
 
 
+def shm_prefix() -> str:
+    """This launcher's name for the Python backend's shared-memory regions, so it can remove exactly them."""
+    return f"multilora_{os.getpid()}_"
+
+
 def server_command(binary: str, args, repo: str, backends: str | None, key: str) -> list[str]:
+    # Triton server takes the restricted-API key only on its command line (2.51 and later
+    # releases alike): visible in /proc/<pid>/cmdline to local users; docs/serving.md says how to contain it.
     restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={key}"
     cmd = [binary, f"--model-repository={repo}", "--model-control-mode=none", "--strict-readiness=true",
-           f"--http-address={args.host}", f"--http-port={args.http_port}",
            f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
            f"--metrics-address={args.host}", f"--metrics-port={args.metrics_port}",
-           f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
-           "--exit-timeout-secs=30", f"--log-verbose={args.log_verbose}"]
+           f"--grpc-restricted-protocol={restricted}",
+           f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
+           f"--exit-timeout-secs={max(1, int(args.shutdown_timeout))}", f"--log-verbose={args.log_verbose}"]
+    if args.grpc_only:
+        cmd.append("--allow-http=false")
+    else:
+        cmd += [f"--http-address={args.host}", f"--http-port={args.http_port}",
+                f"--http-restricted-api={restricted}"]
     if backends:
         cmd.append(f"--backend-directory={backends}")
     return cmd
@@ -207,27 +255,37 @@ def server_command(binary: str, args, repo: str, backends: str | None, key: str)
 
 # ---- running ----------------------------------------------------------------------
 
-def _die_with_parent():
-    """Linux: the server gets SIGTERM if this launcher dies, so no server outlives it."""
+def readiness_probe(args):
+    """A () -> bool that asks the server whether the model is ready, over HTTP or, with --grpc-only, gRPC."""
+    host = _local_host(args.host)
+    if not args.grpc_only:
+        url = f"http://{host}:{args.http_port}/v2/models/{MODEL_NAME}/ready"
+
+        def http_ready() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return r.status == 200
+            except (urllib.error.URLError, OSError):
+                return False
+        return http_ready
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        import tritonclient.grpc as grpcclient
+    except ImportError:
+        sys.exit("--grpc-only checks readiness over gRPC and needs tritonclient: pip install 'tritonclient[grpc]'")
 
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
+    def grpc_ready() -> bool:
+        client = grpcclient.InferenceServerClient(f"{host}:{args.grpc_port}")
         try:
-            with urllib.request.urlopen(f"{url}/v2/models/{MODEL_NAME}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    return False
+            return client.is_model_ready(MODEL_NAME)
+        except Exception:   # not up yet: any transport error means "not ready"
+            return False
+        finally:
+            client.close()
+    return grpc_ready
+
+
+def _local_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def _shown_path(path: str) -> str:
@@ -237,21 +295,32 @@ def _shown_path(path: str) -> str:
 
 
 def print_banner(args, proc, model_dir: str, roots: list[str]):
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    host = _local_host(args.host)
     http = f"http://{host}:{args.http_port}"
-    key_note = "the --admin-key value" if args.admin_key else os.path.join(args.run_dir, "admin-key")
+    key_note = (f"${ADMIN_KEY_ENV}" if os.environ.get(ADMIN_KEY_ENV, "").strip() else
+                f"the contents of {args.admin_key_file}" if args.admin_key_file else
+                f"$(cat {os.path.join(args.run_dir, 'admin-key')})")
+    http_lines = ("  HTTP      (off: --grpc-only)" if args.grpc_only else
+                  f"  HTTP      {http}/v2/models/{MODEL_NAME}/generate  (and /generate_stream)")
+    # temperature 0: the demo model's answers are exact, so a newcomer sees them rather than samples.
+    curl = ("" if args.grpc_only else f"""
+  curl -s {http}/v2/models/{MODEL_NAME}/generate -d '{{"text_input": "green apple river\\n=>", "max_tokens": 48, "temperature": 0}}'""")
     print(f"""
 multilora is ready (tritonserver pid {proc.pid})
   gRPC      {host}:{args.grpc_port}
-  HTTP      {http}/v2/models/{MODEL_NAME}/generate  (and /generate_stream)
+{http_lines}
   metrics   http://{host}:{args.metrics_port}/metrics
   model     {model_dir}
   adapters  {os.pathsep.join(roots) or '(no adapter roots)'}{' + ' + args.registry if args.registry else ''}
-  admin     shared-memory, logging and model-repository APIs need header {ADMIN_HEADER}: <{key_note}>
+  admin     {RESTRICTED_APIS.replace(',', ', ')} APIs need header {ADMIN_HEADER}: {key_note}
+            (over gRPC the header is named triton-grpc-protocol-{ADMIN_HEADER})
 Try:
-  {_shown_path(sys.executable)} {_shown_path(os.path.join(REPO, "client_examples", "grpc_stream.py"))} --url {host}:{args.grpc_port}
-  curl -s {http}/v2/models/{MODEL_NAME}/generate -d '{{"text_input": "green apple river\\n=>", "max_tokens": 48}}'
-Ctrl-C stops the server.""", flush=True)
+  {_shown_path(sys.executable)} {_shown_path(os.path.join(REPO, "client_examples", "grpc_stream.py"))} --url {host}:{args.grpc_port}{curl}
+Ctrl-C stops the server (in-flight requests get up to {drain_note(args)}).""", flush=True)
+
+
+def drain_note(args) -> str:
+    return f"{drain_seconds(args.shutdown_timeout):.0f} s to finish; the launcher exits within {args.shutdown_timeout:.0f} s"
 
 
 def main(argv=None) -> int:
@@ -263,31 +332,32 @@ def main(argv=None) -> int:
                "adapters": {"roots": roots, "registry": args.registry and os.path.abspath(args.registry),
                             "hub_cache_dir": args.hub_cache_dir and os.path.abspath(args.hub_cache_dir)}}
     binary, wheel = find_tritonserver(args.tritonserver)
+    control_dir = os.path.join(args.run_dir, "control")
+    env = server_environment(wheel, control_dir)
+    problems = check_environment(env, args.device, wheel_stub=wheel is not None, repo=REPO)
+    if problems:
+        for problem in problems:
+            print(f"serve.py: cannot serve: {problem}", file=sys.stderr)
+        return 2
     backends = prepare_wheel_backend(args.run_dir, wheel) if wheel else None
     repo = prepare_repository(args.run_dir, serving)
     cmd = server_command(binary, args, repo, backends, admin_key(args))
     print("starting:", " ".join(c if ADMIN_HEADER not in c else c.split("=")[0] + "=<restricted>" for c in cmd),
           flush=True)
-    proc = subprocess.Popen(cmd, env=server_environment(wheel), preexec_fn=_die_with_parent)
 
-    def forward(signum, _frame):
-        proc.send_signal(signum)  # a second Ctrl-C makes tritonserver exit at once
+    def on_ready(proc, restarts: int):
+        if restarts == 0:
+            print_banner(args, proc, model_dir, roots)
+        else:
+            log(f"multilora is ready again (tritonserver pid {proc.pid}, after {restarts} restart(s))")
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    ready = wait_ready(proc, f"http://{host}:{args.http_port}", args.ready_timeout)
-    if ready:
-        print_banner(args, proc, model_dir, roots)
-    elif proc.poll() is None:
-        print(f"the model was not ready after {args.ready_timeout:.0f}s; stopping the server", file=sys.stderr)
-        proc.terminate()
-    else:
-        print(f"tritonserver exited with code {proc.returncode} before the model was ready; "
-              "its log is above", file=sys.stderr)
-    code = proc.wait()
-    code = code if code >= 0 else 128 - code
-    return code if ready or code else 1
+    supervisor = Supervisor(SupervisorConfig(
+        command=cmd, env=env, control_dir=control_dir, shm_prefix=shm_prefix(), is_ready=readiness_probe(args),
+        ready_timeout=args.ready_timeout, shutdown_timeout=args.shutdown_timeout,
+        health_timeout=args.health_timeout, max_restarts=args.max_restarts), on_ready)
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -41,12 +42,24 @@ class Server:
     log: Path
     admin_key: str = ""
     registered: str = REGISTERED  # an adapter served only through multi_lora.json
+    run_dir: Optional[Path] = None
+    grpc_only: bool = False
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=10) as r:
             return r.read().decode()
 
     def is_ready(self) -> bool:
+        if self.grpc_only:
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(self.grpc_url)
+            try:
+                return client.is_model_ready("multilora")
+            except Exception:       # not up (yet): any transport error
+                return False
+            finally:
+                client.close()
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/models/multilora/ready", timeout=5) as r:
                 return r.status == 200
@@ -95,30 +108,40 @@ def _stop(proc: subprocess.Popen):
 
 def launch(base: Path, model_args: list[str]):
     """Starts scripts/serve.py on free ports with `model_args`; yields a ready Server, stops it after."""
+    proc, srv = start_launcher(base, model_args)
+    try:
+        yield srv
+    finally:
+        _stop(proc)
+
+
+def start_launcher(base: Path, model_args: list[str]) -> tuple[subprocess.Popen, Server]:
+    """scripts/serve.py on free ports, in its own session, once its model is ready; the caller stops it."""
     http, grpc, metrics = _free_ports(3)
     log = base / "server.log"
     _server_log.append(log)
     admin_key = "test-admin-key"
     cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *model_args, "--run-dir", str(base / "run"),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--dtype", "float32", "--device", "cpu", "--ready-timeout", str(READY_TIMEOUT_S),
-           "--admin-key", admin_key]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {"MULTILORA_TEST_THREADS": "1"}
+           "--dtype", "float32", "--device", "cpu", "--ready-timeout", str(READY_TIMEOUT_S)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTILORA_")} | {
+        "MULTILORA_TEST_THREADS": "1", "MULTILORA_ADMIN_KEY": admin_key}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     model_dir = Path(model_args[model_args.index("--model") + 1])
     root = Path(model_args[model_args.index("--adapter-roots") + 1])
     srv = Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}", root, model_dir,
-                 log, admin_key)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S + 30
-        while not srv.is_ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not become ready (exit code {proc.poll()}); log:\n{_tail(log)}")
-            time.sleep(0.5)
-        yield srv
-    finally:
-        _stop(proc)
+                 log, admin_key, run_dir=base / "run", grpc_only="--grpc-only" in model_args)
+    deadline = time.monotonic() + READY_TIMEOUT_S + 30
+    while not srv.is_ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"the server did not become ready (exit code {proc.poll()}); log:\n{_tail(log)}")
+        time.sleep(0.5)
+    while "multilora is ready" not in log.read_text(errors="replace"):  # the banner names tritonserver's pid
+        assert time.monotonic() < deadline and proc.poll() is None, _tail(log)
+        time.sleep(0.2)
+    return proc, srv
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +187,48 @@ def reference(tiny_zoo):
     return run
 
 
+DEMO_ARGS = ["--model", str(REPO / "models" / "demo-llama"), "--adapter-roots", str(REPO / "models" / "demo-adapters")]
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """start(extra_args, model_args=demo) -> (launcher process, ready Server): the test's own server, stopped after."""
+    started = []
+
+    def start(extra_args: list[str], model_args: list[str] = DEMO_ARGS):
+        proc, srv = start_launcher(tmp_path, model_args + extra_args)
+        started.append(proc)
+        return proc, srv
+    yield start
+    for proc in started:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def demo_reference():
+    """demo_reference(prompts, adapter, max_tokens, ignore_eos) -> [token ids]: the demo model in-process, greedy.
+
+    `adapter` is a demo adapter name (or a copy of one served under another name), None for the base model.
+    """
+    from multilora import LLM, LoRARequest, SamplingParams
+
+    llm = LLM(model=str(REPO / "models" / "demo-llama"), enable_lora=True, max_loras=4, max_lora_rank=64,
+              dtype="float32", device="cpu")
+    ids = {name: i + 1 for i, name in enumerate(("upper", "reverse", "json"))}
+    cache = {}
+
+    def run(prompts: list[str], adapter, max_tokens: int, ignore_eos: bool) -> list[list[int]]:
+        todo = [p for p in dict.fromkeys(prompts) if (p, adapter, max_tokens, ignore_eos) not in cache]
+        if todo:
+            lora = LoRARequest(adapter, ids[adapter], str(REPO / "models" / "demo-adapters" / adapter)) if adapter else None
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+            for prompt, out in zip(todo, llm.generate(todo, params, lora_request=lora)):
+                cache[(prompt, adapter, max_tokens, ignore_eos)] = list(out.outputs[0].token_ids)
+        return [cache[(p, adapter, max_tokens, ignore_eos)] for p in prompts]
+
+    return run
+
+
 def _tail(path: Path, lines: int = 150) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -171,11 +236,15 @@ def _tail(path: Path, lines: int = 150) -> str:
         return "(no log)"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: minutes of load against one server (CI runs it; -m 'not soak' skips it)")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and {"server", "demo_server"} & set(item.fixturenames):
+    if report.failed and {"server", "demo_server", "launcher"} & set(item.fixturenames):
         for log in _server_log:
             report.sections.append((f"Triton server log (tail of {log.parent.name})", _tail(log)))
 

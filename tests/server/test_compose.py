@@ -31,7 +31,11 @@ def test_compose_file_is_valid_for_docker_compose():
 def test_compose_service_is_patched_local_and_health_checked():
     service = yaml.safe_load(COMPOSE.read_text())["services"]["multilora"]
     release = re.search(r"tritonserver:\$\{TRITON_RELEASE:-(\d+)\.(\d+)\}-py3", service["image"])
-    assert release and (int(release[1]), int(release[2])) >= (25, 8)
+    assert release and (int(release[1]), int(release[2])) >= (26, 5)   # docs/serving.md: the fixes it needs
+    # docker stop reaches the launcher, which needs its whole shutdown timeout before the kill.
+    assert service["init"] is True
+    timeout = int(re.search(r":-(\d+)\}", service["environment"]["MULTILORA_SHUTDOWN_TIMEOUT"])[1])
+    assert int(service["stop_grace_period"].rstrip("s")) > timeout
     assert all(port.startswith("${MULTILORA_PUBLISH:-127.0.0.1}:") for port in service["ports"])
     assert "/v2/models/multilora/ready" in " ".join(service["healthcheck"]["test"])
     assert any(v.endswith(":/models/base:ro") for v in service["volumes"])

@@ -51,13 +51,49 @@ def test_server_binds_locally_and_restricts_admin_apis():
     cmd = serve.server_command("tritonserver", args, "/repo", None, "k3y")
     for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"):
         assert flag in cmd
-    restricted = f"shared-memory,logging,model-repository:{serve.ADMIN_HEADER}=k3y"
+    restricted = f"shared-memory,logging,model-repository,trace:{serve.ADMIN_HEADER}=k3y"
     assert f"--http-restricted-api={restricted}" in cmd and f"--grpc-restricted-protocol={restricted}" in cmd
+    # The Python backend's shared memory carries this launcher's name, so it can remove exactly its own.
+    assert f"--backend-config=python,shm-region-prefix-name=multilora_{os.getpid()}_" in cmd
+
+
+def test_grpc_only_turns_http_off():
+    cmd = serve.server_command("tritonserver", serve.parse_args(["--grpc-only"]), "/repo", None, "k3y")
+    assert "--allow-http=false" in cmd and not any(c.startswith("--http-") for c in cmd)
+    assert any(c.startswith("--grpc-restricted-protocol=") for c in cmd)
+
+
+def test_admin_key_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path, monkeypatch):
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "serve.py"), "--admin-key", "s3cret"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "MULTILORA_ADMIN_KEY" in run.stderr and "--admin-key-file" in run.stderr
+    monkeypatch.delenv("MULTILORA_ADMIN_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert serve.admin_key(serve.parse_args(["--admin-key-file", str(key_file)])) == "from-file"
+    monkeypatch.setenv("MULTILORA_ADMIN_KEY", "from-env")
+    assert serve.admin_key(serve.parse_args([])) == "from-env"
+    # tritonserver gets it on its command line (its only way), never in its environment.
+    env = serve.server_environment(None, str(tmp_path))
+    assert "MULTILORA_ADMIN_KEY" not in env
+    assert (env["MULTILORA_CONTROL_DIR"], env["MULTILORA_SHM_PREFIX"]) == (str(tmp_path), serve.shm_prefix())
+    monkeypatch.delenv("MULTILORA_ADMIN_KEY")
+    args = serve.parse_args(["--run-dir", str(tmp_path)])
+    generated = serve.admin_key(args)
+    assert len(generated) >= 24 and (tmp_path / "admin-key").read_text().strip() == generated
+    assert (tmp_path / "admin-key").stat().st_mode & 0o077 == 0
+
+
+def test_banner_curl_is_greedy_for_the_demo_model(capsys):
+    args = serve.parse_args([])
+    serve.print_banner(args, type("P", (), {"pid": 1})(), "/m", [])
+    curl = next(line for line in capsys.readouterr().out.splitlines() if "curl" in line)
+    assert '"temperature": 0' in curl and '"max_tokens": 48' in curl
 
 
 def test_wheel_server_gets_this_pythons_libpython_first(tmp_path):
     wheel = tmp_path / "site-packages" / "pytriton" / "tritonserver"
-    env = serve.server_environment(str(wheel))
+    env = serve.server_environment(str(wheel), str(tmp_path / "control"))
     libs = env["LD_LIBRARY_PATH"].split(os.pathsep)
     assert libs[:2] == [sysconfig.get_config_var("LIBDIR"), str(tmp_path / "site-packages" / "nvidia_pytriton.libs")]
     if sys.prefix != sys.base_prefix:  # the stub must find this virtual environment's python3 first

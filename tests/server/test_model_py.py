@@ -124,3 +124,89 @@ def test_finalize_ends_in_flight_requests_then_stops(model):
         assert r.sender.done.is_set()
         assert [f for _, f in r.sender.sent].count(1) == 1
     assert not model._sender.is_alive()
+
+
+@pytest.fixture
+def supervised_model(model_module, tiny_zoo, tmp_path, monkeypatch):
+    """The model as scripts/serve.py runs it: with a control directory for health and drain."""
+    control = tmp_path / "control"
+    control.mkdir()
+    monkeypatch.setenv("MULTILORA_CONTROL_DIR", str(control))
+    monkeypatch.setattr(model_module, "HEALTH_EVERY_S", 0.0)
+    monkeypatch.setattr(model_module, "CANCEL_CHECK_S", 0.0)
+    (tmp_path / "adapters").mkdir()
+    serving = {"engine": {"model": str(tiny_zoo.model_dir("llama")), "enable_lora": True, "dtype": "float32",
+                          "device": "cpu", "num_kv_blocks": 32, "max_lora_rank": 16, "max_num_seqs": 2},
+               "adapters": {"roots": ["adapters"]}}
+    (tmp_path / "serving.json").write_text(json.dumps(serving))
+    m = model_module.TritonPythonModel()
+    m.initialize({"model_repository": str(tmp_path), "model_name": "multilora", "model_version": "1"})
+    yield m, control
+    m.finalize()
+
+
+def _health(control):
+    return json.loads((control / "health.json").read_text())
+
+
+def _wait_for(predicate, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_health_report_names_the_stub_and_a_dead_engine_threads_reason(supervised_model):
+    import os
+
+    model, control = supervised_model
+    _wait_for(lambda: (control / "health.json").exists(), "the first health report")
+    health = _health(control)
+    assert (health["pid"], health["engine_alive"], health["engine_failure"]) == (os.getpid(), True, None)
+    assert model.is_ready()
+    running = FakeRequest(text_input="Hello, world!", stream=True, max_tokens=np.int32(100), ignore_eos=True)
+    model.execute([running])
+    _wait_for(lambda: len(running.sender.sent) >= 2, "the stream to start")
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access")
+    model._engine.engine.has_unfinished_requests = broken      # the engine thread's loop now fails
+    _wait_for(lambda: not _health(control)["engine_alive"], "the health report to show the dead engine")
+    assert _health(control)["engine_failure"] == "RuntimeError: CUDA error: an illegal memory access"
+    assert not model.is_ready()
+    # The request in flight got its final response; a new one is refused as UNAVAILABLE, at once.
+    assert running.sender.done.wait(10) and running.sender.sent[-1][0].error.code == fake_pb_utils.TritonError.UNAVAILABLE
+    late = FakeRequest(text_input="Hi")
+    model.execute([late])
+    assert late.sender.done.wait(10) and late.sender.sent[-1][0].error.code == fake_pb_utils.TritonError.UNAVAILABLE
+
+
+def test_drain_refuses_new_requests_and_ends_the_unfinished_at_its_deadline(supervised_model, model_module):
+    import launcher_link
+
+    model, control = supervised_model
+    step = model._engine.engine.step
+
+    def slow_step():        # 100 tokens now take 2 s: the deadline below comes first
+        time.sleep(0.02)
+        return step()
+    model._engine.engine.step = slow_step
+    requests = [FakeRequest(text_input="Hello, world!", stream=True, max_tokens=np.int32(100), ignore_eos=True)
+                for _ in range(4)]      # max_num_seqs 2: two run, two wait
+    model.execute(requests)
+    _wait_for(lambda: len(requests[0].sender.sent) >= 2, "the first stream to start")
+    launcher_link.request_drain(str(control), abort_at=time.time() + 0.5)
+    _wait_for(lambda: _health(control)["draining"], "the model to drain")
+    refused = FakeRequest(text_input="Hi")
+    model.execute([refused])
+    assert refused.sender.done.wait(10)
+    assert refused.sender.sent[-1][0].error.code == fake_pb_utils.TritonError.UNAVAILABLE
+    assert "shutting down" in refused.sender.sent[-1][0].error.message
+    for r in requests:          # each one answered once: finished, or ended at the deadline
+        assert r.sender.done.wait(30)
+        assert [f for _, f in r.sender.sent].count(1) == 1
+        last = r.sender.sent[-1][0]
+        assert last.error is None or last.error.code == fake_pb_utils.TritonError.UNAVAILABLE
+    assert all(r.sender.sent[-1][0].error is not None for r in requests)
+    _wait_for(lambda: _health(control)["unanswered"] == 0, "the health report to show every request answered")
+    assert not model.is_ready()

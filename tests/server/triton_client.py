@@ -2,6 +2,7 @@
 
 import json
 import queue
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -66,6 +67,47 @@ def run_stream(url: str, requests: dict[str, dict], timeout: float = 120.0) -> d
         client.stop_stream()
         client.close()
     return results
+
+
+class Streams:
+    """Requests on one gRPC stream; each ends with a final response, an error, or the stream's own end."""
+
+    def __init__(self, url: str, requests: dict[str, dict]):
+        self.responses: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        self.tokens = {rid: [] for rid in requests}
+        self.finished: set[str] = set()
+        self.errors: list[str] = []     # a stream's errors carry no request id
+        for rid, values in requests.items():
+            self.client.async_stream_infer("multilora", make_inputs(values), request_id=rid,
+                                           enable_empty_final_response=True)
+
+    def collect(self, until, timeout: float):
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            try:
+                result, error = self.responses.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if error is not None:
+                self.errors.append(f"{error.status()}: {error.message()}")
+                continue
+            response = result.get_response()
+            if response.outputs:
+                self.tokens[response.id] += result.as_numpy("output_ids").tolist()
+            if response.parameters["triton_final_response"].bool_param:
+                self.finished.add(response.id)
+
+    def answered(self) -> int:
+        return len(self.finished) + len(self.errors)
+
+    def close(self, cancel: bool = False):
+        """Ends the stream; `cancel` cancels the requests still open, as a client that goes away does."""
+        try:
+            self.client.stop_stream(cancel_requests=cancel)
+        finally:
+            self.client.close()
 
 
 def _collect(responses: queue.Queue, results: dict[str, StreamResult], timeout: float):

@@ -61,6 +61,7 @@ class AsyncLLMEngine:
         self._live: dict[str, _Request] = {}    # every request without its final output yet
         self._lock = threading.Lock()
         self._stopped = False
+        self.failure: Optional[str] = None      # why the engine thread died, if it did (servers report it)
         self._stats = self.engine.stats()
         self._prepare_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="multilora-prepare")
         self._processor = OutputProcessor(self.tokenizer)
@@ -115,6 +116,11 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self._stats      # replaced, never mutated, by the engine thread
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether the engine thread still runs (False after shutdown or a failure; see `failure`)."""
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         """Ends every request still in flight (each gets its final output), then stops the thread."""
         with self._lock:
@@ -156,7 +162,8 @@ class AsyncLLMEngine:
                 now = time.monotonic()
                 if now >= next_stats or not self.engine.has_unfinished_requests():
                     self._stats, next_stats = self.engine.stats(), now + _STATS_EVERY_S
-        except Exception:
+        except Exception as e:
+            self.failure = f"{type(e).__name__}: {e}"
             logger.exception("The engine thread failed; no more requests are served")
         finally:
             with self._lock:

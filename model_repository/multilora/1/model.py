@@ -4,8 +4,9 @@ execute() parses each request and submits it; the engine thread hands every
 output to a queue; one sender thread turns outputs into responses, watches
 for client cancellation and updates the metrics. Each request gets exactly
 one response flagged final; an error goes to its own request only, with the
-Triton error code its type names (multilora.errors). This is the only file
-that imports triton_python_backend_utils.
+Triton error code its type names (multilora.errors). The sender also reports
+health to scripts/serve.py and drains on its request (launcher_link.py).
+This is the only file that imports triton_python_backend_utils.
 """
 
 import logging
@@ -14,11 +15,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import triton_python_backend_utils as pb_utils
 from io_tensors import parse_request, response_arrays  # this directory
+from launcher_link import LauncherLink
 from multilora import AsyncLLMEngine, EngineConfig, SamplingParams
-from multilora.errors import MultiLoRAError
+from multilora.errors import EngineStoppedError, MultiLoRAError
 from multilora.lora.resolver import AdapterResolver
 from server_metrics import REFUSED_LABEL, ServerMetrics
 from serving_config import load_serving_config
@@ -27,6 +30,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_S = 0.05             # longest wait for an output before the sender looks around
 CANCEL_CHECK_S = 0.2      # how often in-flight requests are asked whether the client cancelled
 STATS_EVERY_S = 0.5       # how often gauges and pool counters are refreshed
+HEALTH_EVERY_S = 1.0      # how often health goes to scripts/serve.py (it restarts on a stale report)
+SHUTTING_DOWN = "the server is shutting down; retry on another instance"
 logger = logging.getLogger("multilora.triton")
 
 
@@ -69,6 +74,11 @@ class TritonPythonModel:
         self._engine = AsyncLLMEngine(EngineConfig.from_dict(config.engine),
                                       on_adapter_loaded=lambda name, s: self._outbox.put(("load", name, s)))
         self._streams: dict[str, _Stream] = {}
+        self._link = LauncherLink.from_environment()
+        self._link.exit_with_parent()
+        self._draining = False      # set once by the sender thread; read by execute()
+        self._drainer: Optional[threading.Thread] = None
+        self._failure_logged = False
         # Adapter names are resolved off Triton's execute thread: a hub entry may download.
         self._resolve_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="multilora-resolve")
         self._sender = threading.Thread(target=self._send_loop, name="multilora-sender", daemon=True)
@@ -85,6 +95,8 @@ class TritonPythonModel:
     def _submit(self, request):
         sender = request.get_response_sender()
         try:
+            if self._draining:
+                raise EngineStoppedError(SHUTTING_DOWN)
             parsed = parse_request({t.name(): t.as_numpy() for t in request.inputs()}, self._engine.request_limits)
             params = SamplingParams(**parsed.sampling)
         except Exception as e:  # a request's own fault: answer it alone
@@ -107,7 +119,7 @@ class TritonPythonModel:
     # ---- responses out (sender thread) --------------------------------------
 
     def _send_loop(self):
-        next_cancel_check = next_stats = 0.0
+        next_cancel_check = next_stats = next_health = 0.0
         while True:
             try:
                 item = self._outbox.get(timeout=POLL_S)
@@ -122,9 +134,13 @@ class TritonPythonModel:
                 if now >= next_cancel_check:
                     next_cancel_check = now + CANCEL_CHECK_S
                     self._check_cancelled()
+                    self._check_drain()
                 if now >= next_stats:
                     next_stats = now + STATS_EVERY_S
                     self._metrics.update(self._engine.stats())
+                if now >= next_health:
+                    next_health = now + HEALTH_EVERY_S
+                    self._report_health()
             except Exception:  # never let one bad response stop every stream
                 logger.exception("sender: failed handling %s", item[0] if item else "a periodic check")
 
@@ -182,9 +198,41 @@ class TritonPythonModel:
                 stream.cancelled = True
                 self._engine.abort(request_id)  # its final output (CANCELLED) frees KV blocks and adapter
 
+    # ---- supervision (sender thread) -----------------------------------------
+
+    def _check_drain(self):
+        """On the launcher's request: refuse new requests, then end the unfinished ones at its deadline."""
+        abort_at = self._link.drain_deadline()
+        if abort_at is None:
+            return
+        if not self._draining:
+            self._draining = True
+            logger.info("draining: %d requests unanswered; the rest end in %.0f s", len(self._streams),
+                        max(0.0, abort_at - time.time()))
+            self._report_health()
+        if self._drainer is None and time.time() >= abort_at:
+            logger.info("drain deadline: ending %d unfinished requests", len(self._streams))
+            # Off this thread: the engine's final outputs come back through this thread's queue.
+            self._drainer = threading.Thread(target=self._engine.shutdown, name="multilora-drain", daemon=True)
+            self._drainer.start()
+
+    def _report_health(self):
+        alive = self._engine.is_alive
+        if not alive and self._engine.failure and not self._failure_logged:
+            self._failure_logged = True
+            logger.error("not ready: the engine thread died (%s); new requests get UNAVAILABLE%s",
+                         self._engine.failure, "; scripts/serve.py restarts the server" if self._link.active else "")
+        self._link.report(alive, self._engine.failure, len(self._streams), self._draining)
+
+    def is_ready(self):
+        """Readiness for Triton servers that ask the model (Python backend 26.03 and later)."""
+        return self._engine.is_alive and not self._draining
+
     def finalize(self):
         """Abort what is still running (Triton has already waited for in-flight requests), then stop."""
         self._resolve_pool.shutdown(wait=True)
+        if self._drainer is not None:
+            self._drainer.join()
         self._engine.shutdown()  # every unfinished request gets its final (aborted) output first
         self._outbox.put(("stop", None, None))
         self._sender.join(timeout=30)
