@@ -185,12 +185,12 @@ def test_drain_refuses_new_requests_and_ends_the_unfinished_at_its_deadline(supe
     import launcher_link
 
     model, control = supervised_model
-    step = model._engine.engine.step
+    step_events = model._engine.engine.step_events     # what the engine thread calls each step
 
     def slow_step():        # 100 tokens now take 2 s: the deadline below comes first
         time.sleep(0.02)
-        return step()
-    model._engine.engine.step = slow_step
+        return step_events()
+    model._engine.engine.step_events = slow_step
     requests = [FakeRequest(text_input="Hello, world!", stream=True, max_tokens=np.int32(100), ignore_eos=True)
                 for _ in range(4)]      # max_num_seqs 2: two run, two wait
     model.execute(requests)
