@@ -26,7 +26,8 @@ def values(name: str) -> dict[tuple, object]:
 def stats(**overrides):
     base = dict(num_running=0, num_waiting=0, kv_blocks_total=100, kv_blocks_used=0, max_loras=2,
                 running_adapters=[], waiting_adapters=[], resident_adapters=[], adapter_holds=0,
-                adapter_pool_hits=0, adapter_pool_misses=0, adapter_loads=0, adapter_evictions=0)
+                adapter_pool_hits=0, adapter_pool_misses=0, adapter_loads=0, adapter_evictions=0,
+                adapter_failed_loads=0, adapter_remembered_failures=0, adapter_failed_writes=0)
     return SimpleNamespace(**(base | overrides))
 
 
@@ -56,6 +57,10 @@ def test_stats_set_gauges_and_advance_pool_counters_by_the_difference(metrics):
     assert values("adapter_pool_hits_total")[()].value == 7          # cumulative, not 5 + 7
     assert values("adapter_loads_total")[()].value == 2
     assert values("adapter_evictions_total")[()].value == 1
+    metrics.update(stats(adapter_pool_hits=7, adapter_failed_loads=1, adapter_remembered_failures=3))
+    assert values("adapter_failed_loads_total")[()].value == 1
+    assert values("adapter_remembered_failures_total")[()].value == 3
+    assert values("adapter_failed_writes_total")[()].value == 0
     metrics.update(stats(num_running=3, kv_blocks_used=25, adapter_pool_hits=7))
     assert values("num_requests_running")[()].value == 3
     assert values("kv_cache_usage_perc")[()].value == 0.25

@@ -46,6 +46,9 @@ class EngineStats:
     adapter_pool_misses: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
+    adapter_failed_loads: int = 0
+    adapter_remembered_failures: int = 0
+    adapter_failed_writes: int = 0
     num_preemptions: int = 0
 
     @property
@@ -319,4 +322,5 @@ class LLMEngine:
             waiting_adapters=names(self.scheduler.waiting), resident_adapters=pool.resident_adapter_names,
             adapter_holds=pool.num_holds, adapter_pool_hits=counters.hits, adapter_pool_misses=counters.misses,
             adapter_loads=counters.loads, adapter_evictions=counters.evictions,
-            num_preemptions=self.scheduler.num_preemptions)
+            adapter_failed_loads=counters.failed_loads, adapter_remembered_failures=counters.remembered_failures,
+            adapter_failed_writes=counters.failed_writes, num_preemptions=self.scheduler.num_preemptions)

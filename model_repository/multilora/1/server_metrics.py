@@ -22,6 +22,9 @@ _POOL_COUNTERS = {
     "adapter_pool_misses": "requests admitted whose adapter had to be copied into a GPU slot",
     "adapter_loads": "adapters read from disk into host memory",
     "adapter_evictions": "adapters pushed out of a GPU slot for another",
+    "adapter_failed_loads": "adapter loads refused (bad files or numbers); each is remembered for a while",
+    "adapter_remembered_failures": "requests refused at once by a remembered failed load, without reloading",
+    "adapter_failed_writes": "adapters whose copy into a GPU slot failed (the log says why)",
 }
 
 
