@@ -20,9 +20,13 @@ shape, fp16/fp32 at one) stays well under a minute on a 2-core machine.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -106,11 +110,48 @@ def _compile(fn, args: dict, constexprs: dict, num_warps: int = 4, num_stages: i
     return triton.compile(src, target=H200, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _check_compiled(compiled) -> None:
-    """A real cubin that fits an H200 SM: 227 KB of shared memory per block."""
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+REPORT = os.environ.get("MULTILORA_AOT_REPORT")  # a JSON path: every case's registers, spills, shared memory
+
+
+def _resources(cubin: bytes) -> dict:
+    """cuobjdump's resource usage of the cubin's kernel (REG, STACK, SHARED, LOCAL, ...), {} without cuobjdump."""
+    if not os.path.exists(CUOBJDUMP):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    line = next((ln for ln in out.splitlines() if "REG:" in ln), "")
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+
+
+def _check_compiled(compiled, dtype: str = "bf16") -> None:
+    """A real sm_90 cubin that fits an H200 SM: 227 KB of shared memory per block, and for the
+    serving dtypes (bf16/fp16) no register spills. fp32 (CPU tests, exactness checks on a GPU)
+    may spill: an fp32 tl.dot is FMA code on sm_90, not tensor cores."""
     assert compiled.asm.get("cubin"), "no cubin produced"
     assert ".target sm_90" in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 227 * 1024, f"needs {compiled.metadata.shared} B of shared memory"
+    res = _resources(compiled.asm["cubin"])
+    if REPORT:
+        _REPORT_ROWS.append(dict(kernel=compiled.metadata.name, num_warps=compiled.metadata.num_warps,
+                                 shared=compiled.metadata.shared,
+                                 case=os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0], **res))
+    # Local memory = spilled registers: a silent slowdown the interpreter can never show.
+    if dtype != "fp32":
+        assert res.get("LOCAL", 0) == 0 and res.get("STACK", 0) == 0, f"{compiled.metadata.name} spills: {res}"
+
+
+_REPORT_ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_report():
+    yield
+    if REPORT and _REPORT_ROWS:
+        with open(REPORT, "w") as f:
+            json.dump(_REPORT_ROWS, f, indent=1)
 
 
 def _cases(dtype_shapes):
@@ -157,9 +198,10 @@ def test_lora_kernels_compile(kernels, dtype, tokens, layer, rank):
         K=k, NR=nr, R=rank, K_PER_SPLIT=k_per_split,
         stride_xt=k, stride_xk=1, stride_as=SLOT_STRIDE, stride_ai=rank * k, stride_ar=k, stride_ak=1,
         stride_op=tokens * nr, stride_ot=nr, stride_or=1,
-    ), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=lora._SHRINK_BLOCK_K, PRECISION=precision)))
+    ), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=lora._SHRINK_BLOCK_K, PRECISION=precision)), dtype)
     planes = triton.cdiv(k, k_per_split)
     width = sum(slices)
+    expand_block_n = lora._EXPAND_BLOCK_N if tokens > 128 else lora._EXPAND_BLOCK_N // 2
     _check_compiled(_compile(lora._lora_expand_kernel, dict(
         buf_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", scales_ptr="*fp32", slice_starts_ptr=idx,
         sorted_ids_ptr=idx, tile_slots_ptr=idx, tile_starts_ptr=idx, tile_ends_ptr=idx,
@@ -168,8 +210,8 @@ def test_lora_kernels_compile(kernels, dtype, tokens, layer, rank):
         # Slot layout: B's columns contiguous, its rank stride spans every layer's rank row.
         stride_bs=SLOT_STRIDE, stride_bn=1, stride_bk=2_800_000,
         stride_yt=QKV if layer == "qkv" else width, stride_yn=1, stride_ss=n, stride_si=1,
-    ), dict(BLOCK_M=block_m, BLOCK_N=lora._EXPAND_BLOCK_N if tokens > 128 else lora._EXPAND_BLOCK_N // 2,
-            BLOCK_R=lora._pow2_block(rank, lora._MAX_BLOCK_R), PRECISION=precision)))
+    ), dict(BLOCK_M=block_m, BLOCK_N=expand_block_n, BLOCK_R=lora._pow2_block(rank, lora._MAX_BLOCK_R),
+            PRECISION=precision), num_warps=lora._expand_num_warps(block_m, expand_block_n)), dtype)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -192,13 +234,13 @@ def test_decode_attention_compiles(kernels, dtype, seqs):
         stride_od=HEADS * HEAD_DIM, stride_oh=HEAD_DIM,
     ), dict(GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_D=HEAD_DIM, BLOCK_N=att._BLOCK_N, SPLIT=splits > 1, PRECISION=TORCH_PRECISION[dtype],
-            NUM_STAGES=att._NUM_STAGES), num_warps=att._NUM_WARPS, num_stages=3))
+            NUM_STAGES=att._NUM_STAGES), num_warps=att._NUM_WARPS, num_stages=3), dtype)
     if splits > 1:
         _check_compiled(_compile(att._reduce_kernel, dict(
             part_out_ptr="*fp32", part_ml_ptr="*fp32", context_lens_ptr="*i64", out_ptr=f"*{dtype}",
             capacity=capacity, num_splits=splits, stride_od=HEADS * HEAD_DIM, stride_oh=HEAD_DIM,
         ), dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_N=att._BLOCK_N,
-                BLOCK_S=triton.next_power_of_2(splits)), num_warps=4))
+                BLOCK_S=triton.next_power_of_2(splits)), num_warps=4), dtype)
 
 
 @pytest.mark.parametrize("dtype,tokens", _cases((64, 8192)))
@@ -216,7 +258,7 @@ def test_prefill_attention_compiles(kernels, dtype, tokens):
     ), dict(GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_Q=block_q,
             BLOCK_M=max(16, triton.next_power_of_2(block_q * group)), BLOCK_D=HEAD_DIM,
             BLOCK_N=pre._PREFILL_BLOCK_N, PRECISION=TORCH_PRECISION[dtype], NUM_STAGES=pre._NUM_STAGES),
-        num_warps=pre._NUM_WARPS, num_stages=3))
+        num_warps=pre._NUM_WARPS, num_stages=3), dtype)
 
 
 # ----------------------------------------------------------------------------- fused elementwise
@@ -229,7 +271,7 @@ def test_norm_compiles(kernels, dtype, has_residual):
     _check_compiled(_compile(kernels["norm"]._add_rms_norm_kernel, dict(
         x_ptr=f"*{dtype}", res_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", res_out_ptr=f"*{dtype}",
         H=HIDDEN, eps=1e-5, stride_x=HIDDEN, stride_r=HIDDEN, stride_o=HIDDEN, stride_ro=HIDDEN,
-    ), dict(HAS_RESIDUAL=has_residual, BLOCK_H=block_h), num_warps=min(16, max(1, block_h // 256))))
+    ), dict(HAS_RESIDUAL=has_residual, BLOCK_H=block_h), num_warps=min(16, max(1, block_h // 256))), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -241,7 +283,7 @@ def test_rotary_compiles(kernels, dtype):
         stride_qt=QKV, stride_qh=HEAD_DIM, stride_kt=QKV, stride_kh=HEAD_DIM, stride_vt=QKV, stride_vh=HEAD_DIM,
         stride_ct=half, stride_kv=KV_STRIDE, stride_slot=KV_HEADS * HEAD_DIM, stride_ch=HEAD_DIM,
     ), dict(HALF=half, BLOCK_HALF=half, BLOCK_HQ=HEADS, BLOCK_HKV=KV_HEADS),
-        num_warps=min(8, max(1, HEADS * half // 512))))
+        num_warps=min(8, max(1, HEADS * half // 512))), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -249,4 +291,4 @@ def test_silu_and_mul_compiles(kernels, dtype):
     act = kernels["activation"]
     _check_compiled(_compile(act._silu_and_mul_kernel, dict(
         x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", I=INTER, stride_x=2 * INTER, stride_o=INTER,
-    ), dict(BLOCK=act._BLOCK), num_warps=4))
+    ), dict(BLOCK=act._BLOCK), num_warps=4), dtype)
