@@ -290,8 +290,14 @@ def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, sca
         rank, buf.shape[0],
         *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=_pow2_block(rank, _MAX_BLOCK_R),
-        PRECISION=_launch.precision(lora_b.dtype),
+        PRECISION=_launch.precision(lora_b.dtype), num_warps=_expand_num_warps(meta.block_m, block_n),
     )
+
+
+def _expand_num_warps(block_m: int, block_n: int) -> int:
+    # A 64 x 128 fp32 tile plus its y tile over 4 warps needs > 255 registers: an sm_90 compile
+    # spills 72-176 bytes per thread to local memory (rank 16/64, bf16); 8 warps fit (~245, no spill).
+    return 8 if block_m * block_n >= 64 * 128 else 4
 
 
 def _stacked(lora_a: torch.Tensor) -> torch.Tensor:
