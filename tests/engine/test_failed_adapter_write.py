@@ -70,3 +70,22 @@ def test_failed_write_also_ends_waiting_requests_for_that_adapter(tiny_zoo, fail
     assert all(type(f.error) is AdapterWriteError for f in tracker.finals.values())
     assert writes == ["code"]
     assert_idle(engine)
+
+
+def test_a_request_prepared_before_the_write_failed_does_not_write_again(tiny_zoo, failing_code_writes):
+    # AsyncLLMEngine prepares (validates, loads the adapter) on worker threads, so a request for the
+    # adapter can be prepared while its write is failing, and reach the engine thread afterwards.
+    engine, writes = failing_code_writes
+    code = tiny_zoo.lora_request("llama", "code")
+    late = engine.make_sequence("late", SHORT_PROMPTS[1], greedy(4), code)
+    engine.add_request("first", SHORT_PROMPTS[0], greedy(4), code)
+    tracker = StepTracker(engine)
+    tracker.step()
+    assert type(tracker.finals["first"].error) is AdapterWriteError
+    with pytest.raises(AdapterWriteError) as info:
+        engine.add_sequence(late)
+    assert "'code'" in str(info.value) and info.value.code == "INTERNAL"
+    tracker.drain()
+    assert writes == ["code"]                           # one write for both requests
+    assert engine.adapter_pool.counters.failed_writes == 1
+    assert_idle(engine)

@@ -146,6 +146,8 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        if seq.adapter_id:
+            self.adapter_pool.check_not_failed(seq.adapter_id)
         self.scheduler.add(seq)                  # raises QueueFullError when the waiting queue is full
         self.requests[seq.request_id] = seq
 

@@ -111,6 +111,16 @@ class AdapterPool:
             self._on_loaded(lora_request.lora_name, seconds)
         return adapter
 
+    def check_not_failed(self, adapter_id: int) -> None:
+        """Raises the remembered failure of `adapter_id`, if any: a request prepared before its
+        write failed must not trigger the write again."""
+        with self._lock:
+            remembered = self._remembered_failure(adapter_id)
+            if remembered is not None:
+                self.counters.remembered_failures += 1
+        if remembered is not None:
+            raise remembered
+
     # ---- GPU slots ------------------------------------------------------
     def is_resident(self, adapter_id: int) -> bool:
         return adapter_id in self._slot_of
