@@ -22,7 +22,7 @@
 #   PARTS="A" bash bench/gpu_serving.sh              # some parts only
 #   PYTHON=.venv/bin/python PRESET=tiny bash bench/gpu_serving.sh   # an installed env, tiny model
 #
-# CARRY (default .carry/) holds: triton-2.51-cp312.tar.xz (srv/ -> site-packages: pytriton/
+# CARRY (default .carry/, built by bench/make_gpu_carry.sh) holds: triton-2.51-cp312.tar.xz (srv/ -> site-packages: pytriton/
 # with tritonserver/ and an empty __init__.py, nvidia_pytriton.libs/ without libpython 3.13;
 # client/ -> site-packages: tritonclient; bin/perf_analyzer), wheels/*.whl (numpy 1.26.4,
 # python-rapidjson, protobuf 4.25.9; cp312 manylinux) and libb64-0d_*.deb.

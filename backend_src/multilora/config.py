@@ -62,7 +62,8 @@ class RequestLimits:
     def check_prompt(self, prompt) -> None:
         """A text prompt's UTF-8 size or a token-id prompt's length, before tokenizing."""
         if isinstance(prompt, str):
-            # A character is at least one byte: only a prompt near the limit is encoded to count.
+            # A character is at least one byte: a prompt with too many characters is refused
+            # without encoding it (a 10 MB prompt costs nothing); the rest are encoded to count bytes.
             self.check_prompt_bytes("the prompt", len(prompt))
             try:
                 self.check_prompt_bytes("the prompt", len(prompt.encode("utf-8")))
