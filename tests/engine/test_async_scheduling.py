@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from helpers.engine_runs import OutputCollector, StepTracker, assert_idle, async_engine_config, greedy, make_llm
+from helpers.engine_runs import (OutputCollector, StepTracker, assert_idle, async_engine_config,
+                                 check_staggered_generate, greedy, make_llm)
 from helpers.zoo import ADAPTERS, SHORT_PROMPTS, long_prompt
 from multilora import AsyncLLMEngine, SamplingParams
 from multilora.engine.sequence import PLACEHOLDER
@@ -27,16 +28,10 @@ def _requests():
                          ids=["plain", "preemption_and_chunked_prefill"])
 def test_outputs_match_the_reference(tiny_zoo, squeeze):
     llm = make_llm(tiny_zoo, "llama", async_scheduling=True, **squeeze)
-    requests = _requests()
-    loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
     # Different lengths: requests end at different steps, while the next step is already launched.
-    params = [greedy(N - i % 3) for i in range(len(requests))]
-    outs = llm.generate([p for p, _ in requests], params, lora_request=loras)
-    for (prompt, adapter), p, out in zip(requests, params, outs):
-        assert out.outputs[0].token_ids == tiny_zoo.reference("llama", adapter, prompt, N)[:p.max_tokens]
+    check_staggered_generate(llm, tiny_zoo, _requests(), N)
     if squeeze:
         assert llm.llm_engine.stats().num_preemptions > 0
-    assert_idle(llm.llm_engine)
 
 
 def test_placeholders_stand_for_ids_still_on_the_device(tiny_zoo):

@@ -7,7 +7,7 @@ also runs on the GPU, since the engine picks CUDA when present.
 import pytest
 import torch
 
-from helpers.engine_runs import assert_idle, greedy, make_llm
+from helpers.engine_runs import assert_idle, check_staggered_generate, greedy, make_llm
 from helpers.zoo import ADAPTERS, SHORT_PROMPTS, long_prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -67,10 +67,4 @@ def test_scheduling_modes_on_gpu_match_hf_peft(tiny_zoo, enforce_eager, async_sc
     llm = make_llm(tiny_zoo, "llama", device="cuda", max_loras=4, max_num_seqs=16, enforce_eager=enforce_eager,
                    async_scheduling=async_scheduling, max_num_batched_tokens=16, num_kv_blocks=40)
     assert llm.llm_engine.async_scheduling is async_scheduling
-    requests = _requests()
-    loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
-    params = [greedy(N - i % 3) for i in range(len(requests))]
-    outs = llm.generate([p for p, _ in requests], params, lora_request=loras)
-    for (prompt, adapter), p, out in zip(requests, params, outs):
-        assert out.outputs[0].token_ids == tiny_zoo.reference("llama", adapter, prompt, N)[:p.max_tokens]
-    assert_idle(llm.llm_engine)
+    check_staggered_generate(llm, tiny_zoo, _requests(), N)

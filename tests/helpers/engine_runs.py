@@ -42,6 +42,17 @@ def assert_idle(engine) -> None:
     assert stats.adapter_holds == 0, stats
 
 
+def check_staggered_generate(llm: LLM, zoo: TinyZoo, requests: list[tuple[str, Optional[str]]], n: int) -> None:
+    """Generates (prompt, adapter name or None) greedily with max_tokens n, n-1, n-2, ... in turn, so
+    requests end at different steps, and checks each against HF + PEFT; the engine ends idle."""
+    loras = [zoo.lora_request("llama", a) if a else None for _, a in requests]
+    params = [greedy(n - i % 3) for i in range(len(requests))]
+    outs = llm.generate([p for p, _ in requests], params, lora_request=loras)
+    for (prompt, adapter), p, out in zip(requests, params, outs):
+        assert out.outputs[0].token_ids == zoo.reference("llama", adapter, prompt, n)[:p.max_tokens], (prompt, adapter)
+    assert_idle(llm.llm_engine)
+
+
 class StepTracker:
     """Steps an engine and keeps what its outputs said, per request.
 
