@@ -55,15 +55,21 @@ class FakeRequest:
         return self.sender
 
 
+def start_model(model_module, tiny_zoo, repository, **engine):
+    """The Triton model initialised over a serving.json in `repository` (tiny Llama on the CPU, an empty
+    adapter root) with `engine` on top of the defaults; the caller finalizes it."""
+    (repository / "adapters").mkdir()
+    engine = {"model": str(tiny_zoo.model_dir("llama")), "enable_lora": True, "dtype": "float32", "device": "cpu",
+              "num_kv_blocks": 32, "max_lora_rank": 16, **engine}
+    (repository / "serving.json").write_text(json.dumps({"engine": engine, "adapters": {"roots": ["adapters"]}}))
+    m = model_module.TritonPythonModel()
+    m.initialize({"model_repository": str(repository), "model_name": "multilora", "model_version": "1"})
+    return m
+
+
 @pytest.fixture
 def model(model_module, tiny_zoo, tmp_path):
-    (tmp_path / "adapters").mkdir()
-    serving = {"engine": {"model": str(tiny_zoo.model_dir("llama")), "enable_lora": True, "dtype": "float32",
-                          "device": "cpu", "num_kv_blocks": 32, "max_lora_rank": 16},
-               "adapters": {"roots": ["adapters"]}}
-    (tmp_path / "serving.json").write_text(json.dumps(serving))
-    m = model_module.TritonPythonModel()
-    m.initialize({"model_repository": str(tmp_path), "model_name": "multilora", "model_version": "1"})
+    m = start_model(model_module, tiny_zoo, tmp_path)
     yield m
     m.finalize()
 
@@ -134,13 +140,7 @@ def supervised_model(model_module, tiny_zoo, tmp_path, monkeypatch):
     monkeypatch.setenv("MULTILORA_CONTROL_DIR", str(control))
     monkeypatch.setattr(model_module, "HEALTH_EVERY_S", 0.0)
     monkeypatch.setattr(model_module, "CANCEL_CHECK_S", 0.0)
-    (tmp_path / "adapters").mkdir()
-    serving = {"engine": {"model": str(tiny_zoo.model_dir("llama")), "enable_lora": True, "dtype": "float32",
-                          "device": "cpu", "num_kv_blocks": 32, "max_lora_rank": 16, "max_num_seqs": 2},
-               "adapters": {"roots": ["adapters"]}}
-    (tmp_path / "serving.json").write_text(json.dumps(serving))
-    m = model_module.TritonPythonModel()
-    m.initialize({"model_repository": str(tmp_path), "model_name": "multilora", "model_version": "1"})
+    m = start_model(model_module, tiny_zoo, tmp_path, max_num_seqs=2)
     yield m, control
     m.finalize()
 

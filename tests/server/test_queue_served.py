@@ -2,25 +2,18 @@
 a burst beyond max_waiting_requests gets UNAVAILABLE at once, the rest is served, and the engine ends idle.
 """
 
-import json
 import time
 
 import numpy as np
 import pytest
 
 import fake_pb_utils
-from test_model_py import FakeRequest, model_module  # noqa: F401 (model_module is a fixture)
+from test_model_py import FakeRequest, model_module, start_model  # noqa: F401 (model_module is a fixture)
 
 
 @pytest.fixture
 def small_queue_model(model_module, tiny_zoo, tmp_path):  # noqa: F811 (the fixture imported above)
-    (tmp_path / "adapters").mkdir()
-    serving = {"engine": {"model": str(tiny_zoo.model_dir("llama")), "dtype": "float32", "device": "cpu",
-                          "num_kv_blocks": 32, "max_num_seqs": 1, "max_waiting_requests": 2},
-               "adapters": {"roots": ["adapters"]}}
-    (tmp_path / "serving.json").write_text(json.dumps(serving))
-    m = model_module.TritonPythonModel()
-    m.initialize({"model_repository": str(tmp_path), "model_name": "multilora", "model_version": "1"})
+    m = start_model(model_module, tiny_zoo, tmp_path, max_num_seqs=1, max_waiting_requests=2)
     yield m
     m.finalize()
 
