@@ -1,22 +1,16 @@
 """The Triton server target's engine figures, read from the server's Prometheus /metrics."""
 
-import re
 import threading
 import time
 
-METRICS_POLL_S = 0.25
+from prometheus_client.parser import text_string_to_metric_families
 
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+METRICS_POLL_S = 0.25
 
 
 def metric_samples(text: str, name: str) -> list[tuple[dict, float]]:
-    out = []
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and m["name"] == name:
-            out.append((dict(_LABEL.findall(m["labels"] or "")), float(m["value"])))
-    return out
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name]
 
 
 def metric_sum(text: str, name: str) -> float:

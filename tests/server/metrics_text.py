@@ -1,20 +1,14 @@
 """Read one sample out of Prometheus text exposition (what Triton's /metrics serves)."""
 
-import re
 import time
 
-_LINE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def samples(text: str, name: str) -> list[tuple[dict, float]]:
     """Every (labels, value) of metric `name`."""
-    found = []
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m and m.group(1) == name:
-            found.append((dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return found
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name]
 
 
 def sample(text: str, name: str, **labels) -> float:
