@@ -175,11 +175,12 @@ def test_cuda_bf16_fused_kernels_match_twins():
     g = torch.randn(64, 2 * 14336, generator=gen, device="cuda").bfloat16()
     torch.testing.assert_close(silu_and_mul(g), silu_and_mul_ref(g), rtol=2e-2, atol=2e-2)
     outs = []
+    # One set of angles for both: each call gets its own copy of the same qkv and an empty cache.
+    angles = torch.arange(64, device="cuda")[:, None].float() * torch.rand(64, generator=gen, device="cuda")[None]
+    qkv0 = torch.randn(64, 48 * 128, generator=gen, device="cuda").bfloat16()
     for fn in (rotary_kv_write, rotary_kv_write_ref):
-        qkv = torch.randn(64, 48 * 128, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
-        qkv = qkv.bfloat16()
+        qkv = qkv0.clone()
         q, k, v = qkv[:, :4096].view(64, 32, 128), qkv[:, 4096:5120].view(64, 8, 128), qkv[:, 5120:].view(64, 8, 128)
-        angles = torch.arange(64, device="cuda")[:, None].float() * torch.rand(64, device="cuda")[None]
         cache = torch.zeros(2, 10, 16, 8, 128, **kw)
         fn(q, k, v, angles.cos().bfloat16(), angles.sin().bfloat16(), cache, torch.arange(64, device="cuda") * 2)
         outs.append((qkv, cache))
