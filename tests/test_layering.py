@@ -26,6 +26,7 @@ FLOOR_OF_MODULE = {
     "multilora": TOP, "multilora.llm": TOP, "multilora.engine.async_engine": TOP,
     "multilora.config": BASE, "multilora.sampling_params": BASE, "multilora.sampler": BASE,
     "multilora.errors": BASE, "multilora.outputs": BASE, "multilora.lora.request": BASE,
+    "multilora.tensor_parallel": BASE,
 }
 FLOOR_OF_PACKAGE = {"multilora.engine": ENGINE, "multilora.model": MODEL, "multilora.lora": LORA}
 FLOOR_NAMES = {TOP: "llm/async_engine/multilora", ENGINE: "engine/", MODEL: "model/", LORA: "lora/", BASE: "bottom"}

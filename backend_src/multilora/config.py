@@ -114,6 +114,7 @@ class EngineConfig:
     enforce_eager: bool = False            # True: no CUDA graphs (they are used on GPUs for decode steps)
     async_scheduling: Optional[bool] = None    # schedule and launch step N+1 while the GPU runs step N; None: on GPUs
     max_model_len: Optional[int] = None    # defaults to max_position_embeddings
+    tensor_parallel_size: int = 1          # devices the model is split over, one worker process each (docs/ARCHITECTURE.md)
     # KV cache
     block_size: int = 16
     num_kv_blocks: Optional[int] = None    # None: as many as fit (gpu_memory_utilization / cpu_kv_cache_gib)
@@ -153,6 +154,7 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
         check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,

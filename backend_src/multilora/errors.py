@@ -113,3 +113,10 @@ class AdapterWriteError(MultiLoRAError):
     """Copying a loaded adapter into its GPU slot failed (a server-side fault; the log says why)."""
 
     code = "INTERNAL"
+
+
+class WorkerFailedError(MultiLoRAError):
+    """A tensor-parallel worker process died or stopped answering: every request in flight ends with this,
+    and the engine stops (the server reports not ready and its launcher restarts it)."""
+
+    code = "UNAVAILABLE"

@@ -29,7 +29,8 @@ from multilora.config import EngineConfig
 from multilora.engine.llm_engine import EngineStats, LLMEngine
 from multilora.engine.output_processor import OutputProcessor
 from multilora.engine.scheduler import check_queue_room
-from multilora.errors import EngineStoppedError, InvalidRequestError, MultiLoRAError, RequestCancelledError
+from multilora.errors import (EngineStoppedError, InvalidRequestError, MultiLoRAError, RequestCancelledError,
+                             WorkerFailedError)
 from multilora.lora.request import LoRARequest
 from multilora.outputs import CompletionOutput, RequestOutput
 from multilora.sampling_params import SamplingParams
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
 _STATS_EVERY_S = 0.05
+_IDLE_CHECK_S = 1.0       # idle, the engine thread still checks this often that its workers live
 
 
 def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> RequestOutput:
@@ -155,6 +157,7 @@ class AsyncLLMEngine:
             running, next_stats = True, 0.0
             while running:
                 running = self._drain_inbox(block=not self.engine.has_unfinished_requests())
+                self.engine.check_health()      # a dead tensor-parallel worker stops the engine, busy or idle
                 if running and self.engine.has_unfinished_requests():
                     self._step()
                 # The snapshot walks every running request: refresh it a few times a second while
@@ -165,18 +168,21 @@ class AsyncLLMEngine:
         except Exception as e:
             self.failure = f"{type(e).__name__}: {e}"
             logger.exception("The engine thread failed; no more requests are served")
+            if isinstance(e, WorkerFailedError):
+                self._end_all(e)            # the requests in flight say why they end
         finally:
             with self._lock:
                 self._stopped = True
             self._end_all(EngineStoppedError("the server is shutting down; retry on another instance"))
             self._stats = self.engine.stats()
+            self.engine.shutdown()
             self._outbox.put(None)          # the output thread ends what is left, then stops
             logger.info("Engine thread stopped")
 
     def _drain_inbox(self, block: bool) -> bool:
         while True:
             try:
-                kind, item = self._inbox.get(block=block)
+                kind, item = self._inbox.get(block=block, timeout=_IDLE_CHECK_S if block else None)
             except queue.Empty:
                 return True
             block = False
@@ -225,6 +231,8 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             events = self.engine.step_events()
+        except WorkerFailedError:
+            raise               # nothing can run any more: _run ends every request with it and stops
         except Exception:       # an engine bug: end the requests in flight, keep serving if we can
             logger.exception("Engine step failed; failing %d in-flight requests", len(self.engine.requests))
             self._end_all(MultiLoRAError("internal engine error; see the server log"))

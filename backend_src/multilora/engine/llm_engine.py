@@ -18,6 +18,7 @@ from multilora.engine.output_processor import EndedRequest, OutputProcessor, Tok
 from multilora.engine.scheduler import ScheduledBatch, Scheduler
 from multilora.engine.sequence import PLACEHOLDER, Sequence
 from multilora.engine.step_inputs import SampledTokens
+from multilora.engine.tp_runner import TensorParallelRunner
 from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
                              NonFiniteLogitsError, PromptTooLongError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
@@ -77,7 +78,8 @@ class LLMEngine:
         self.request_limits = config.request_limits(self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.eos_token_ids = self._eos_token_ids()
-        self.runner = ModelRunner(config, self.hf_config, self.max_model_len)
+        runner_class = ModelRunner if config.tensor_parallel_size == 1 else TensorParallelRunner
+        self.runner = runner_class(config, self.hf_config, self.max_model_len)
         self.lora_spec = LoRAModelSpec.from_hf_config(self.hf_config)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
         # A sequence never grows past what the model or, alone, the KV cache holds.
@@ -89,7 +91,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
         # On a CPU there is no device to overlap with: the host runs the model itself.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.runner.device.type == "cuda")
+                                 else self.runner.on_gpu)
         self._in_flight: Optional[_InFlight] = None     # async scheduling: the step the GPU is running
 
     def _eos_token_ids(self) -> frozenset[int]:
@@ -178,6 +180,14 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def check_health(self) -> None:
+        """Raises WorkerFailedError when a tensor-parallel worker has died (the engine can run nothing more)."""
+        self.runner.check_health()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (on one device there is nothing to stop)."""
+        self.runner.shutdown()
 
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -4,7 +4,9 @@ Each step the StepInputBuilder writes the scheduled batch into persistent buffer
 (token ids, positions, block tables, the token-to-adapter-slot mapping); the
 runner runs the decode rows (through a CUDA graph when it can) and the prefill
 chunks as two forwards, and samples one token for every sequence whose prompt
-is fully computed.
+is fully computed. Under tensor parallelism one ModelRunner runs in each worker
+process (engine/tp_worker.py) on its part of the model (`tp`); rank 0 samples and
+broadcasts the ids, so every rank feeds them to the next step.
 """
 
 import logging
@@ -21,6 +23,7 @@ from multilora.lora.mapping import lora_step
 from multilora.model.attention import AttentionMetadata
 from multilora.model.loader import build_model
 from multilora.sampler import Sampler, SampleRow
+from multilora.tensor_parallel import SINGLE, TensorParallel
 from multilora_kernels.lora import build_lora_meta
 
 logger = logging.getLogger(__name__)
@@ -28,14 +31,16 @@ logger = logging.getLogger(__name__)
 _ACTIVATION_RESERVE_BYTES = 2 << 30    # headroom on the GPU for activations and logits
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
-    """The engine's device, with an index for CUDA (torch.cuda.set_device needs one)."""
+def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank `rank`, with an index for CUDA (torch.cuda.set_device needs one):
+    ranks take consecutive GPUs from the configured one (cuda = the current one, cuda:N = N)."""
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        first = torch.cuda.current_device() if device.index is None else device.index
+        device = torch.device("cuda", first + rank)
     return device
 
 
@@ -51,18 +56,18 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, max_model_len: int):
-        self.config = config
-        self.device = resolve_device(config)
+    def __init__(self, config: EngineConfig, hf_config, max_model_len: int, tp: TensorParallel = SINGLE):
+        self.config, self.tp = config, tp
+        self.device = resolve_device(config, tp.rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)    # weights, KV cache and CUDA graphs all on this GPU
         self.dtype = resolve_dtype(config, hf_config, self.device)
         torch.manual_seed(config.seed)
-        self.model = build_model(hf_config, config.model, self.dtype, self.device, config.load_format)
+        self.model = build_model(hf_config, config.model, self.dtype, self.device, config.load_format, tp)
         self.lora_layers = self.model.lora_layers() if config.enable_lora else {}
         for layer in self.lora_layers.values():
             layer.enable_lora(config.max_loras, config.max_lora_rank)
-        self.num_kv_blocks = self._measure_kv_blocks(hf_config, max_model_len)
+        self.num_kv_blocks = tp.min(self._measure_kv_blocks(hf_config, max_model_len), self.device)
         self.kv_caches = self._allocate_kv_caches(hf_config)
         self.sampler = Sampler()
         self.inputs = StepInputBuilder(
@@ -74,10 +79,26 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(self.decode_forward, max_batch=min(config.max_num_seqs, 256),
                                               with_lora=bool(self.lora_layers))
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def graph_sizes(self) -> Optional[list[int]]:
+        """The decode batch sizes captured as CUDA graphs (None: eager)."""
+        return self.decode_graphs.sizes if self.decode_graphs is not None else None
+
+    def check_health(self) -> None:
+        """Raises if the runner can run no more steps: never, on one device (see TensorParallelRunner)."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop on one device: the memory goes with the runner."""
+
     # ---- start-up -------------------------------------------------------
     def _kv_shape(self, hf_config, num_blocks: int) -> tuple[int, ...]:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        return (2, num_blocks, self.config.block_size, hf_config.num_key_value_heads, head_dim)
+        kv_heads = self.tp.kv_heads(hf_config.num_key_value_heads).size     # this rank's
+        return (2, num_blocks, self.config.block_size, kv_heads, head_dim)
 
     def _measure_kv_blocks(self, hf_config, max_model_len: int) -> int:
         if self.config.num_kv_blocks is not None:
@@ -123,6 +144,14 @@ class ModelRunner:
         use_graph = graphs is not None and 0 < num_decode <= graphs.max_batch
         step = self.inputs.build(batch, adapter_slots, [row is not None for row in sample_rows],
                                  graphs.size_for(num_decode) if use_graph else num_decode, sources)
+        return self.run(step, [sample_rows[i] for i in step.sample_order], len(sample_rows))
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs, rows: list[SampleRow], batch_size: int) -> SampledTokens:
+        """Runs a step whose inputs are in the builder's buffers; `rows`: the sampled rows' SampleRows in
+        sample order (only rank 0 samples: other ranks may pass None)."""
+        graphs = self.decode_graphs
+        use_graph = graphs is not None and 0 < step.num_decode <= graphs.max_batch
         # Decode rows and prefill chunks run as two forwards, so a prefill chunk never pushes
         # the decode rows off their CUDA graph.
         hidden = []
@@ -136,12 +165,16 @@ class ModelRunner:
             prefilled = self._prefill_forward(step)
             hidden.append(prefilled.index_select(0, self.inputs.prefill_sample_index(step)))
         if not step.sample_order:
-            return SampledTokens([], len(sample_rows), torch.empty(0, dtype=torch.long), None)
+            return SampledTokens([], batch_size, torch.empty(0, dtype=torch.long), None)
         logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
-        tokens = self.sampler(logits, [sample_rows[i] for i in step.sample_order])
-        if not isinstance(tokens, torch.Tensor):     # a stand-in sampler (tests) that returns a list
-            tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return self.inputs.record_sampled(tokens, step.sample_order, len(sample_rows))
+        if self.tp.is_first:
+            tokens = self.sampler(logits, rows)
+            if not isinstance(tokens, torch.Tensor):     # a stand-in sampler (tests) that returns a list
+                tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        else:
+            tokens = torch.empty(len(step.sample_order), dtype=torch.long, device=self.device)
+        tokens = self.tp.broadcast(tokens)      # every rank feeds rank 0's ids to the next step
+        return self.inputs.record_sampled(tokens, step.sample_order, batch_size)
 
     def decode_forward(self, n: int, use_lora: bool) -> torch.Tensor:
         """The model over the first n decode rows of the step inputs; what the CUDA graphs capture."""

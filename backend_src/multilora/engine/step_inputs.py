@@ -21,6 +21,10 @@ position // block_size] * block_size + position % block_size`) and the decode
 rows' block tables are gathered on the device from the table, inside the graph
 on the graph path. Sampled ids go to a device buffer (the next step's source)
 and, through alternating pinned buffers, to the host without blocking.
+
+Under tensor parallelism the engine process builds each step on the CPU and
+`export`s it: the used prefixes of the records and the block-table writes since
+the last step, a few KB; every worker `load`s it into its own buffers.
 """
 
 from dataclasses import dataclass, field
@@ -51,6 +55,16 @@ class StepInputs:
     num_decode_samples: int = 0
     num_prefill_samples: int = 0
     sample_order: list[int] = field(default_factory=list)      # batch index of each sampled row
+
+
+@dataclass
+class StepRecords:
+    """A step as the engine process built it, for the workers (tensor parallelism): `export` -> `load`."""
+
+    step: StepInputs
+    decode: np.ndarray                   # [decode_size, 7] the decode records, padding included
+    prefill: np.ndarray                  # [num_prefill_tokens, 5]
+    table_writes: list[tuple[int, int, list[int]]]      # (row, first column, block ids) since the last step
 
 
 @dataclass
@@ -104,8 +118,9 @@ class _TableRow:
 
 class StepInputBuilder:
     def __init__(self, *, max_decode_rows: int, max_prefill_tokens: int, max_seqs: int, max_blocks_per_seq: int,
-                 block_size: int, scratch_block: int, device: torch.device):
+                 block_size: int, scratch_block: int, device: torch.device, exports: bool = False):
         self.block_size, self.device = block_size, device
+        self._table_writes: Optional[list] = [] if exports else None    # kept for `export` only
         self.scratch_row = max_seqs
         pin = device.type == "cuda"
         host = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, pin_memory=pin)
@@ -214,6 +229,8 @@ class StepInputBuilder:
         num_blocks = len(seq.block_table)
         if num_blocks > entry.synced:
             self._table_np[entry.row, entry.synced:num_blocks] = seq.block_table[entry.synced:num_blocks]
+            if self._table_writes is not None:
+                self._table_writes.append((entry.row, entry.synced, seq.block_table[entry.synced:num_blocks]))
             entry.synced = num_blocks
             self._dirty = [min(self._dirty[0], entry.row), max(self._dirty[1], entry.row + 1)]
         return entry.row
@@ -225,6 +242,25 @@ class StepInputBuilder:
                 self._free_rows.append(self._rows.pop(seq).row)
         assert self._free_rows, "more running sequences than block-table rows (max_num_seqs)"
         return self._free_rows.pop()
+
+    def export(self, step: StepInputs) -> StepRecords:
+        """The step just built, for workers that `load` it (the builder was made with exports=True)."""
+        writes, self._table_writes = self._table_writes, []
+        return StepRecords(step, self._decode_np[:step.decode_size].copy(),
+                           self._prefill_np[:step.num_prefill_tokens].copy(), writes)
+
+    def load(self, records: StepRecords) -> StepInputs:
+        """Writes a step another builder exported into this one's buffers and copies them to the device."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        step = records.step
+        self._decode_np[:step.decode_size] = records.decode
+        self._prefill_np[:step.num_prefill_tokens] = records.prefill
+        for row, start, blocks in records.table_writes:
+            self._table_np[row, start:start + len(blocks)] = blocks
+            self._dirty = [min(self._dirty[0], row), max(self._dirty[1], row + 1)]
+        self._copy_to_device(step.decode_size, step.num_prefill_tokens)
+        return step
 
     def _copy_to_device(self, decode_rows: int, prefill_tokens: int) -> None:
         if self._copied is None:

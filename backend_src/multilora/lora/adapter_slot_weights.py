@@ -90,6 +90,7 @@ class AdapterSlotWeights:
             if target is None:
                 continue  # a module this model serves without LoRA; the adapter loader validated the rest
             lora_a, lora_b, scales = self._views(image, target.layer, rank)
+            a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
             lora_a[target.index, :a.shape[0]].copy_(a)
             lora_b[target.rows, :a.shape[0]].copy_(b)
             scales[target.index] = scaling
@@ -103,8 +104,12 @@ class AdapterSlotWeights:
 
     def upload(self, adapter_slot: int, adapter) -> None:
         """Makes `adapter_slot` hold `adapter` (every layer; untargeted modules zero) with one copy."""
+        self.upload_image(adapter_slot, self.host_image(adapter))
+
+    def upload_image(self, adapter_slot: int, image: torch.Tensor) -> None:
+        """Makes `adapter_slot` hold the adapter whose `host_image` is `image` (built here or, under tensor
+        parallelism, by the engine process for this rank)."""
         assert 0 <= adapter_slot < self.num_slots, f"adapter slot {adapter_slot} outside 0..{self.num_slots - 1}"
-        image = self.host_image(adapter)
         rank = (image.numel() - self.header_bytes) // self.row_bytes
         dst = self.buffer[adapter_slot]
         stale = dst[image.numel():self.header_bytes + self._slot_ranks[adapter_slot] * self.row_bytes]

@@ -13,6 +13,9 @@ ranks and targets mix freely in one batch. The output is `x @ W.T + b` plus, for
 each token t with adapter slot s >= 0, each slice's `scale * (x @ A_i.T) @ B_i.T`:
 one shrink and one expand launch per layer whatever n is. Without a mapping
 (`lora_step(None)`, a step where no row uses an adapter) it is the GEMM alone.
+
+Under tensor parallelism the layer is this rank's part (`shard`, multilora.tensor_parallel):
+its sizes are the local ones, and `LoRATarget.shard_lora` cuts an adapter's full A/B to fit.
 """
 
 from __future__ import annotations
@@ -25,16 +28,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from multilora.lora.mapping import active_lora_meta
+from multilora.tensor_parallel import LinearShard
 from multilora_kernels.lora import lora_expand, lora_shrink
 
 
 class LoRALinear(nn.Module):
     """`weight` [sum(slices), in] (and `bias`), the slices' HF weights stacked in `slice_names` order."""
 
-    def __init__(self, in_features: int, slices: tuple[int, ...], slice_names: tuple[str, ...], bias: bool):
+    def __init__(self, in_features: int, slices: tuple[int, ...], slice_names: tuple[str, ...], bias: bool,
+                 shard: LinearShard | None = None):
         super().__init__()
         assert len(slices) == len(slice_names) >= 1, f"slices {slices} vs names {slice_names}"
         self.in_features, self.slices, self.slice_names = in_features, tuple(slices), tuple(slice_names)
+        self.shard = shard or LinearShard.whole(in_features, self.slices)
+        assert tuple(s.size for s in self.shard.outputs) == self.slices and self.shard.input.size == in_features, (
+            f"shard {self.shard} does not fit in {in_features}, slices {self.slices}")
         self.out_features = sum(slices)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
@@ -60,7 +68,7 @@ class LoRALinear(nn.Module):
         return self.lora_a is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias if self.shard.adds_bias else None)
         meta = active_lora_meta() if self.lora_a is not None else None
         if meta is not None:
             buf = lora_shrink(x, self.lora_a, meta)
@@ -91,6 +99,10 @@ class LoRATarget:
     @property
     def out_features(self) -> int:
         return self.layer.slices[self.index]
+
+    def shard_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the module's full A [r, in] and B [out, r] (both whole on one device)."""
+        return self.layer.shard.lora(self.index, lora_a, lora_b)
 
     def enable_lora(self, num_slots: int, max_rank: int) -> None:
         self.enable(num_slots, max_rank)

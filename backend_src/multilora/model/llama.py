@@ -7,8 +7,13 @@ elementwise work of a layer is three fused kernels: residual add + RMSNorm,
 rotary + KV-cache write, SiLU-and-mul. A decode layer is thus 4 GEMMs, 4 fused
 kernels and attention (tests/engine/test_kernel_budget.py holds it there).
 The model does not know adapters exist: its projections read the step's
-adapter mapping on their own.
+adapter mapping on their own. Under tensor parallelism (`tp`, see
+multilora.tensor_parallel) each rank builds its part: its heads, its
+intermediate columns, its vocabulary columns, with one all-reduce after o_proj
+and after down_proj; checkpoint tensors are read in parts (`checkpoint_views`).
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,11 +22,25 @@ from multilora.lora.lora_linear import LoRALinear, LoRATarget
 from multilora.lora.adapter_slot_weights import AdapterSlotWeights
 from multilora.model.attention import AttentionMetadata, paged_attention
 from multilora.model.rotary import RotaryEmbedding
+from multilora.tensor_parallel import SINGLE, Shard, TensorParallel
 from multilora_kernels.activation import silu_and_mul
 from multilora_kernels.norm import fused_add_rms_norm
 from multilora_kernels.rotary import rotary_kv_write
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """Where one checkpoint tensor goes: into `param`, from the part `index` of a tensor of `full_shape`."""
+
+    param: torch.Tensor
+    full_shape: tuple[int, ...]
+    index: tuple[slice, ...]
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class RMSNorm(nn.Module):
@@ -37,17 +56,20 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.tp = tp
+        d = self.head_dim = head_dim_of(config)
+        heads, kv_heads = tp.split(config.num_attention_heads, "num_attention_heads"), tp.kv_heads(config.num_key_value_heads)
+        self.num_heads, self.num_kv_heads = heads.size, kv_heads.size
+        q, kv = Shard(heads.start * d, heads.size * d, heads.full * d), Shard(kv_heads.start * d, kv_heads.size * d,
+                                                                             kv_heads.full * d)
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = LoRALinear(config.hidden_size, (q_size, kv_size, kv_size), ("q_proj", "k_proj", "v_proj"),
-                                   bias=bias)
-        self.o_proj = LoRALinear(q_size, (config.hidden_size,), ("o_proj",),
-                                 bias=getattr(config, "attention_bias", False) and config.model_type != "qwen2")
+        self.qkv_proj = LoRALinear(config.hidden_size, (q.size, kv.size, kv.size), ("q_proj", "k_proj", "v_proj"),
+                                   bias=bias, shard=tp.column(config.hidden_size, (q, kv, kv)))
+        self.o_proj = LoRALinear(q.size, (config.hidden_size,), ("o_proj",),
+                                 bias=getattr(config, "attention_bias", False) and config.model_type != "qwen2",
+                                 shard=tp.row(q, config.hidden_size))
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
@@ -58,29 +80,32 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.flatten(1))
+        return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel):
         super().__init__()
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
-        inter = config.intermediate_size
-        self.gate_up_proj = LoRALinear(config.hidden_size, (inter, inter), ("gate_proj", "up_proj"), bias=False)
-        self.down_proj = LoRALinear(inter, (config.hidden_size,), ("down_proj",), bias=False)
+        self.tp = tp
+        inter = tp.split(config.intermediate_size, "intermediate_size")
+        self.gate_up_proj = LoRALinear(config.hidden_size, (inter.size, inter.size), ("gate_proj", "up_proj"),
+                                       bias=False, shard=tp.column(config.hidden_size, (inter, inter)))
+        self.down_proj = LoRALinear(inter.size, (config.hidden_size,), ("down_proj",), bias=False,
+                                    shard=tp.row(inter, config.hidden_size))
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         """x: the previous layer's MLP output (the embeddings, residual None, for the first layer)."""
@@ -90,22 +115,23 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)    # whole on every rank
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = config
-        self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.config, self.tp = config, tp
+        self.model = DecoderModel(config, tp)
+        self.vocab_shard = tp.vocab(config.vocab_size)
+        self.lm_head = nn.Linear(config.hidden_size, self.vocab_shard.size, bias=False)
+        if config.tie_word_embeddings and tp.size == 1:
+            self.lm_head.weight = self.model.embed_tokens.weight    # split: `tie_lm_head` copies this rank's rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -116,8 +142,20 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
         return self.model.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [n, vocab] float32 of the hidden rows; under tensor parallelism on rank 0 only (None elsewhere)."""
+        logits = self.tp.gather_columns(self.lm_head(hidden))
+        return None if logits is None else logits[:, :self.config.vocab_size].float()
+
+    @torch.no_grad()
+    def tie_lm_head(self) -> None:
+        """Tied embeddings under tensor parallelism: lm_head takes this rank's rows of the embedding
+        (padding rows zero). At size 1 the two are one parameter already."""
+        if self.lm_head.weight is self.model.embed_tokens.weight:
+            return
+        rows = self.model.embed_tokens.weight[self.vocab_shard.index]
+        self.lm_head.weight[:rows.shape[0]].copy_(rows)
+        self.lm_head.weight[rows.shape[0]:].zero_()
 
     def lora_layers(self) -> dict[tuple[int, str], LoRATarget]:
         """(layer index, HF module name) -> its `LoRATarget`, for writing adapter weights into slots.
@@ -144,18 +182,27 @@ class LlamaForCausalLM(nn.Module):
         self.adapter_slot_weights = AdapterSlotWeights(self.lora_layers(), num_slots, max_rank, weight.dtype, weight.device)
         return self.adapter_slot_weights
 
-    def checkpoint_views(self) -> dict[str, torch.Tensor]:
-        """HF checkpoint tensor name -> the parameter (or the rows of a fused one) it loads into."""
-        views = dict(self.named_parameters())
+    def checkpoint_views(self) -> dict[str, CheckpointView]:
+        """HF checkpoint tensor name -> the parameter (or the rows of a fused one) it loads into, and
+        which part of the full tensor this rank reads."""
+        whole = lambda t: CheckpointView(t.data, tuple(t.shape), tuple(slice(None) for _ in t.shape))
+        views = {name: whole(p) for name, p in self.named_parameters()}
+        vocab = self.vocab_shard
+        views["lm_head.weight"] = CheckpointView(self.lm_head.weight.data, (vocab.full, self.config.hidden_size),
+                                                 (vocab.index, slice(None)))
         for name, module in self.named_modules():
             if not isinstance(module, LoRALinear):
                 continue
-            parent = name.rsplit(".", 1)[0]
+            parent, shard = name.rsplit(".", 1)[0], module.shard
             for param in ("weight", "bias"):
                 tensor = getattr(module, param)
                 if tensor is None:
                     continue
                 del views[f"{name}.{param}"]
                 for i, slice_name in enumerate(module.slice_names):
-                    views[f"{parent}.{slice_name}.{param}"] = tensor.data[module.slice_rows(i)]
+                    full, index = shard.full_weight_shape(i), shard.weight_index(i)
+                    if param == "bias":
+                        full, index = full[:1], index[:1]      # the output rows of the weight
+                    views[f"{parent}.{slice_name}.{param}"] = CheckpointView(tensor.data[module.slice_rows(i)], full,
+                                                                             index)
         return views

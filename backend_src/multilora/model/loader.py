@@ -1,7 +1,8 @@
 """Builds the model from a Hugging Face directory: config, then safetensors weights (or random ones).
 
 Checkpoints are read by their HF tensor names; fused projections (qkv, gate_up) take
-each named tensor into their rows (`LlamaForCausalLM.checkpoint_views`).
+each named tensor into their rows (`LlamaForCausalLM.checkpoint_views`). Under tensor
+parallelism each rank reads only its part of each tensor (safetensors slices).
 """
 
 import json
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from multilora.model.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+from multilora.tensor_parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +30,31 @@ def load_hf_config(model_dir: str):
     return config
 
 
-def build_model(hf_config, model_dir: str, dtype: torch.dtype, device: torch.device, load_format: str):
+def build_model(hf_config, model_dir: str, dtype: torch.dtype, device: torch.device, load_format: str,
+                tp: TensorParallel = SINGLE):
     start = time.perf_counter()
-    with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = LlamaForCausalLM(hf_config)
-        finally:
-            torch.set_default_dtype(previous)
-    model.eval().requires_grad_(False)
+    model = build_skeleton(hf_config, dtype, device, tp)
     if load_format == "dummy":
         _init_random(model)
     else:
         _load_safetensors(model, model_dir)
+    if hf_config.tie_word_embeddings:
+        model.tie_lm_head()
     logger.info("Loaded %s (%s, %s) in %.1f s", hf_config.architectures[0], dtype, load_format,
                 time.perf_counter() - start)
     return model
+
+
+def build_skeleton(hf_config, dtype: torch.dtype, device: torch.device, tp: TensorParallel = SINGLE):
+    """The model's modules on `device`, weights not loaded (on the meta device: shapes only)."""
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlamaForCausalLM(hf_config, tp)
+        finally:
+            torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
 
 
 def _weight_files(model_dir: str) -> list[str]:
@@ -61,21 +71,24 @@ def _weight_files(model_dir: str) -> list[str]:
 
 def _load_safetensors(model: LlamaForCausalLM, model_dir: str) -> None:
     # By HF name: q/k/v and gate/up land in their rows of the fused projections.
-    params = model.checkpoint_views()
-    missing = set(params)
+    views = model.checkpoint_views()
+    missing = set(views)
     for path in _weight_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if name not in params:
+                if name not in views:
                     if "rotary_emb" not in name:
                         logger.warning("Ignoring unexpected checkpoint tensor %s", name)
                     continue
-                param = params[name]
-                tensor = f.get_tensor(name)
-                if tensor.shape != param.shape:
-                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-                param.copy_(tensor)
+                view = views[name]
+                part = f.get_slice(name)
+                if tuple(part.get_shape()) != view.full_shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(part.get_shape())}, "
+                                     f"expected {view.full_shape}")
+                tensor = part[view.index]
+                # A shard may run past the tensor's end (the last rank's vocabulary rows): zero padding.
+                view.param[:tensor.shape[0]].copy_(tensor)
+                view.param[tensor.shape[0]:].zero_()
                 missing.discard(name)
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
