@@ -40,6 +40,9 @@ EOS_ID, BOS_ID = 0, 1
 MAX_POSITION_EMBEDDINGS = 128
 EMBED_STD_TIED = 0.3
 MODEL_KINDS = ("llama", "llama3rope", "qwen2", "mistral")
+# Llamas with more heads, for tensor parallelism: (attention heads, KV heads). Not in MODEL_KINDS,
+# which the tests of every architecture go through.
+HEAD_VARIANTS = {"llama-8h2kv": (8, 2), "llama-8h1kv": (8, 1)}
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _CORPUS = (
@@ -116,6 +119,10 @@ def tiny_config(kind: str, hidden_size: int = 64) -> PretrainedConfig:
     )
     if kind == "llama":
         return LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+    if kind in HEAD_VARIANTS:
+        heads, kv_heads = HEAD_VARIANTS[kind]
+        return LlamaConfig(**{**common, "num_attention_heads": heads, "num_key_value_heads": kv_heads},
+                           rope_theta=10000.0, tie_word_embeddings=False)
     if kind == "llama3rope":
         # Llama 3.1-style frequency scaling. original_max_position_embeddings is
         # small so that, at head_dim 16, some frequencies are scaled, some are

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .tiny_models import (
     ALL_TARGETS,
+    HEAD_VARIANTS,
     MODEL_KINDS,
     VOCAB_SIZE,
     AdapterSpec,
@@ -32,6 +33,7 @@ from .tiny_models import (
 )
 
 Prompt = Union[str, list[int]]
+ALL_KINDS = MODEL_KINDS + tuple(HEAD_VARIANTS)
 
 # Rank, targets and scaling differ between adapters so that each engine path
 # (attention only, MLP only, all seven modules with rsLoRA, tiny rank) is used.
@@ -65,7 +67,7 @@ def long_prompt(length: int, seed: int = 0) -> list[int]:
 
 
 class TinyZoo:
-    """Tiny models by kind ("llama", "llama3rope", "qwen2", "mistral") and their adapters."""
+    """Tiny models by kind (MODEL_KINDS, and the HEAD_VARIANTS of Llama) and their adapters."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -74,10 +76,10 @@ class TinyZoo:
     # ------------------------------------------------------------ models
     @functools.cache
     def model_dir(self, kind: str) -> Path:
-        assert kind in MODEL_KINDS, kind
+        assert kind in ALL_KINDS, kind
         # The plain Llama is saved in shards, so the index file is read too.
         shard = "40KB" if kind == "llama" else None
-        return save_tiny_model(kind, self.root / kind, seed=MODEL_KINDS.index(kind), max_shard_size=shard)
+        return save_tiny_model(kind, self.root / kind, seed=ALL_KINDS.index(kind), max_shard_size=shard)
 
     @functools.cache
     def tokenizer(self, kind: str):
@@ -96,7 +98,7 @@ class TinyZoo:
         """The LoRARequest of a standard adapter; ids are unique across kinds."""
         from multilora import LoRARequest
 
-        int_id = 100 * (MODEL_KINDS.index(kind) + 1) + list(ADAPTERS).index(name) + 1
+        int_id = 100 * (ALL_KINDS.index(kind) + 1) + list(ADAPTERS).index(name) + 1
         return LoRARequest(name, int_id, str(self.adapter_dir(kind, name)))
 
     @functools.cache

@@ -54,7 +54,7 @@ class TensorParallelRunner:
         self.failure: Optional[str] = None
         self._check_devices()
         # Built before any worker starts: a model that cannot be split fails here, with its reason.
-        self._skeletons = self._rank_skeletons(hf_config) if config.enable_lora else []
+        self._skeletons = self._rank_skeletons(hf_config)
         self._dir = tempfile.mkdtemp(prefix="multilora-tp-")
         self._processes, self._conns = self._spawn(max_model_len)
         self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._conns, self._dir)
@@ -87,7 +87,8 @@ class TensorParallelRunner:
         skeletons = []
         for rank in range(self.size):
             model = build_skeleton(hf_config, dtype, torch.device("meta"), TensorParallel(rank, self.size))
-            model.enable_lora(self.config.max_loras, self.config.max_lora_rank)
+            if self.config.enable_lora:
+                model.enable_lora(self.config.max_loras, self.config.max_lora_rank)
             skeletons.append(model)
         return skeletons
 
@@ -133,6 +134,10 @@ class TensorParallelRunner:
             self._send(conn, ("step", records, rows if rank == 0 else None))
         self._sent += 1
         return _WorkerTokens(step.sample_order, len(sample_rows), self, self._sent - 1)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
 
     def check_health(self) -> None:
         """Raises WorkerFailedError if a worker has died (the engine asks between steps, and when idle)."""
