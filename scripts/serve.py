@@ -52,6 +52,7 @@ ENGINE_OPTIONS = [
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, None),
     ("--num-kv-blocks", "num_kv_blocks", int, None), ("--block-size", "block_size", int, None),
     ("--max-model-len", "max_model_len", int, None),
+    ("--tensor-parallel-size", "tensor_parallel_size", int, None),
 ]
 
 

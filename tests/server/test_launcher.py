@@ -44,6 +44,8 @@ def test_engine_settings_map_onto_engine_config():
                         "max_cpu_loras": "6"}
     config = EngineConfig.from_dict(settings)
     assert (config.max_loras, config.gpu_memory_utilization, config.max_cpu_loras) == (3, 0.5, 6)
+    tp = serve.engine_settings(serve.parse_args(["--tensor-parallel-size", "2"]), "/models/x")
+    assert EngineConfig.from_dict(tp).tensor_parallel_size == 2
 
 
 def test_server_binds_locally_and_restricts_admin_apis():
