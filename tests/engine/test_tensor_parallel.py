@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -66,11 +67,27 @@ def test_two_ranks_give_the_greedy_tokens_of_one_device(tiny_zoo, kind, async_sc
     llm = make_llm(tiny_zoo, kind, tensor_parallel_size=2, async_scheduling=async_scheduling, **SQUEEZE)
     try:
         two = _generate(llm, tiny_zoo, kind, requests)
+        _check_an_idle_engine_sees_its_dead_worker(llm.llm_engine)
     finally:
         llm.llm_engine.shutdown()
     assert two == one
     for i, ((prompt, adapter), tokens) in enumerate(zip(requests, one)):
         assert tokens == tiny_zoo.reference(kind, adapter, prompt, N)[:N - i % 3], (prompt, adapter)
+
+
+def _check_an_idle_engine_sees_its_dead_worker(engine) -> None:
+    """Rank 0 killed between requests: the health check (the async engine's, every second) says so, the
+    other worker is killed, and the next step fails with the same error."""
+    runner = engine.runner
+    os.kill(runner.worker_pids[0], signal.SIGKILL)
+    with pytest.raises(WorkerFailedError):
+        for _ in range(200):        # until the kernel has ended it
+            engine.check_health()
+            time.sleep(0.05)
+    assert all(not p.is_alive() for p in runner._processes), runner.worker_pids
+    engine.add_request("after", SHORT_PROMPTS[0], greedy(2))
+    with pytest.raises(WorkerFailedError):
+        engine.step()
 
 
 def test_a_killed_worker_ends_every_request_with_an_error_and_leaves_no_process(tiny_zoo):

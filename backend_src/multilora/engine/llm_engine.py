@@ -20,7 +20,7 @@ from multilora.engine.sequence import PLACEHOLDER, Sequence
 from multilora.engine.step_inputs import SampledTokens
 from multilora.engine.tp_runner import TensorParallelRunner
 from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
-                             NonFiniteLogitsError, PromptTooLongError)
+                             NonFiniteLogitsError, PromptTooLongError, WorkerFailedError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import AdapterPool
 from multilora.lora.request import LoRARequest
@@ -266,6 +266,8 @@ class LLMEngine:
         for adapter_slot, adapter in self.adapter_pool.take_pending_writes():
             try:
                 self.runner.write_adapter(adapter_slot, adapter)
+            except WorkerFailedError:
+                raise           # not this adapter's fault: nothing can run any more
             except Exception:
                 logger.exception("Writing adapter '%s' into GPU adapter slot %d failed", adapter.name, adapter_slot)
                 error = AdapterWriteError(f"adapter '{adapter.name}' could not be copied to the GPU and is refused "
