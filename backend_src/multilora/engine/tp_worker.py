@@ -71,6 +71,8 @@ def worker_main(rank: int, config: EngineConfig, max_model_len: int, store_path:
             pass
         os._exit(1)         # a clean exit could wait on collectives with a dead peer
     dist.destroy_process_group()
+    logging.shutdown()
+    os._exit(0)             # the memory goes with the process; tearing down torch's interpreter takes seconds
 
 
 def _start(rank: int, config: EngineConfig, max_model_len: int, store_path: str) -> ModelRunner:
