@@ -1,5 +1,6 @@
-"""tensor_parallel_size=2 on the CPU (gloo): the same greedy tokens as one device, and a dead worker ends
-every request with an error, leaving no process behind.
+"""tensor_parallel_size=2: the same greedy tokens as one device, and a dead worker ends every request with an
+error, leaving no process behind. On the CPU (gloo) in CI; on two GPUs (NCCL, CUDA graphs with the all-reduces
+inside) where a machine has them.
 
 The tiny Llamas have 8 attention heads and 2 KV heads (split, one per rank) or 1 (replicated on both
 ranks). Row-parallel all-reduces sum in another order than one device does, so tokens can agree
@@ -13,6 +14,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from helpers.engine_runs import OutputCollector, assert_idle, async_engine_config, drain, greedy, make_llm
 from helpers.zoo import SHORT_PROMPTS, long_prompt
@@ -24,6 +26,7 @@ N = 8
 # Every pressure at once: 2 adapter slots for 3 adapters, 24 KV blocks (preemption), a 16-token step
 # budget (the 40- and 57-token prompts are prefilled in chunks).
 SQUEEZE = dict(max_loras=2, max_cpu_loras=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=6)
+DEVICE = "cuda" if torch.cuda.device_count() >= 2 else "cpu"
 
 
 def test_shards_split_heads_replicate_few_kv_heads_and_pad_the_vocabulary():
@@ -41,7 +44,7 @@ def test_shards_split_heads_replicate_few_kv_heads_and_pad_the_vocabulary():
 
 def test_a_model_that_cannot_be_split_is_refused_before_any_worker_starts(tiny_zoo):
     with pytest.raises(ValueError, match="not divisible by tensor_parallel_size 3"):
-        make_llm(tiny_zoo, "llama-8h2kv", tensor_parallel_size=3)
+        make_llm(tiny_zoo, "llama-8h2kv", device="cpu", tensor_parallel_size=3)
 
 
 def _requests():
@@ -63,8 +66,9 @@ def _generate(llm: LLM, zoo, kind: str, requests) -> list[list[int]]:
 def test_two_ranks_give_the_greedy_tokens_of_one_device(tiny_zoo, kind, async_scheduling):
     """A mixed batch of the base model and three adapters, under preemption and chunked prefill."""
     requests = _requests()
-    one = _generate(make_llm(tiny_zoo, kind, **SQUEEZE), tiny_zoo, kind, requests)
-    llm = make_llm(tiny_zoo, kind, tensor_parallel_size=2, async_scheduling=async_scheduling, **SQUEEZE)
+    one = _generate(make_llm(tiny_zoo, kind, device=DEVICE, **SQUEEZE), tiny_zoo, kind, requests)
+    llm = make_llm(tiny_zoo, kind, device=DEVICE, tensor_parallel_size=2, async_scheduling=async_scheduling,
+                   **SQUEEZE)
     try:
         two = _generate(llm, tiny_zoo, kind, requests)
         _check_an_idle_engine_sees_its_dead_worker(llm.llm_engine)
@@ -92,7 +96,8 @@ def _check_an_idle_engine_sees_its_dead_worker(engine) -> None:
 
 def test_a_killed_worker_ends_every_request_with_an_error_and_leaves_no_process(tiny_zoo):
     kind = "llama-8h2kv"
-    engine = AsyncLLMEngine(async_engine_config(tiny_zoo, kind, tensor_parallel_size=2, num_kv_blocks=256))
+    engine = AsyncLLMEngine(async_engine_config(tiny_zoo, kind, device=DEVICE, tensor_parallel_size=2,
+                                                num_kv_blocks=256))
     runner = engine.engine.runner
     started = threading.Event()
 
