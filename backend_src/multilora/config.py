@@ -114,7 +114,7 @@ class EngineConfig:
     enforce_eager: bool = False            # True: no CUDA graphs (they are used on GPUs for decode steps)
     async_scheduling: Optional[bool] = None    # schedule and launch step N+1 while the GPU runs step N; None: on GPUs
     max_model_len: Optional[int] = None    # defaults to max_position_embeddings
-    tensor_parallel_size: int = 1          # devices the model is split over, one worker process each (docs/ARCHITECTURE.md)
+    tensor_parallel_size: int = 1          # GPUs the model is split over, one worker process each (ARCHITECTURE.md)
     # KV cache
     block_size: int = 16
     num_kv_blocks: Optional[int] = None    # None: as many as fit (gpu_memory_utilization / cpu_kv_cache_gib)

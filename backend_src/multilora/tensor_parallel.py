@@ -40,6 +40,10 @@ class Shard:
     def whole(cls, n: int) -> "Shard":
         return cls(0, n, n)
 
+    def scaled(self, n: int) -> "Shard":
+        """The same part in units n times smaller (heads -> features of n per head)."""
+        return Shard(self.start * n, self.size * n, self.full * n)
+
     @property
     def index(self) -> slice:
         """The part of the full dimension that exists (padding excluded)."""

@@ -22,7 +22,7 @@ from multilora.lora.lora_linear import LoRALinear, LoRATarget
 from multilora.lora.adapter_slot_weights import AdapterSlotWeights
 from multilora.model.attention import AttentionMetadata, paged_attention
 from multilora.model.rotary import RotaryEmbedding
-from multilora.tensor_parallel import SINGLE, Shard, TensorParallel
+from multilora.tensor_parallel import SINGLE, TensorParallel
 from multilora_kernels.activation import silu_and_mul
 from multilora_kernels.norm import fused_add_rms_norm
 from multilora_kernels.rotary import rotary_kv_write
@@ -59,11 +59,11 @@ class Attention(nn.Module):
     def __init__(self, config, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        d = self.head_dim = head_dim_of(config)
-        heads, kv_heads = tp.split(config.num_attention_heads, "num_attention_heads"), tp.kv_heads(config.num_key_value_heads)
+        self.head_dim = head_dim_of(config)
+        heads = tp.split(config.num_attention_heads, "num_attention_heads")
+        kv_heads = tp.kv_heads(config.num_key_value_heads)
         self.num_heads, self.num_kv_heads = heads.size, kv_heads.size
-        q, kv = Shard(heads.start * d, heads.size * d, heads.full * d), Shard(kv_heads.start * d, kv_heads.size * d,
-                                                                             kv_heads.full * d)
+        q, kv = heads.scaled(self.head_dim), kv_heads.scaled(self.head_dim)     # in features, not heads
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.qkv_proj = LoRALinear(config.hidden_size, (q.size, kv.size, kv.size), ("q_proj", "k_proj", "v_proj"),
                                    bias=bias, shard=tp.column(config.hidden_size, (q, kv, kv)))
