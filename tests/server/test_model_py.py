@@ -81,6 +81,7 @@ def model(model_module, tiny_zoo, tmp_path):
     (errors.InvalidRequestError("empty prompt"), "INVALID_ARG"),
     (errors.RequestCancelledError("cancelled"), "CANCELLED"),
     (errors.EngineStoppedError("stopping"), "UNAVAILABLE"),
+    (errors.WorkerFailedError("a tensor-parallel worker failed"), "UNAVAILABLE"),
 ])
 def test_each_error_maps_to_its_code(model_module, error, code):
     mapped = model_module.triton_error(error)
