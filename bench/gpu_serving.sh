@@ -64,6 +64,10 @@ install_carry() {
   [ -n "$site" ] || return 1
   "$base" -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
     > "$site/zz_image_packages.pth" || return 1
+  # The image's scipy and scikit-learn are built for numpy 2 and fail to import over 1.26.4;
+  # transformers imports them only when present: a None in sys.modules makes find_spec say absent.
+  echo "import sys; [sys.modules.setdefault(m, None) for m in ('scipy', 'sklearn')]" \
+    > "$site/zz_hide_numpy2_builds.pth" || return 1
   "$base" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$CARRY"/wheels/numpy-*.whl || return 1
   "$base" -m pip install -q --no-index --no-deps --no-compile --target "$X/client-site" \
     "$CARRY"/wheels/python_rapidjson-*.whl "$CARRY"/wheels/protobuf-*.whl || return 1
