@@ -99,8 +99,14 @@ class AsyncLLMEngine:
         """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        self.add_request(request_id, prompt, params, lora_request,
-                         lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+
+        def deliver(out: RequestOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:        # the caller's event loop is closed: no one reads this request any more
+                self.abort(request_id)
+
+        self.add_request(request_id, prompt, params, lora_request, deliver)
         finished = False
         try:
             while not finished:

@@ -104,7 +104,11 @@ class LLMEngine:
         return frozenset(ids)
 
     def _load_adapter(self, lora_request: LoRARequest):
-        return load_adapter(lora_request, self.lora_spec, self.config.max_lora_rank)
+        # Runs on the thread that asked for the adapter, never the engine thread: it also builds the
+        # adapter's pinned host image, so that placing it in a GPU slot later is one queued copy.
+        adapter = load_adapter(lora_request, self.lora_spec, self.config.max_lora_rank, dtype=self.runner.dtype)
+        self.runner.prepare_adapter(adapter)
+        return adapter
 
     # ---- requests -------------------------------------------------------
     def make_sequence(self, request_id: str, prompt, params: SamplingParams,

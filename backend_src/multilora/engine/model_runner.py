@@ -105,6 +105,10 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
 
     # ---- adapters -------------------------------------------------------
+    def prepare_adapter(self, adapter) -> None:
+        """Builds the adapter's host image (pinned on GPUs) now, off the engine thread (see write_adapter)."""
+        self.model.adapter_slot_weights.host_image(adapter)
+
     def write_adapter(self, adapter_slot: int, adapter) -> None:
         """Makes GPU adapter slot `adapter_slot` hold `adapter` in every LoRA layer (modules it does not
         target: zero): one copy of its pinned host image, queued on a side stream (see AdapterSlotWeights)."""
