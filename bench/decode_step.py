@@ -256,20 +256,16 @@ def closed_case(driver: EngineDriver, loras: list | None = None) -> dict:
 # ---------------------------------------------------------------- profile
 
 
-def profile_case(driver: EngineDriver, loras: list | None) -> dict:
-    """Top GPU kernels (CPU ops on a CPU run) of a decode step and how many launch per step."""
+def _profiled(driver: EngineDriver, run, steps: int) -> dict:
+    """Runs `run()` under the profiler: its top GPU kernels (CPU ops on a CPU run) per step, and the
+    host's CUDA runtime calls by time (a synchronising call here is the host waiting for the GPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    size = driver.size
     cuda = driver.cuda
-    lora_of = (lambda i: loras[i % len(loras)]) if loras else (lambda i: None)
-    ids = driver.start(size.batch, decode_params(size, sampled=False), lora_of)
-    driver.intervals(size.warmup_steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        driver.intervals(size.profile_steps)
-    driver.stop(ids)
+        run()
     device = DeviceType.CUDA if cuda else DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == device]
     if not cuda:   # top-level ops only, so nested aten calls are not counted twice
@@ -278,14 +274,59 @@ def profile_case(driver: EngineDriver, loras: list | None) -> dict:
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
-    steps = size.profile_steps
+    runtime: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and e.name.startswith("cuda"):
+            runtime.setdefault(e.name, []).append(e.time_range.elapsed_us())
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
-    return {"adapters": len(loras or []), "unit": "GPU kernel" if cuda else "CPU op", "steps": steps,
+    top_runtime = sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:8]
+    return {"unit": "GPU kernel" if cuda else "CPU op", "steps": steps,
             "launches_per_step": len(kernels) / steps,
             "copies_per_step": (len(events) - len(kernels)) / steps,
             "graph_launches_per_step": sum(e.name == "cudaGraphLaunch" for e in prof.events()) / steps,
             "busy_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
-            "top": [{"name": name, "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for name, t in top]}
+            "top": [{"name": name, "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for name, t in top],
+            "host_runtime": [{"name": name, "calls_per_step": len(t) / steps, "us_per_step": sum(t) / steps}
+                             for name, t in top_runtime]}
+
+
+def profile_case(driver: EngineDriver, loras: list | None) -> dict:
+    """Top GPU kernels (CPU ops on a CPU run) of a decode step and how many launch per step."""
+    size = driver.size
+    lora_of = (lambda i: loras[i % len(loras)]) if loras else (lambda i: None)
+    ids = driver.start(size.batch, decode_params(size, sampled=False), lora_of)
+    driver.intervals(size.warmup_steps)
+    profiled = _profiled(driver, lambda: driver.intervals(size.profile_steps), size.profile_steps)
+    driver.stop(ids)
+    return {"case": f"decode step with {len(loras or [])} adapters", "adapters": len(loras or []), **profiled}
+
+
+def profile_chunk_case(driver: EngineDriver) -> dict:
+    """The chunk case's pair of steps (one holding a prefill chunk beside B-1 decode rows), per step."""
+    size = driver.size
+    ids = driver.start(size.batch - 1, decode_params(size, sampled=False), lambda i: None)
+    driver.intervals(size.warmup_steps)
+    intervals: list[float] = []
+
+    def pair():
+        driver.add(dict(max_tokens=1, temperature=0.0, ignore_eos=True))
+        intervals.extend(driver.intervals(2))
+
+    pair()      # warm
+    intervals.clear()
+    profiled = _profiled(driver, pair, 2)
+    driver.stop(ids)
+    return {"case": "chunk + decode pair", "adapters": 0, "step_intervals_ms": intervals, **profiled}
+
+
+def profile_prefill_case(driver: EngineDriver) -> dict:
+    """One prefill of B prompts to their first token (the prefill case), as one 'step'."""
+    from multilora import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prompts = driver.prompts(driver.size.batch)
+    return {"case": "prefill of the batch", "adapters": 0,
+            **_profiled(driver, lambda: (driver.llm.generate(prompts, params), driver.sync()), 1)}
 
 
 # ---------------------------------------------------------------- report
@@ -334,14 +375,15 @@ def print_report(report: dict) -> None:
           f"KV read {d['kv_read_ms']:.2f} ms, {d['kv_bytes'] / 1e9:.2f} GB at {d['kv_read_tb_s']:.2f} TB/s); "
           f"matmul {floors['matmul_tflops']:.0f} TFLOP/s")
     for p in report.get("profile") or []:
-        case = report["cases"][f"decode_{p['adapters']}_adapters" if p["adapters"] else "decode_base"]
         busy = p["busy_us_per_step"] / 1e3
-        print(f"\nprofile, decode step with {p['adapters']} adapters: {p['launches_per_step']:.0f} "
-              f"{p['unit']} launches per step, {p['copies_per_step']:.0f} copies/fills, "
-              f"{p['graph_launches_per_step']:.0f} graph launches; busy {busy:.2f} ms of the "
-              f"{case['step_ms']:.2f} ms step (the rest: the device waits for the host)")
+        print(f"\nprofile, {p['case']}: {p['launches_per_step']:.0f} {p['unit']} launches per step, "
+              f"{p['copies_per_step']:.0f} copies/fills, {p['graph_launches_per_step']:.0f} graph launches; "
+              f"GPU busy {busy:.2f} ms per step" + (f"; step intervals {', '.join(f'{t:.2f}' for t in p['step_intervals_ms'])} ms"
+                                                   if p.get("step_intervals_ms") else ""))
         for t in p["top"][:10]:
             print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
+        print("  host CUDA runtime calls: " + ", ".join(
+            f"{t['name']} {t['us_per_step'] / 1e3:.2f} ms ({t['calls_per_step']:.0f}x)" for t in p["host_runtime"][:5]))
     late = report["cases"]["chunk_plus_decode"]["chunk_requests_unfinished_after_pair"]
     if late:
         print(f"note: {late} chunk requests were still unfinished after their pair of steps; "
@@ -382,7 +424,8 @@ def main(argv=None) -> dict:
         driver = EngineDriver(llm, size, model_config["vocab_size"], device)
         warm_up(driver, loras)
         cases = run_cases(driver, loras)
-        profile = [profile_case(driver, None), profile_case(driver, loras)] if args.profile else None
+        profile = ([profile_case(driver, None), profile_case(driver, loras), profile_chunk_case(driver),
+                    profile_prefill_case(driver)] if args.profile else None)
         vocab = len(llm.get_tokenizer())
     floors = measure_floors(shapes, size, round(cases["decode_base"]["context"]), dtype, device)
 
