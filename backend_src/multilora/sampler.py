@@ -165,7 +165,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """As __call__, with the rows already packed (so a caller can build them ahead of the step)."""
         assert logits.dim() == 2 and logits.shape[0] == params.num_rows, (tuple(logits.shape), params.num_rows)
-        noise = self._noise(params, logits.shape[1], logits.device) if params.num_random else None
+        if params.num_random:      # first: it needs no logits
+            noise, drawn = self._noise(params, logits.shape[1], logits.device)
         low, high = torch.aminmax(logits, dim=-1)
         valid = low.isfinite() & high.isfinite()
         if params.banned is not None:
@@ -177,17 +178,19 @@ class Sampler:
         valid &= best > float("-inf")      # finite logits, yet every token banned
         if params.num_random:
             rows = params.random_rows
-            picked = _draw(logits if rows is None else logits.index_select(0, rows),
-                           best if rows is None else best.index_select(0, rows), noise, params)
+            probs = _probabilities(logits if rows is None else logits.index_select(0, rows),
+                                   best if rows is None else best.index_select(0, rows), params)
+            picked = probs.div_(_ready(noise, drawn)).argmax(dim=-1)
             token_ids = picked if rows is None else token_ids.index_copy(0, rows, picked)
         return torch.where(valid, token_ids, FAILED)
 
-    def _noise(self, params: SamplingTensors, vocab_size: int, device: torch.device) -> torch.Tensor:
+    def _noise(self, params: SamplingTensors, vocab_size: int,
+               device: torch.device) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
         """Exp(1) noise [M, V] for the random rows: a seeded row's from a generator reset to its step
         seed (the per-row sampler's draw, one launch per row), the rest from torch's default one.
 
-        It needs no logits, so on a GPU it is drawn on a side stream while the forward that makes
-        them still runs; the caller's stream waits for it before its next operation.
+        It needs no logits, so on a GPU it is drawn on a side stream, while the forward that makes
+        them still runs; the event says when it is drawn (None: on the caller's stream already).
         """
         side = self._side_stream(device)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -198,11 +201,7 @@ class Sampler:
                 generator = self._generator(device)
                 for row, seed in params.seeds:
                     noise[row].exponential_(generator=generator.manual_seed(seed))
-        if side is not None:
-            stream = torch.cuda.current_stream(device)
-            stream.wait_stream(side)
-            noise.record_stream(stream)     # allocated on the side stream, last used on this one
-        return noise
+        return noise, None if side is None else side.record_event()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # manual_seed resets a generator completely, so one per device serves every seeded row.
@@ -218,8 +217,17 @@ class Sampler:
         return self._side_streams[device]
 
 
-def _draw(logits: torch.Tensor, best: torch.Tensor, noise: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """One id per random row: temperature, then top-k, then top-p, in float32, then the draw."""
+def _ready(noise: torch.Tensor, drawn: Optional[torch.cuda.Event]) -> torch.Tensor:
+    """`noise`, once the caller's stream has waited for the side stream that draws it."""
+    if drawn is not None:
+        stream = torch.cuda.current_stream(noise.device)
+        stream.wait_event(drawn)
+        noise.record_stream(stream)     # allocated on the side stream, last used on this one
+    return noise
+
+
+def _probabilities(logits: torch.Tensor, best: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """The random rows' probabilities [M, V]: temperature, then top-k, then top-p, in float32."""
     ranked = _ranked(logits, params.window) if params.window else None
     if params.in_window:
         x = _kept_from_window(logits, best, ranked, params)
@@ -228,7 +236,7 @@ def _draw(logits: torch.Tensor, best: torch.Tensor, noise: torch.Tensor, params:
     probs = torch.softmax(x, dim=-1)
     if params.use_top_p:
         _keep_top_p(probs, None if params.top_p_sorts_rows else ranked.indices, params.top_p)
-    return (probs / noise).argmax(dim=-1)
+    return probs
 
 
 def _kept_over_rows(logits: torch.Tensor, best: torch.Tensor, ranked, params: SamplingTensors) -> torch.Tensor:
