@@ -47,15 +47,32 @@ def make_rows(rng: random.Random, num_rows: int, vocab: int, all_top_k: bool) ->
     return rows
 
 
-def assert_same_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+def top_p_cuts_ties_past_the_window(logits: torch.Tensor, row: SampleRow, window: int) -> bool:
+    """The one case both samplers leave to torch.topk's pick among ties (see _TIE_MARGIN): top-p
+    cutting a row whose k-th logit ties with ids past the window. Which of them the window holds
+    may differ between a topk of the logits and one of their scaled float32 values."""
+    vocab, params = logits.shape[0], row.params
+    if params.greedy or params.top_p >= 1.0 or not 0 < params.top_k < vocab:
+        return False
+    x = logits.float()
+    return int((x >= x.topk(params.top_k).values[-1]).sum()) > window
+
+
+def assert_same_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> int:
+    """Asserts that the seeded and greedy rows draw the previous tokens; returns how many were compared."""
     got = Sampler()(logits, rows).tolist()
     want = PreviousSampler()(logits, rows).tolist()
+    window = SamplingTensors.build(rows, logits.shape[1], logits.device).window
+    compared = 0
     for i, row in enumerate(rows):
-        greedy = row.params.greedy
-        if greedy or row.step_seed is not None or want[i] == FAILED:
+        if want[i] != FAILED and top_p_cuts_ties_past_the_window(logits[i], row, window):
+            continue
+        if row.params.greedy or row.step_seed is not None or want[i] == FAILED:
             assert got[i] == want[i], (i, row, got[i], want[i])
+            compared += 1
         else:
             assert got[i] not in row.banned_token_ids
+    return compared
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -63,6 +80,7 @@ def assert_same_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 @pytest.mark.parametrize("all_top_k", [True, False], ids=["window", "whole_rows"])
 def test_seeded_and_greedy_rows_draw_the_previous_tokens(kind, vocab, all_top_k):
     rng = random.Random(f"{kind}-{vocab}-{all_top_k}")
+    compared = 0
     for _ in range(10):
         num_rows = rng.randint(1, 8)
         logits = make_logits(rng, kind, num_rows, vocab)
@@ -71,7 +89,8 @@ def test_seeded_and_greedy_rows_draw_the_previous_tokens(kind, vocab, all_top_k)
             logits[rng.randrange(num_rows), rng.randrange(vocab)] = float("nan")
         if all_top_k and any(not r.params.greedy for r in rows):
             assert SamplingTensors.build(rows, vocab, logits.device).in_window
-        assert_same_tokens(logits, rows)
+        compared += assert_same_tokens(logits, rows)
+    assert compared >= 20
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -133,4 +152,4 @@ def test_cuda_seeded_rows_draw_the_previous_tokens(all_top_k):
     rng = random.Random(f"cuda-{all_top_k}")
     for kind in KINDS:
         logits = make_logits(rng, kind, 64, 128256).cuda().bfloat16()
-        assert_same_tokens(logits, make_rows(rng, 64, 128256, all_top_k))
+        assert assert_same_tokens(logits, make_rows(rng, 64, 128256, all_top_k)) > 20
