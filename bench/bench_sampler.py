@@ -131,8 +131,8 @@ def seeded_checks(impls: dict, logits: torch.Tensor, batch: int) -> dict:
             continue
         per_row = PerRowSampler()(logits, rows)
         got = {name: sampler(logits, rows).tolist() for name, (sampler, _) in impls.items()}
-        checks[mode] = {"seeded_rows": len(seeded),
-                        **{f"{name}_as_per_row": sum(ids[i] == per_row[i] for i in seeded) for name, ids in got.items()},
+        same = {f"{name}_as_per_row": sum(ids[i] == per_row[i] for i in seeded) for name, ids in got.items()}
+        checks[mode] = {"seeded_rows": len(seeded), **same,
                         "current_as_previous": sum(got["current"][i] == got["previous"][i] for i in seeded)}
     return checks
 

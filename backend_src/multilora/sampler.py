@@ -21,7 +21,6 @@ failing the batch.
 """
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,7 +71,7 @@ class SamplingTensors:
     banned: Optional[torch.Tensor]         # int64 [2, P]: (batch row, token id) pairs that can never be picked
     seeds: tuple[tuple[int, int], ...]     # (random row, step seed) of the seeded rows
     window: int                            # logits ranked per random row (one topk): 0 = none, vocab size = a sort
-    in_window: bool                        # every random row has a top_k the window holds: sample in the window
+    in_window: bool                        # every random row has a top_k within the limit: only the window is cut
     use_top_k: bool
     use_top_p: bool
     top_p_sorts_rows: bool                 # top-p ranks whole rows of probabilities (some row has no top-k)
@@ -85,68 +84,60 @@ class SamplingTensors:
     def build(cls, rows: list[SampleRow], vocab_size: int, device: torch.device) -> "SamplingTensors":
         """Packs the rows into two host tensors and copies them without waiting (pageable
         host memory is staged at once, so the copy never blocks on the device)."""
-        random, top_k, scale, top_p, seeds = [], [], [], [], []
+        random, top_k, temperature, top_p, seeds = [], [], [], [], []
         for i, row in enumerate(rows):
             params = row.params
-            if params.greedy or params.temperature < _F32.tiny:
-                continue    # a temperature that underflows float32 would divide by zero: greedy is its limit
+            if params.greedy:
+                continue    # greedy includes temperatures that underflow float32 (they would divide by zero)
             if row.step_seed is not None:
                 seeds.append((len(random), row.step_seed))
             random.append(i)
             top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
-            scale.append(_scale(params.temperature, device.type))
+            temperature.append(params.temperature)
             top_p.append(params.top_p if params.top_p < 1.0 else float("inf"))
         banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
         assert all(0 <= t < vocab_size for _, t in banned), f"banned id outside vocab of {vocab_size}"
         all_random = len(random) == len(rows)
         kth_index = [max(k - 1, 0) for k in top_k]
-        ints = torch.tensor(top_k + kth_index + ([] if all_random else random) + [i for i, _ in banned]
-                            + [t for _, t in banned], dtype=torch.long).to(device, non_blocking=True)
-        floats = torch.tensor(scale + top_p, dtype=torch.float32).to(device, non_blocking=True)
+        # numpy turns lists into arrays about twice as fast as torch.tensor does
+        ints = torch.from_numpy(np.array(top_k + kth_index + ([] if all_random else random)
+                                         + [i for i, _ in banned] + [t for _, t in banned], dtype=np.int64))
+        floats = torch.from_numpy(np.concatenate((_scales(temperature, device.type), np.array(top_p, np.float32))))
+        ints, floats = ints.to(device, non_blocking=True), floats.to(device, non_blocking=True)
         m = len(random)
+        in_window = bool(top_k) and all(0 < k <= _WINDOW_LIMIT for k in top_k)
+        use_top_p = any(p != float("inf") for p in top_p)
+        # top-p of a row without top-k (or past the window limit) ranks whole rows
+        sorts_rows = any(p != float("inf") and (k == 0 or k > _WINDOW_LIMIT) for k, p in zip(top_k, top_p))
         return cls(num_rows=len(rows), random_rows=None if all_random else ints[2 * m:3 * m],
                    top_k=ints[:m], kth_index=ints[m:2 * m].view(m, 1), scale=floats[:m], top_p=floats[m:],
-                   banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None,
-                   seeds=tuple(seeds), window=_window(top_k, top_p, vocab_size), in_window=_in_window(top_k),
-                   use_top_k=any(top_k), use_top_p=any(p != float("inf") for p in top_p),
-                   top_p_sorts_rows=_top_p_sorts_rows(top_k, top_p))
+                   banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None, seeds=tuple(seeds),
+                   window=_window(top_k, in_window or (use_top_p and not sorts_rows), vocab_size),
+                   in_window=in_window, use_top_k=any(top_k), use_top_p=use_top_p, top_p_sorts_rows=sorts_rows)
 
 
-@functools.lru_cache(maxsize=1024)        # a step's rows share a few temperatures: skip numpy per row
-def _scale(temperature: float, device_type: str) -> float:
-    """The float32 that reproduces the per-row sampler's `x / temperature` bit for bit.
+def _scales(temperatures: list[float], device_type: str) -> np.ndarray:
+    """The float32 values that reproduce the per-row sampler's `x / temperature` bit for bit.
 
     torch divides a CUDA tensor by a Python number as x * (1 / float32(t)) (its
     reciprocal in float32), and a CPU tensor by true division; the sampler
-    multiplies on CUDA and divides on the CPU by this value. A temperature past
+    multiplies on CUDA and divides on the CPU by these values. A temperature past
     float32's range is clamped there, where it is already as flat as float32 gets.
     """
-    t = np.float32(min(temperature, float(_F32.max)))
-    return float(np.float32(1.0) / t) if device_type == "cuda" else float(t)
+    t = np.minimum(np.array(temperatures, dtype=np.float64), float(_F32.max)).astype(np.float32)
+    return np.float32(1.0) / t if device_type == "cuda" else t
 
 
-def _top_p_sorts_rows(top_k: list[int], top_p: list[float]) -> bool:
-    """Whether some row's top-p set can only be found by sorting its whole row."""
-    return any(p != float("inf") and (k == 0 or k > _WINDOW_LIMIT) for k, p in zip(top_k, top_p))
-
-
-def _in_window(top_k: list[int]) -> bool:
-    """Whether every random row keeps at most its top_k and their ties: then the window holds its kept set."""
-    return bool(top_k) and all(0 < k <= _WINDOW_LIMIT for k in top_k)
-
-
-def _window(top_k: list[int], top_p: list[float], vocab_size: int) -> int:
+def _window(top_k: list[int], with_ties: bool, vocab_size: int) -> int:
     """How many logits of each random row one topk ranks (0: none; vocab_size: a sort instead).
 
-    Enough for the widest top_k's k-th logit and, when the window holds the rows' kept
-    sets (sampled in the window, or cut there by top-p), for those sets and their ties.
+    Enough for the widest top_k's k-th logit and, `with_ties` (the window holds the rows'
+    kept sets: sampled in the window, or cut there by top-p), for those sets and their ties.
     """
     widest = max(top_k, default=0)
     if widest > _WINDOW_LIMIT:
         return vocab_size
-    if _in_window(top_k) or (any(p != float("inf") for p in top_p) and not _top_p_sorts_rows(top_k, top_p)):
-        widest += _TIE_MARGIN
-    return min(widest, vocab_size)
+    return min(widest + _TIE_MARGIN if with_ties else widest, vocab_size)
 
 
 class Sampler:
