@@ -10,12 +10,14 @@ the window), with greedy rows, bans, top_k of 1 and past the vocabulary, top_p o
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
+from helpers import previous_sampler
 from helpers.previous_sampler import PreviousSampler
 from multilora.sampler import (
-    FAILED, SampleRow, Sampler, SamplingTensors, _kept_from_window, _kept_over_rows, _ranked, derive_step_seed,
+    FAILED, SampleRow, Sampler, SamplingTensors, _kept_from_window, _kept_over_rows, _ranked, _scales, derive_step_seed,
 )
 from multilora.sampling_params import SamplingParams
 
@@ -152,3 +154,14 @@ def test_cuda_seeded_rows_draw_the_previous_tokens(all_top_k):
     for kind in KINDS:
         logits = make_logits(rng, kind, 64, 128256).cuda().bfloat16()
         assert assert_same_tokens(logits, make_rows(rng, 64, 128256, all_top_k)) > 20
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_temperature_scales_are_the_previous_float32_values(device_type):
+    """The scales (a temperature on the CPU, its float32 reciprocal on CUDA) are the previous ones, bit for bit."""
+    rng = random.Random(9)
+    temperatures = [1e-37, 1e-6, 0.1, 0.3, 0.5, 0.8, 1.0, 1.7, 3.0, 1e38, 3.5e38, 1e300]
+    temperatures += [rng.uniform(1e-3, 10.0) for _ in range(200)]
+    got = _scales(temperatures, device_type)
+    want = np.array([previous_sampler._scale(t, device_type) for t in temperatures], dtype=np.float32)
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
