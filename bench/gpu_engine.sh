@@ -16,10 +16,10 @@ ln -sfn "$REPO/kernels" /tmp/multilora-pp/multilora_kernels
 export PYTHONPATH="$REPO/backend_src:/tmp/multilora-pp" PYTHONUNBUFFERED=1 MULTILORA_TEST_THREADS=4
 log() { echo "[gpu_engine $(date -u +%H:%M:%S)] $*"; }
 
-log "GPU tests (tests/gpu, CUDA cases of tests/kernels)"
+log "GPU tests (tests/gpu, CUDA cases of tests/kernels and of the sampler tests)"
 # -P: not the repo root on sys.path (transformers would take kernels/ for its `kernels` package).
 timeout "${TIMEOUT_TESTS:-180}" python3 -P -m pytest -q -p no:cacheprovider \
-  tests/gpu tests/kernels -k "gpu or cuda" > "$OUT/tests.log" 2>&1
+  tests/gpu tests/kernels tests/test_sampler.py tests/test_sampler_vs_previous.py -k "gpu or cuda" > "$OUT/tests.log" 2>&1
 log "tests: exit code $? ($(tail -n 1 "$OUT/tests.log"))"
 log "bench/decode_step.py --profile ${BENCH_ARGS:-}"
 # shellcheck disable=SC2086
