@@ -84,15 +84,19 @@ def stream_broke(error) -> bool:
 class Streams:
     """Requests on one gRPC stream; each ends with a final response, an error, or the stream's own end."""
 
-    def __init__(self, url: str, requests: dict[str, dict]):
+    def __init__(self, url: str, requests: dict[str, dict], channel_args: Optional[list] = None):
         self.responses: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_args)
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-        self.tokens = {rid: [] for rid in requests}
+        self.tokens: dict[str, list] = {}
         self.finished: set[str] = set()
         self.errors: list[str] = []     # a stream's errors carry no request id
         self.broken: Optional[str] = None   # the error that ended the stream, and with it every open request
+        self.send(requests)
+
+    def send(self, requests: dict[str, dict]):
         for rid, values in requests.items():
+            self.tokens[rid] = []
             self.client.async_stream_infer("multilora", make_inputs(values), request_id=rid,
                                            enable_empty_final_response=True)
 
