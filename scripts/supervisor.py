@@ -171,8 +171,8 @@ class Supervisor:
                 if health.unanswered == 0 or time.monotonic() - engine_dead_at > ANSWER_GRACE_S:
                     return f"the engine thread died ({health.engine_failure})"
             if age > self.config.health_timeout:
-                return (f"the model has not reported its health for {age:.0f} s (a hung Python backend stub); "
-                        f"--health-timeout is {self.config.health_timeout:.0f} s")
+                return (f"the model has not reported its health for {age:.0f} s (a hung Python backend stub, or a "
+                        f"hung tritonserver it waits on); --health-timeout is {self.config.health_timeout:.0f} s")
             time.sleep(POLL_S)
         return None
 
