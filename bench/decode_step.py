@@ -197,6 +197,7 @@ def chunk_case(driver: EngineDriver) -> dict:
     size = driver.size
     ids = driver.start(size.batch - 1, decode_params(size, sampled=False), lambda i: None)
     driver.intervals(size.warmup_steps)
+    preemptions = driver.engine.stats().num_preemptions
     pure, mixed, first, late = [], [], [], 0
     for i in range(size.chunk_pairs + 2):              # the first two compile and warm the chunk's path
         plain = driver.intervals(2)
@@ -212,7 +213,8 @@ def chunk_case(driver: EngineDriver) -> dict:
     return {"rows": size.batch, "chunk_tokens": size.prompt_len, "decode_rows": size.batch - 1,
             "pairs": len(mixed), "step_ms": statistics.median(mixed) - pure_pair / 2,
             "decode_step_ms": pure_pair / 2, "first_interval_ms": statistics.median(first),
-            "chunk_requests_unfinished_after_pair": late}
+            "chunk_requests_unfinished_after_pair": late,
+            "preemptions": driver.engine.stats().num_preemptions - preemptions}
 
 
 def prefill_case(driver: EngineDriver) -> dict:
@@ -385,6 +387,8 @@ def print_report(report: dict) -> None:
             print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
         print("  host CUDA runtime calls: " + ", ".join(
             f"{t['name']} {t['us_per_step'] / 1e3:.2f} ms ({t['calls_per_step']:.0f}x)" for t in p["host_runtime"][:5]))
+    if report["cases"]["chunk_plus_decode"]["preemptions"]:
+        print(f"note: {report['cases']['chunk_plus_decode']['preemptions']} preemptions during the chunk case")
     late = report["cases"]["chunk_plus_decode"]["chunk_requests_unfinished_after_pair"]
     if late:
         print(f"note: {late} chunk requests were still unfinished after their pair of steps; "
