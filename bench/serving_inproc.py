@@ -52,7 +52,7 @@ class InprocTarget:
                 record.on_tokens(time.monotonic(), len(out.outputs[0].delta_token_ids))
                 m = out.metrics
                 if out.finished and m is not None and m.first_scheduled_time is not None:
-                    record.queue_s, record.prefill_s = m.time_in_queue, m.time_in_prefill
+                    record.arrival_t, record.queue_s, record.prefill_s = m.arrival_time, m.time_in_queue, m.time_in_prefill
                     record.service_s = m.finished_time - m.first_scheduled_time
         except MultiLoRAError as error:
             record.error = f"{type(error).__name__}: {error}"

@@ -31,7 +31,8 @@ class RequestRecord:
     tokens: int = 0
     error: Optional[str] = None
     token_times: list[tuple[float, int]] = field(default_factory=list)   # (time, tokens in that response)
-    queue_s: Optional[float] = None      # engine side (RequestMetrics): arrival -> first step
+    arrival_t: Optional[float] = None    # engine side (RequestMetrics, time.time()): arrival in the engine
+    queue_s: Optional[float] = None      # arrival -> first step
     prefill_s: Optional[float] = None    # first step -> first token
     service_s: Optional[float] = None    # first step -> finished
 
@@ -117,6 +118,23 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
         "service_s": _dist([r.service_s for r in done if r.service_s is not None]),
         "distinct_adapters_requested": len({r.adapter for r in records if r.adapter}),
     }
+
+
+def wait_bound_check(records: list[RequestRecord], longest_load_s: float) -> Optional[dict]:
+    """docs/limits.md's bound on each request's queue wait: (k + 1) x (S + L), with k = the requests that
+    may have been ahead of it (arrived before it started, started after it arrived), S = the run's longest
+    first step -> end, L = its longest adapter load. None without engine-side times (Triton server target)."""
+    timed = [r for r in records if r.finished and r.arrival_t is not None]
+    if not timed:
+        return None
+    span = max(r.service_s for r in timed) + longest_load_s
+    spans = [(r.arrival_t, r.arrival_t + r.queue_s) for r in timed]
+    ratios = []
+    for i, (arrived, started) in enumerate(spans):
+        ahead = sum(1 for j, (a, s) in enumerate(spans) if j != i and a < started and s > arrived)
+        ratios.append((started - arrived) / ((ahead + 1) * span))
+    return {"checked": len(timed), "longest_request_s": span - longest_load_s, "longest_load_s": longest_load_s,
+            "violations": sum(1 for x in ratios if x > 1), "worst_wait_over_bound": max(ratios)}
 
 
 def decode_rate(records: list[RequestRecord]) -> Optional[float]:

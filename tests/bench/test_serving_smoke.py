@@ -72,6 +72,8 @@ def test_inproc_smoke_run_finishes_every_request(tmp_path):
     assert None in adapters and len({a for a in adapters if a}) >= 3
     for key in ("queue_wait_s", "prefill_s", "service_s"):     # one per request, from the engine's metrics
         assert run["summary"][key]["count"] == 24
+    bound = run["summary"]["wait_bound"]
+    assert bound["checked"] == 24 and bound["violations"] >= 0 and bound["longest_request_s"] > 0
     bound = run["decode_bound"]
     assert bound["rows"] == 4 and 1 <= bound["distinct_adapters"] <= 4 and bound["decode_tok_s"] is not None
 
