@@ -6,11 +6,12 @@ sequence is preempted (its blocks are freed and it is recomputed later).
 Waiting sequences are admitted first come, first served. A request whose adapter
 cannot get a GPU slot waits, and later requests that would hold a slot wait
 behind it, so a stream of requests for resident adapters cannot starve it;
-base-model requests hold no slot and may pass. So a request at the head of
-the queue starts within the longest time a running request takes to finish,
-and slot-needing requests start in the order they joined (docs/limits.md
-states the bound). The adapters of the next waiting requests are prefetched
-into slots nobody holds, so their copies overlap the steps before they start.
+base-model requests hold no slot and may pass. So, with KV blocks to spare, a
+request at the head of the queue starts within the longest time a running
+request takes to finish, and slot-needing requests start in the order they
+joined (docs/limits.md states the bound). The adapters of the next waiting
+requests are prefetched into slots nobody holds, so their copies overlap the
+steps before they start.
 
 The waiting queue is bounded (docs/limits.md): beyond `max_waiting_requests`
 a new request is refused at once, and one that has not started within
@@ -24,6 +25,7 @@ never expired.
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Optional
 
 from multilora.config import EngineConfig
@@ -91,13 +93,10 @@ class Scheduler:
         return batch
 
     def _prefetch(self) -> None:
-        """Offers the pool the adapters of the next waiting requests, as many requests as there are slots."""
-        candidates = []
-        for seq in self.waiting:
-            if len(candidates) == self.adapter_pool.num_slots:
-                break
-            if seq.adapter_id:
-                candidates.append((seq.lora_request, seq.adapter))
+        """Offers the pool the adapters of the next waiting requests, as many requests as there are slots
+        (a bounded look each step, however long the queue)."""
+        candidates = [(seq.lora_request, seq.adapter) for seq in islice(self.waiting, self.adapter_pool.num_slots)
+                      if seq.adapter_id]
         if candidates:
             self.adapter_pool.prefetch(candidates)
 
