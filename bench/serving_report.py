@@ -4,8 +4,8 @@ Definitions (client side, the same for every target):
 - TTFT: from sending the request to the first response that carries a token.
 - TPOT: per request, (last token time - first token time) / (tokens after the first response).
 - ITL: every gap between two token-carrying responses of a stream, divided by the tokens of
-  the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks),
-  "warm" otherwise.
+  the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks) or,
+  in-process, a copy to the GPU; "warm" otherwise.
 - Output tok/s and req/s: over the measured window, first send to last final response; the
   steady_* figures stop at the last send, before the load drains (perf_analyzer's kind).
 - Queue wait, prefill, service (engine side, where the target reports it: inproc): arrival in the
