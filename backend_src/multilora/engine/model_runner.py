@@ -105,14 +105,20 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
 
     # ---- adapters -------------------------------------------------------
-    def prepare_adapter(self, adapter) -> None:
-        """Builds the adapter's host image (pinned on GPUs) now, off the engine thread (see write_adapter)."""
-        self.model.adapter_slot_weights.host_image(adapter)
-
     def write_adapter(self, adapter_slot: int, adapter) -> None:
         """Makes GPU adapter slot `adapter_slot` hold `adapter` in every LoRA layer (modules it does not
         target: zero): one copy of its pinned host image, queued on a side stream (see AdapterSlotWeights)."""
         self.model.adapter_slot_weights.upload(adapter_slot, adapter)
+
+    def stage_adapter(self, adapter) -> None:
+        """Builds `adapter`'s pinned host image now, on the calling thread (the engine loads adapters off
+        its own thread), so its first write costs the engine thread only the copy's launch."""
+        if self.lora_layers:
+            self.model.adapter_slot_weights.host_image(adapter)
+
+    def finished_adapter_uploads(self) -> list[tuple[str, float]]:
+        """(adapter name, seconds on the device) of each write completed since the last call; never waits."""
+        return self.model.adapter_slot_weights.take_finished_uploads() if self.lora_layers else []
 
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()
@@ -122,6 +128,8 @@ class ModelRunner:
 
         `sources`: see StepInputBuilder.build (sequences whose last token the previous step sampled).
         """
+        if self.lora_layers:
+            self.model.adapter_slot_weights.wait_for_uploads(adapter_slots)   # prefetched copies: only now
         num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
         graphs = self.decode_graphs
         use_graph = graphs is not None and 0 < num_decode <= graphs.max_batch
