@@ -45,6 +45,7 @@ REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${RE
 # Each part's limit, and in A and B each target's (a target past its limit is stopped, its run missing).
 TIMEOUT_A="${TIMEOUT_A:-210}" TIMEOUT_B="${TIMEOUT_B:-190}" TIMEOUT_C="${TIMEOUT_C:-130}"
 TARGETS_A="${TARGETS_A:-95,110}" TARGETS_B="${TARGETS_B:-60,35,95}"
+B_TARGETS="${B_TARGETS:-inproc,hf,hf-peft}"   # part B's targets (TARGETS_B: their limits, in this order)
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
 rm -rf "$RAW" && mkdir -p "$OUT" "$WORK" "$RAW"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # no network there: fail fast, never wait
@@ -64,6 +65,10 @@ install_carry() {
   [ -n "$site" ] || return 1
   "$base" -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
     > "$site/zz_image_packages.pth" || return 1
+  # The image's scipy and scikit-learn are built for numpy 2 and fail to import over 1.26.4;
+  # transformers imports them only when present: a None in sys.modules makes find_spec say absent.
+  echo "import sys; [sys.modules.setdefault(m, None) for m in ('scipy', 'sklearn')]" \
+    > "$site/zz_hide_numpy2_builds.pth" || return 1
   "$base" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$CARRY"/wheels/numpy-*.whl || return 1
   "$base" -m pip install -q --no-index --no-deps --no-compile --target "$X/client-site" \
     "$CARRY"/wheels/python_rapidjson-*.whl "$CARRY"/wheels/protobuf-*.whl || return 1
@@ -139,7 +144,7 @@ for p in $PARTS; do
     A) part A "$TIMEOUT_A" --target inproc,triton --adapters 16 --ranks 8,16,64 --base-share 0.25 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_A" --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --max-loras 16 \
          --perf-analyzer --client-procs 4 --target-timeout "$TARGETS_A" ;;
-    B) part B "$TIMEOUT_B" --target inproc,hf,hf-peft --adapters 128 --ranks 16 --alpha 1.0 \
+    B) part B "$TIMEOUT_B" --target "$B_TARGETS" --adapters 128 --ranks 16 --alpha 1.0 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
          --max-loras 64 --hf-batch "$CONCURRENCY" --decode-bound --target-timeout "$TARGETS_B" ;;
     C) part C "$TIMEOUT_C" --target inproc --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \

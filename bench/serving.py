@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from serving_device import MemorySampler, device_name   # noqa: E402
-from serving_report import cdf_points, load_runs, plot, records_json, summarize, table   # noqa: E402
+from serving_report import cdf_points, load_runs, plot, records_json, summarize, table, wait_bound_check   # noqa: E402
 from serving_workload import PRESETS, Workload, make_requests, parse_range, write_adapters, write_model_dir  # noqa: E402
 
 TARGETS = ("inproc", "triton", "hf", "hf-peft")
@@ -231,11 +231,14 @@ def _run_record(args, target, label, wl, records, engine, memory, settings, phas
     # group: the label of the whole invocation (a multi-target parent gives each child LABEL-TARGET).
     group = label[:-len(target) - 1] if label.endswith("-" + target) else label
     suffix = "-closed" if phase == "calibration" else ""
+    summary = summarize(records, engine.get("load_windows", []))
+    summary["wait_bound"] = wait_bound_check(records, (stats.get("adapter_timings_s", {}).get("load") or {}).get("max")
+                                             or 0.0)
     return {"label": f"{group}{suffix}-N{wl.num_adapters}", "group": group, "phase": phase, "target": target,
             "device": device_name(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
             "workload": dataclasses.asdict(wl), "engine_args": settings, "engine": stats,
-            "summary": summarize(records, engine.get("load_windows", [])), "memory": memory,
+            "summary": summary, "memory": memory,
             "cdf": cdf_points(records), **({"records": records_json(records)} if args.save_records else {})}
 
 

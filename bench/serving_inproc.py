@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from serving_driver import drive
-from serving_report import RequestRecord
+from serving_report import RequestRecord, timing_dists
 from serving_workload import BenchRequest, adapter_name
 
 # How often the step sampler looks for a new EngineStats snapshot (the engine thread replaces
@@ -23,15 +23,15 @@ class InprocTarget:
 
         self._root = adapter_root
         self._lock = threading.Lock()
-        self._load_windows: list[tuple[float, float]] = []
+        self._events: list[tuple[str, float, float]] = []    # (kind, seconds, monotonic time reported)
         self.engine = AsyncLLMEngine(EngineConfig(model=str(model_dir), **engine_args),
-                                     on_adapter_loaded=self._loaded)
+                                     on_adapter_event=self._adapter_event)
         self._sampler = _StepSampler(self.engine)
 
-    def _loaded(self, name: str, seconds: float) -> None:
+    def _adapter_event(self, event) -> None:
         now = time.monotonic()
         with self._lock:
-            self._load_windows.append((now - seconds, now))
+            self._events.append((event.kind, event.seconds, now))
 
     def lora_request(self, adapter_index):
         from multilora import LoRARequest
@@ -50,6 +50,10 @@ class InprocTarget:
             async for out in self.engine.generate(f"r{req.index}-{uuid.uuid4().hex[:8]}", req.prompt_ids, params,
                                                   self.lora_request(req.adapter_index)):
                 record.on_tokens(time.monotonic(), len(out.outputs[0].delta_token_ids))
+                m = out.metrics
+                if out.finished and m is not None and m.first_scheduled_time is not None:
+                    record.arrival_t, record.queue_s, record.prefill_s = m.arrival_time, m.time_in_queue, m.time_in_prefill
+                    record.service_s = m.finished_time - m.first_scheduled_time
         except MultiLoRAError as error:
             record.error = f"{type(error).__name__}: {error}"
         record.end_s = time.monotonic()
@@ -61,37 +65,49 @@ class InprocTarget:
     def begin(self) -> None:
         self._before = _counters(self.engine.stats())
         with self._lock:
-            self._load_windows.clear()
+            self._events.clear()
         self._sampler.start()
 
     def end(self) -> dict:
         self._sampler.stop()
-        after = _counters(self.engine.stats())
+        after = _counters(self._idle_stats())
         with self._lock:
-            windows = list(self._load_windows)
+            events = list(self._events)
         delta = {key: after[key] - self._before[key] for key in after}
-        delta.update(adapter_load_seconds_sum=sum(b - a for a, b in windows),
-                     adapter_load_seconds_max=max((b - a for a, b in windows), default=0.0),
-                     mean_distinct_adapters_per_step=self._sampler.mean_distinct,
-                     mean_running_per_step=self._sampler.mean_running, steps_sampled=self._sampler.samples,
-                     max_waiting=self._sampler.max_waiting)
+        steps = delta.pop("steps")
+        delta.update(mean_distinct_adapters_per_step=delta.pop("step_adapters") / steps if steps else None,
+                     engine_steps=steps, adapter_timings_s=timing_dists([(k, s) for k, s, _ in events]),
+                     mean_running_per_step=self._sampler.mean_running, max_waiting=self._sampler.max_waiting)
+        # Cold windows: an adapter read from disk, or copied to the GPU (reported when the device
+        # finished it, so the window ends up to a step late).
+        windows = [(t - s, t) for k, s, t in events if k in ("load", "upload")]
         return {"stats": delta, "load_windows": windows}
+
+    def _idle_stats(self, timeout_s: float = 5.0):
+        """The engine's snapshot once it has seen its last request finish (it refreshes it going idle)."""
+        deadline = time.monotonic() + timeout_s
+        stats = self.engine.stats()
+        while (stats.num_running or stats.num_waiting) and time.monotonic() < deadline:
+            time.sleep(STATS_POLL_S)
+            stats = self.engine.stats()
+        return stats
 
     def close(self) -> None:
         self.engine.shutdown()
 
 
 def _counters(stats) -> dict:
-    return {"adapter_loads": stats.adapter_loads, "adapter_evictions": stats.adapter_evictions,
-            "adapter_pool_hits": stats.adapter_pool_hits, "adapter_pool_misses": stats.adapter_pool_misses,
-            "preemptions": stats.num_preemptions}
+    return {"adapter_loads": stats.adapter_loads, "adapter_uploads": stats.adapter_uploads,
+            "adapter_prefetches": stats.adapter_prefetches, "adapter_evictions": stats.adapter_evictions,
+            "adapter_host_evictions": stats.adapter_host_evictions, "adapter_pool_hits": stats.adapter_pool_hits,
+            "adapter_pool_misses": stats.adapter_pool_misses, "preemptions": stats.num_preemptions,
+            "steps": stats.num_steps, "step_adapters": stats.num_step_adapters}
 
 
 class _StepSampler:
-    """Counts distinct running adapters once per EngineStats snapshot the engine thread publishes
-    (once per loop turn, or every few tens of ms where the engine rate-limits its snapshots): the
-    mean over snapshots taken while requests run estimates the mean over steps, unbiased as long
-    as snapshot times do not depend on the adapter mix."""
+    """Running and waiting requests, once per EngineStats snapshot the engine thread publishes (once
+    per loop turn, or every few tens of ms where the engine rate-limits its snapshots): the mean
+    running and the most waiting seen (a snapshot may miss a short peak)."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -99,7 +115,7 @@ class _StepSampler:
         self._thread = None
 
     def start(self) -> None:
-        self.samples, self._distinct, self._running, self.max_waiting = 0, 0, 0, 0
+        self.samples, self._running, self.max_waiting = 0, 0, 0
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="bench-step-sampler", daemon=True)
         self._thread.start()
@@ -112,17 +128,12 @@ class _StepSampler:
                 continue
             last = stats
             self.samples += 1
-            self._distinct += len(stats.running_adapters)
             self._running += stats.num_running
             self.max_waiting = max(self.max_waiting, stats.num_waiting)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-    @property
-    def mean_distinct(self):
-        return self._distinct / self.samples if self.samples else None
 
     @property
     def mean_running(self):

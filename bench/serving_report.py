@@ -4,10 +4,12 @@ Definitions (client side, the same for every target):
 - TTFT: from sending the request to the first response that carries a token.
 - TPOT: per request, (last token time - first token time) / (tokens after the first response).
 - ITL: every gap between two token-carrying responses of a stream, divided by the tokens of
-  the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks),
-  "warm" otherwise.
+  the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks) or,
+  in-process, a copy to the GPU; "warm" otherwise.
 - Output tok/s and req/s: over the measured window, first send to last final response; the
   steady_* figures stop at the last send, before the load drains (perf_analyzer's kind).
+- Queue wait, prefill, service (engine side, where the target reports it: inproc): arrival in the
+  engine to first step (preparing + waiting), first step to first token, first step to the end.
 """
 
 import json
@@ -29,6 +31,10 @@ class RequestRecord:
     tokens: int = 0
     error: Optional[str] = None
     token_times: list[tuple[float, int]] = field(default_factory=list)   # (time, tokens in that response)
+    arrival_t: Optional[float] = None    # engine side (RequestMetrics, time.time()): arrival in the engine
+    queue_s: Optional[float] = None      # arrival -> first step
+    prefill_s: Optional[float] = None    # first step -> first token
+    service_s: Optional[float] = None    # first step -> finished
 
     def on_tokens(self, now: float, count: int) -> None:
         if count <= 0:
@@ -56,6 +62,14 @@ def _dist(values: list[float]) -> dict:
     return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
             "max": max(values) if values else None, "mean": sum(values) / len(values) if values else None,
             "count": len(values)}
+
+
+def timing_dists(events: list[tuple[str, float]]) -> dict:
+    """(kind, seconds) events -> per kind: count, sum, mean, p50/p90/p99, max."""
+    by_kind: dict[str, list[float]] = {}
+    for kind, seconds in events:
+        by_kind.setdefault(kind, []).append(seconds)
+    return {kind: {**_dist(values), "sum": sum(values)} for kind, values in sorted(by_kind.items())}
 
 
 def _tpot(r: RequestRecord) -> float:
@@ -99,8 +113,28 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
         "steady_req_s": steady_done / steady_span if steady_span > 0 else None,
         "ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "itl_warm_s": _dist(warm), "itl_cold_s": _dist(cold),
         "itl_cold_over_warm": (_dist(cold)["mean"] / _dist(warm)["mean"]) if cold and warm else None,
+        "queue_wait_s": _dist([r.queue_s for r in done if r.queue_s is not None]),
+        "prefill_s": _dist([r.prefill_s for r in done if r.prefill_s is not None]),
+        "service_s": _dist([r.service_s for r in done if r.service_s is not None]),
         "distinct_adapters_requested": len({r.adapter for r in records if r.adapter}),
     }
+
+
+def wait_bound_check(records: list[RequestRecord], longest_load_s: float) -> Optional[dict]:
+    """docs/limits.md's bound on each request's queue wait: (k + 1) x (S + L), with k = the requests that
+    may have been ahead of it (arrived before it started, started after it arrived), S = the run's longest
+    first step -> end, L = its longest adapter load. None without engine-side times (Triton server target)."""
+    timed = [r for r in records if r.finished and r.arrival_t is not None]
+    if not timed:
+        return None
+    span = max(r.service_s for r in timed) + longest_load_s
+    spans = [(r.arrival_t, r.arrival_t + r.queue_s) for r in timed]
+    ratios = []
+    for i, (arrived, started) in enumerate(spans):
+        ahead = sum(1 for j, (a, s) in enumerate(spans) if j != i and a < started and s > arrived)
+        ratios.append((started - arrived) / ((ahead + 1) * span))
+    return {"checked": len(timed), "longest_request_s": span - longest_load_s, "longest_load_s": longest_load_s,
+            "violations": sum(1 for x in ratios if x > 1), "worst_wait_over_bound": max(ratios)}
 
 
 def decode_rate(records: list[RequestRecord]) -> Optional[float]:
@@ -138,11 +172,17 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 1e3:.1f}"
 
 
+def queue_wait(run: dict) -> dict:
+    """The run's queue waits: per request where the target reports them (inproc), else the server's histogram."""
+    mine = run["summary"].get("queue_wait_s") or {}
+    return mine if mine.get("count") else run.get("engine", {}).get("queue_wait_s") or {}
+
+
 def table(runs: list[dict]) -> str:
     """One line per run: what a reader checks first."""
     head = (f"{'run':28} {'target':8} {'N':>5} {'done/req':>10} {'err':>4} {'out tok/s':>10} {'req/s':>7} "
-            f"{'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>7} {'loads':>6} {'evict':>6} {'dist/step':>9} "
-            f"{'peak GiB':>8}")
+            f"{'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>7} {'wait p99':>8} {'loads':>6} {'evict':>6} "
+            f"{'dist/step':>9} {'peak GiB':>8}")
     lines = [head, "-" * len(head)]
     for run in runs:
         s, e = run["summary"], run.get("engine", {})
@@ -152,11 +192,11 @@ def table(runs: list[dict]) -> str:
             f"{run['label'][:28]:28} {run['target']:8} {run['workload']['num_adapters']:5d} "
             f"{s['finished']:>4}/{s['requests']:<5} {s['errors']:4d} {s['output_tok_s']:10.1f} {s['req_s']:7.2f} "
             f"{_ms(s['ttft_s']['p50']):>9} {_ms(s['ttft_s']['p99']):>8} {_ms(s['tpot_s']['p50']):>9} "
-            f"{_ms(s['tpot_s']['p99']):>7} {str(e.get('adapter_loads', '-')):>6} "
+            f"{_ms(s['tpot_s']['p99']):>7} {_ms(queue_wait(run).get('p99')):>8} {str(e.get('adapter_loads', '-')):>6} "
             f"{str(e.get('adapter_evictions', '-')):>6} {('-' if dist is None else f'{dist:.1f}'):>9} "
             f"{('-' if mem is None else f'{mem:.1f}'):>8}")
-    lines.append("(TTFT, TPOT in ms; N = adapters in the workload; dist/step = mean distinct adapters "
-                 "per engine step; peak GiB = device memory in use, all processes)")
+    lines.append("(TTFT, TPOT, wait in ms; wait = arrival in the engine to first step; N = adapters in the workload; "
+                 "dist/step = mean distinct adapters per engine step; peak GiB = device memory in use, all processes)")
     return "\n".join(lines)
 
 

@@ -9,11 +9,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_report import load_runs, plot, table   # noqa: E402
+from serving_report import load_runs, plot, queue_wait, table   # noqa: E402
 
 
 def _ms(v) -> str:
-    return "-" if v is None else f"{v * 1e3:.0f} ms"
+    if v is None:
+        return "-"
+    return f"{v:.2f} s" if v >= 1 else f"{v * 1e3:.1f} ms" if v >= 1e-3 else f"{v * 1e6:.0f} us"
+
+
+def adapter_line(run: dict) -> str:
+    """Loads, uploads and evictions: how many, and their mean / p99 time."""
+    e, parts = run.get("engine", {}), []
+    for kind, label in (("load", "loads"), ("upload", "uploads"), ("gpu_eviction", "GPU evictions"),
+                        ("host_eviction", "host evictions")):
+        t = e.get("adapter_timings_s", {}).get(kind) or {}
+        parts.append(f"{label} {t.get('count', 0)} (mean {_ms(t.get('mean'))}, p99 {_ms(t.get('p99'))})")
+    prefetches = e.get("adapter_prefetches")
+    return "; ".join(parts) + ("" if prefetches is None else f"; {prefetches} of the uploads prefetched")
 
 
 def checks(runs: list[dict]) -> list[str]:
@@ -54,23 +67,29 @@ def checks(runs: list[dict]) -> list[str]:
                          f"the bound {bound['decode_tok_s']:.0f}: {bound['rows']} rows decoding together over "
                          f"{bound['distinct_adapters']} distinct adapters at ({bound['prompt_len']} + "
                          f"{bound['output_len']}) tokens (target >= 0.9x)")
-        if inproc and inproc["workload"]["num_adapters"]:
-            e = inproc["engine"]
-            if e.get("mean_distinct_adapters_per_step") is not None:
-                lines.append(f"[{prefix} N={n}] mean distinct adapters per step {e['mean_distinct_adapters_per_step']:.1f}"
-                             f" (bound: {inproc['engine_args'].get('max_num_seqs')} rows / the mixed decode step at that count, "
-                             "bench/decode_step.py); loads "
-                             f"{e.get('adapter_loads')}, evictions {e.get('adapter_evictions')}, load time "
-                             f"{e.get('adapter_load_seconds_sum', 0):.1f} s in all")
+        for r in group.values():
+            if not r["workload"]["num_adapters"] or r["target"] not in ("inproc", "triton"):
+                continue
+            e = r["engine"]
+            dist = e.get("mean_distinct_adapters_per_step")
+            lines.append(f"[{prefix} N={n} {r['target']}] mean distinct adapters per step "
+                         f"{'-' if dist is None else f'{dist:.1f}'} over {e.get('engine_steps')} steps; "
+                         + adapter_line(r))
         for r in group.values():
             if r["workload"]["rate"] is None:
                 continue
             s, m = r["summary"], r.get("memory", {})
-            cold = s["itl_cold_over_warm"]
+            cold, wait, bound = s["itl_cold_over_warm"], queue_wait(r), s.get("wait_bound")
+            verdict = ("not checked: no per-request engine times" if bound is None else
+                       f"{bound['violations']} of {bound['checked']} requests over it, worst "
+                       f"{bound['worst_wait_over_bound']:.2f}x it (target: none over), S "
+                       f"{_ms(bound['longest_request_s'])}, L {_ms(bound['longest_load_s'])}")
             lines.append(f"[{prefix} N={n} {r['target']} Poisson {r['workload']['rate']:.2f} req/s] finished "
                          f"{s['finished']}/{s['requests']}; TTFT p99 {_ms(s['ttft_s']['p99'])}, max "
-                         f"{_ms(s['ttft_s']['max'])} (= the longest queue wait + its prefill); most waiting "
-                         f"{r['engine'].get('max_waiting')}; ITL while adapters load / warm = "
+                         f"{_ms(s['ttft_s']['max'])}; queue wait p50 {_ms(wait.get('p50'))}, p99 {_ms(wait.get('p99'))}, "
+                         f"max {_ms(wait.get('max'))}; the design's bound per request, (k ahead + 1) x (S + L) "
+                         f"(docs/limits.md): {verdict}; preemptions {r['engine'].get('preemptions', '-')}; "
+                         "ITL while adapters load / warm = "
                          f"{'-' if cold is None else f'{cold:.2f}x'} (target <= 1.2x; "
                          f"{s['itl_cold_s']['count']} cold gaps); GPU memory at warm-up {m.get('warmup_start_gib')}, "
                          f"run start {m.get('first_gib')}, end {m.get('last_gib')} GiB, peak {m.get('peak_gib')} "

@@ -25,6 +25,10 @@ from serving_workload import BenchRequest, adapter_name
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "multilora"
+# Keepalive pings every 10 s, answered within 10 s, or the stream breaks: a dead or frozen server ends the
+# run's open requests with an error instead of hanging it (docs/serving.md, "When the server dies").
+KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
+             ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]
 
 
 def free_ports(n: int) -> list[int]:
@@ -128,10 +132,12 @@ class StreamClient:
         import grpc
         from tritonclient.grpc import service_pb2_grpc
 
-        self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", 2**30)])
+        self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", 2**30),
+                                                                *KEEPALIVE])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._pending: dict[str, tuple[RequestRecord, asyncio.Future]] = {}
+        self._ended: Optional[str] = None      # why the stream ended; nothing sent after that is answered
         self.stream_errors = 0
         self._call = self._stub.ModelStreamInfer(self._requests())
         self._reader = asyncio.ensure_future(self._read())
@@ -147,11 +153,13 @@ class StreamClient:
         try:
             async for response in self._call:
                 self._on_response(response, time.monotonic())
-        except Exception as error:      # the stream broke: every open request ends with it
-            for record, future in self._pending.values():
-                record.error = record.error or f"stream: {error}"
-                if not future.done():
-                    future.set_result(None)
+            self._ended = "the server ended the stream"
+        except Exception as error:      # the stream broke (server gone, connection reset, ping unanswered)
+            self._ended = str(error)
+        for record, future in self._pending.values():   # every open request ends with the stream
+            record.error = record.error or f"stream: {self._ended}"
+            if not future.done():
+                future.set_result(None)
 
     def _on_response(self, response, now: float) -> None:
         infer = response.infer_response
@@ -173,6 +181,9 @@ class StreamClient:
             future.set_result(None)
 
     async def run(self, req: BenchRequest, record: RequestRecord) -> None:
+        if self._ended is not None:
+            record.error = f"stream: {self._ended}"
+            return
         request_id = f"r{req.index}"
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (record, future)

@@ -46,9 +46,17 @@ from multilora_kernels._launch import INTERPRET_ENV  # noqa: F401  (tests and be
 # Shrink splits its reduction over H_in until roughly this many programs are in flight:
 # decode batches have only a few tiles, and one program per tile would idle an H200.
 _SHRINK_TARGET_PROGRAMS = 512
-_SHRINK_BLOCK_K = 64
+# Elements of one shrink operand tile (x: BLOCK_M x BLOCK_K, A: BLOCK_K x BLOCK_N): 16 KB in bf16
+# per load keeps enough bytes in flight to stream A at HBM speed. With the old fixed BLOCK_K 64, a
+# rank-16 A tile was 2 KB and the shrink ran at a third of its byte floor on the H200.
+_SHRINK_TILE_ELEMENTS = 8192
+_MAX_SHRINK_BLOCK_K = 512
 _EXPAND_BLOCK_N = 128
 _MAX_BLOCK_R = 64
+# Output columns one expand program covers (decode / larger batches): it sums the shrink's split-K
+# planes once and reuses them for all its column blocks. One column block per program re-read the
+# planes for every 64 columns: 26 us per gate_up expand at 32 adapters on the H200, ~10x its bytes.
+_EXPAND_COLUMNS = (1024, 512)
 
 
 @dataclass(frozen=True)
@@ -190,44 +198,46 @@ def _lora_shrink_kernel(
 def _lora_expand_kernel(
     buf_ptr, b_ptr, y_ptr, scales_ptr, slice_starts_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
-    R, P,
+    R, P, COL_BLOCKS,
     stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # grid: (tile, column block within a slice, slice); narrower slices' surplus blocks exit.
+    # grid: (tile, group of COL_BLOCKS column blocks within a slice, slice); narrower slices'
+    # surplus groups exit. BLOCK_R >= R: the whole rank in one tile.
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
     if slot < 0:
         return
     part = tl.program_id(2)
     col_end = tl.load(slice_starts_ptr + part + 1)
-    col = tl.load(slice_starts_ptr + part) + tl.program_id(1) * BLOCK_N
-    if col >= col_end:
+    col_begin = tl.load(slice_starts_ptr + part) + tl.program_id(1) * COL_BLOCKS * BLOCK_N
+    if col_begin >= col_end:
         return
     tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
-    offs_n = col + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < col_end
-    buf_rows = buf_ptr + tokens[:, None] * stride_bt + (part * R).to(tl.int64) * stride_br
-    b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
-    for r in range(0, R, BLOCK_R):
-        offs_r = r + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        h_mask = m_mask[:, None] & r_mask[None, :]
-        h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-        for p in range(0, P):  # the shrink's split-K partial sums
-            h += tl.load(buf_rows + p * stride_bp + offs_r[None, :] * stride_br, mask=h_mask, other=0.0)
-        # int64: in the slot layout B's rank stride spans every layer's rank row.
-        b = tl.load(b_cols + offs_r[:, None].to(tl.int64) * stride_bk, mask=r_mask[:, None] & n_mask[None, :],
-                    other=0.0)
-        # Half-precision B: feed the tensor cores in B's dtype (PEFT rounds this
-        # intermediate to the model dtype too); fp32 B: keep full fp32.
-        acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
-    acc = acc * tl.load(scales_ptr + slot * stride_ss + part * stride_si)
-    y = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    old = tl.load(y, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    # The shrink's split-K partial sums, added once for every column this program writes.
+    buf_rows = buf_ptr + tokens[:, None] * stride_bt + ((part * R).to(tl.int64) + offs_r[None, :]) * stride_br
+    h_mask = m_mask[:, None] & r_mask[None, :]
+    h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
+    for p in range(0, P):
+        h += tl.load(buf_rows + p * stride_bp, mask=h_mask, other=0.0)
+    # Half-precision B: feed the tensor cores in B's dtype (PEFT rounds this
+    # intermediate to the model dtype too); fp32 B: keep full fp32.
+    h = h.to(b_ptr.dtype.element_ty)
+    scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
+    # int64: in the slot layout B's rank stride spans every layer's rank row.
+    b_rows = b_ptr + slot * stride_bs + offs_r[:, None].to(tl.int64) * stride_bk
+    y_rows = y_ptr + tokens[:, None] * stride_yt
+    for c in range(0, COL_BLOCKS):
+        offs_n = col_begin + c * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < col_end
+        b = tl.load(b_rows + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(h, b, input_precision=PRECISION) * scale
+        y = y_rows + offs_n[None, :] * stride_yn
+        mask = m_mask[:, None] & n_mask[None, :]
+        old = tl.load(y, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -237,10 +247,23 @@ def _pow2_block(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
 
-def _shrink_split_k(max_tiles: int, k: int) -> int:
-    k_blocks = triton.cdiv(k, _SHRINK_BLOCK_K)
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_n: int        # stacked ranks per program
+    block_k: int        # H_in per loop step
+    k_per_split: int    # H_in per split (a multiple of block_k)
+    planes: int         # splits: the planes of partial sums the expand adds
+
+
+def shrink_config(block_m: int, max_tiles: int, k: int, stacked_rank: int, split_k: int | None = None) -> ShrinkConfig:
+    """The shrink's tiling for a step of `max_tiles` tiles of `block_m` tokens, H_in = k."""
+    block_n = _pow2_block(stacked_rank, _MAX_BLOCK_R)
+    block_k = max(32, min(_MAX_SHRINK_BLOCK_K, _SHRINK_TILE_ELEMENTS // max(block_m, block_n)))
+    k_blocks = triton.cdiv(k, block_k)
     # Keep >= 2 K blocks per split: each split adds a plane the expand reads back.
-    return max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2))
+    split_k = split_k or max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return ShrinkConfig(block_n, block_k, k_per_split, triton.cdiv(k, k_per_split))
 
 
 def _shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, split_k: int | None = None) -> torch.Tensor:
@@ -249,19 +272,16 @@ def _shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, split_
     rank = lora_a.shape[1] * lora_a.shape[2]
     if num_tokens == 0 or rank == 0 or k == 0:
         return torch.zeros(1, num_tokens, rank, dtype=torch.float32, device=x.device)
-    split_k = split_k or _shrink_split_k(meta.max_tiles, k)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), _SHRINK_BLOCK_K) * _SHRINK_BLOCK_K
-    split_k = triton.cdiv(k, k_per_split)
+    cfg = shrink_config(meta.block_m, meta.max_tiles, k, rank, split_k)
     # Not zero-filled: the expand reads only rows of adapter tokens, which every split writes.
-    out = torch.empty(split_k, num_tokens, rank, dtype=torch.float32, device=x.device)
-    block_n = _pow2_block(rank, _MAX_BLOCK_R)
+    out = torch.empty(cfg.planes, num_tokens, rank, dtype=torch.float32, device=x.device)
     _launch.launch(
-        _lora_shrink_kernel, (meta.max_tiles, triton.cdiv(rank, block_n), split_k), x.device,
+        _lora_shrink_kernel, (meta.max_tiles, triton.cdiv(rank, cfg.block_n), cfg.planes), x.device,
         x, lora_a, out,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        k, rank, lora_a.shape[2], k_per_split,
+        k, rank, lora_a.shape[2], cfg.k_per_split,
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_K=_SHRINK_BLOCK_K, PRECISION=_launch.precision(x.dtype),
+        BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=_launch.precision(x.dtype),
     )
     return out
 
@@ -275,29 +295,43 @@ def _slice_starts(slices: tuple[int, ...], device: torch.device) -> torch.Tensor
     return torch.tensor(starts, dtype=torch.int32, device=device)
 
 
+@dataclass(frozen=True)
+class ExpandConfig:
+    block_n: int        # columns per block
+    block_r: int        # the whole rank, padded to a power of two (>= 16 for tl.dot)
+    col_blocks: int     # column blocks per program
+    num_warps: int
+
+
+def expand_config(block_m: int, rank: int, slices: tuple[int, ...]) -> ExpandConfig:
+    """The expand's tiling for tiles of `block_m` tokens (16 at decode), rank R, output `slices`."""
+    decode = block_m <= 16
+    block_n = _EXPAND_BLOCK_N // 2 if decode else _EXPAND_BLOCK_N
+    columns = _EXPAND_COLUMNS[0] if decode else _EXPAND_COLUMNS[1]
+    col_blocks = max(1, min(triton.cdiv(max(slices), block_n), columns // block_n))
+    # A 64 x 128 fp32 tile plus its y tile over 4 warps needs > 255 registers: an sm_90 compile
+    # spills 72-176 bytes per thread to local memory (rank 16/64, bf16); 8 warps fit (~245, no spill).
+    num_warps = 8 if block_m * block_n >= 64 * 128 else 4
+    return ExpandConfig(block_n, max(16, triton.next_power_of_2(rank)), col_blocks, num_warps)
+
+
 def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
                    meta: LoRAMeta, slices: tuple[int, ...]) -> None:
     num_tokens = y.shape[0]
     rank = lora_b.shape[2]
     if num_tokens == 0 or rank == 0 or y.shape[1] == 0:
         return
-    block_n = _EXPAND_BLOCK_N if num_tokens > 128 else _EXPAND_BLOCK_N // 2
-    grid = (meta.max_tiles, triton.cdiv(max(slices), block_n), len(slices))
+    cfg = expand_config(meta.block_m, rank, slices)
+    grid = (meta.max_tiles, triton.cdiv(max(slices), cfg.block_n * cfg.col_blocks), len(slices))
     _launch.launch(
         _lora_expand_kernel, grid, y.device,
         buf, lora_b, y, scales, _slice_starts(slices, y.device),
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        rank, buf.shape[0],
+        rank, buf.shape[0], cfg.col_blocks,
         *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=_pow2_block(rank, _MAX_BLOCK_R),
-        PRECISION=_launch.precision(lora_b.dtype), num_warps=_expand_num_warps(meta.block_m, block_n),
+        BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+        PRECISION=_launch.precision(lora_b.dtype), num_warps=cfg.num_warps,
     )
-
-
-def _expand_num_warps(block_m: int, block_n: int) -> int:
-    # A 64 x 128 fp32 tile plus its y tile over 4 warps needs > 255 registers: an sm_90 compile
-    # spills 72-176 bytes per thread to local memory (rank 16/64, bf16); 8 warps fit (~245, no spill).
-    return 8 if block_m * block_n >= 64 * 128 else 4
 
 
 def _stacked(lora_a: torch.Tensor) -> torch.Tensor:

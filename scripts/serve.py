@@ -40,6 +40,11 @@ ADMIN_HEADER = "multilora-admin-key"
 ADMIN_KEY_ENV = "MULTILORA_ADMIN_KEY"
 # Every admin-like API: loading models, registering shared memory, changing the log, tracing to files.
 RESTRICTED_APIS = "shared-memory,logging,model-repository,trace"
+# Clients may send gRPC keepalive pings, idle or not, as often as once a second: pings are how a client
+# notices a server that died without closing its connections (docs/serving.md). Triton server's defaults
+# count a ping within 5 minutes of the last one as a strike and close the connection (GOAWAY
+# "too_many_pings") after two strikes.
+GRPC_CLIENT_PINGS = ["--grpc-keepalive-permit-without-calls=1", "--grpc-http2-min-recv-ping-interval-without-data=1000"]
 DEMO_MODEL = os.path.join(REPO, "models", "demo-llama")
 DEMO_ADAPTERS = os.path.join(REPO, "models", "demo-adapters")
 
@@ -241,7 +246,7 @@ def server_command(binary: str, args, repo: str, backends: str | None, key: str)
     cmd = [binary, f"--model-repository={repo}", "--model-control-mode=none", "--strict-readiness=true",
            f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
            f"--metrics-address={args.host}", f"--metrics-port={args.metrics_port}",
-           f"--grpc-restricted-protocol={restricted}",
+           f"--grpc-restricted-protocol={restricted}", *GRPC_CLIENT_PINGS,
            f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
            f"--exit-timeout-secs={max(1, int(args.shutdown_timeout))}", f"--log-verbose={args.log_verbose}"]
     if args.grpc_only:

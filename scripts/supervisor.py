@@ -42,7 +42,7 @@ POLL_S = 0.5
 RESTART_WINDOW_S = 600.0
 EXIT_GRACE_S = 3.0      # after every request is answered: time for tritonserver to exit by itself
 ANSWER_GRACE_S = 5.0    # after the engine thread died: time for the model to send the answers it ended
-STUB_EXIT_WAIT_S = 5.0  # after a kill: how long to wait for the stub to be gone
+STUB_EXIT_WAIT_S = 5.0  # after a kill: how long to wait for the server's process group to be gone
 
 
 def log(message: str):
@@ -171,8 +171,8 @@ class Supervisor:
                 if health.unanswered == 0 or time.monotonic() - engine_dead_at > ANSWER_GRACE_S:
                     return f"the engine thread died ({health.engine_failure})"
             if age > self.config.health_timeout:
-                return (f"the model has not reported its health for {age:.0f} s (a hung Python backend stub); "
-                        f"--health-timeout is {self.config.health_timeout:.0f} s")
+                return (f"the model has not reported its health for {age:.0f} s (a hung Python backend stub, or a "
+                        f"hung tritonserver it waits on); --health-timeout is {self.config.health_timeout:.0f} s")
             time.sleep(POLL_S)
         return None
 
@@ -210,16 +210,22 @@ class Supervisor:
         return 0 if answered else 1
 
     def _kill(self, proc: subprocess.Popen):
-        """Kills the server's process group (tritonserver and its stubs), then removes their shared memory."""
-        stub_pids = _children(proc.pid)
+        """Kills the server's process group (tritonserver and its stubs), then removes their shared memory.
+
+        The whole group, not tritonserver's children: after a crash (SIGSEGV) the
+        stub is already an orphan whose parent is no longer tritonserver. The next
+        server starts only once the old stub is gone, so two never hold the GPU.
+        """
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
         deadline = time.monotonic() + STUB_EXIT_WAIT_S
-        while any(process_alive(pid) for pid in stub_pids) and time.monotonic() < deadline:
+        while (left := group_members(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
+        if left:
+            log(f"processes {left} of tritonserver's process group outlived SIGKILL by {STUB_EXIT_WAIT_S:.0f} s")
         for path in glob.glob(f"/dev/shm/{glob.escape(self.config.shm_prefix)}*"):
             try:
                 os.remove(path)
@@ -227,16 +233,16 @@ class Supervisor:
                 log(f"could not remove shared memory {path}: {e}")
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid` (Linux /proc; empty elsewhere)."""
     found = []
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat) as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
+                state, _ppid, pgrp = f.read().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
             continue
-        if int(fields[1]) == pid:
+        if int(pgrp) == pgid and state not in ("Z", "X"):
             found.append(int(stat.split("/")[2]))
     return found
 

@@ -15,5 +15,11 @@ def test_bench_smoke_writes_its_report(tmp_path, monkeypatch):
     assert bench.main(["--device", "cpu", "--batch", "6", "--vocab", "300", "--warmup", "0", "--iters", "1"]) == 0
     report = json.loads((tmp_path / "sampler.json").read_text())
     sampler = report["sampler"]
-    assert sampler["seeded_rows"] == 3 and sampler["seeded_rows_as_per_row_sampler"] == 3
-    assert all(sampler[mode]["gpu_ms"] > 0 for mode in ("greedy", "sampled")) and sampler["implied_step_ratio"] > 0
+    for name in ("previous", "current"):
+        assert all(sampler[name][mode]["gpu_ms"] > 0 for mode in ("greedy", "sampled", "top_p_only"))
+        assert sampler["implied_step_ratio"][name] > 0
+    for mode in ("sampled", "top_p_only"):
+        check = sampler["checks"][mode]
+        assert check["seeded_rows"] == 3
+        assert check["previous_as_per_row"] == check["current_as_per_row"] == check["current_as_previous"] == 3
+    assert "sampled_unseeded" not in sampler["checks"]

@@ -232,12 +232,14 @@ def test_one_ranking_sized_by_the_widest_top_k():
     mixed = packed(SampleRow(SamplingParams(top_k=40), 1), SampleRow(GREEDY, None, (1,)),
                    SampleRow(SamplingParams(top_k=3, top_p=0.5), None))
     assert (mixed.window, mixed.use_top_k, mixed.use_top_p, mixed.seeds) == (40 + 256, True, True, ((0, 1),))
-    assert packed(SampleRow(SamplingParams(top_k=40), 1)).window == 40              # top-k alone: its k-th logit
+    top_k_alone = packed(SampleRow(SamplingParams(top_k=40), 1))                  # sampled in the window: its ties
+    assert (top_k_alone.window, top_k_alone.in_window, mixed.in_window) == (40 + 256, True, True)
+    assert top_k_alone.kth_index.tolist() == [[39]] and mixed.kth_index.tolist() == [[39], [2]]
     assert mixed.random_rows.tolist() == [0, 2] and mixed.top_k.tolist() == [40, 3]
     assert mixed.banned.tolist() == [[1], [1]]
     assert packed(SampleRow(SamplingParams(top_k=2000), 1)).window == 3000      # past the window limit: a sort
     top_p_alone = packed(SampleRow(SamplingParams(top_p=0.9), None), SampleRow(SamplingParams(top_k=5), None))
-    assert (top_p_alone.window, top_p_alone.top_p_sorts_rows) == (5, True)     # top-p alone sorts whole rows
+    assert (top_p_alone.window, top_p_alone.top_p_sorts_rows, top_p_alone.in_window) == (5, True, False)  # sorts rows
     assert top_p_alone.random_rows is None and not mixed.top_p_sorts_rows
 
 

@@ -31,9 +31,24 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """A request's times (time.time()): arrival is when the engine took it, before its adapter loaded."""
+
     arrival_time: float
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    first_scheduled_time: Optional[float] = None     # first admitted to a step; None if it never was
+
+    @property
+    def time_in_queue(self) -> Optional[float]:
+        """Arrival to first scheduled: preparing (tokenizing, loading the adapter) and waiting."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_in_prefill(self) -> Optional[float]:
+        """First scheduled to first token: the prompt's prefill chunks."""
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
 
 
 @dataclass

@@ -3,18 +3,24 @@
 The whole batch is sampled by a fixed number of tensor operations, whatever its
 size: temperature, top-k and top-p are per-row tensors, and a draw is
 argmax(probs / Exp(1) noise), which is exactly how torch.multinomial draws one
-sample. Only a seeded row's noise comes from its own generator, so a seeded
-row's token depends on its own logits row and step seed alone, and is the token
-the former one-row-at-a-time sampler drew (tests/helpers/per_row_sampler.py).
+sample. Only a seeded row's noise comes from its own generator (one launch per
+seeded row), so a seeded row's token depends on its own logits row and step seed
+alone, and is the token the former one-row-at-a-time sampler drew
+(tests/helpers/per_row_sampler.py). The noise needs no logits: on a GPU it is
+drawn on a side stream, under the forward that makes them.
 
-Ranking costs one `torch.topk` of the batch's widest top_k (plus a margin for
-ties when top-p cuts inside it); only top-p without top-k sorts whole rows.
-Nothing here waits for the device: the result stays on it, and a row that
-cannot be sampled (logits not finite, every token banned) gets FAILED (-1)
-instead of failing the batch.
+Ranking is one `torch.topk` of the logits in their own dtype, as wide as the
+batch's widest top_k plus a margin for ties. When every random row has a top_k
+(the common case), only that window is scaled and cut, and the softmax input is
+rebuilt from it (the full-row path's input, bit for bit); top-p then cuts inside
+the window. A batch with a row without top-k scales whole rows; only top-p
+without top-k sorts them. Either way one softmax and one draw read whole rows.
+Nothing here waits for the device: the result stays on it, and a row that cannot
+be sampled (logits not finite, every token banned) gets FAILED (-1) instead of
+failing the batch.
 """
 
-import functools
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,9 +33,9 @@ FAILED = -1                                # the token id of a row that could no
 _MASK64 = (1 << 64) - 1
 _F32 = np.finfo(np.float32)
 _WINDOW_LIMIT = 1024                       # a larger top_k ranks the whole vocabulary (one sort)
-# Top-p over top-k ranks this many logits past the widest top_k: ids tied with a row's
-# k-th logit all stay in its top-k set, and bf16 logits tie often. Ties past the margin
-# (a near-constant row) are kept whatever top-p says: the one case that differs from a sort.
+# The window ranks this many logits past the widest top_k, so that the ids tied with a row's
+# k-th value (bf16 logits tie often) lie in it. Ties past the margin (a near-constant row)
+# are kept whatever top-p says: the one case that differs from a sort.
 _TIE_MARGIN = 256
 
 
@@ -59,11 +65,13 @@ class SamplingTensors:
     num_rows: int
     random_rows: Optional[torch.Tensor]    # int64 [M]
     top_k: torch.Tensor                    # int64 [M]; 0 = no top-k
+    kth_index: torch.Tensor                # int64 [M, 1]: max(top_k - 1, 0), the k-th value's place in the ranking
     scale: torch.Tensor                    # float32 [M]: temperature (CPU) or its reciprocal (CUDA), see _scale
     top_p: torch.Tensor                    # float32 [M]; inf = no top-p
     banned: Optional[torch.Tensor]         # int64 [2, P]: (batch row, token id) pairs that can never be picked
     seeds: tuple[tuple[int, int], ...]     # (random row, step seed) of the seeded rows
     window: int                            # logits ranked per random row (one topk): 0 = none, vocab size = a sort
+    in_window: bool                        # every random row has a top_k within the limit: only the window is cut
     use_top_k: bool
     use_top_p: bool
     top_p_sorts_rows: bool                 # top-p ranks whole rows of probabilities (some row has no top-k)
@@ -76,62 +84,60 @@ class SamplingTensors:
     def build(cls, rows: list[SampleRow], vocab_size: int, device: torch.device) -> "SamplingTensors":
         """Packs the rows into two host tensors and copies them without waiting (pageable
         host memory is staged at once, so the copy never blocks on the device)."""
-        random, top_k, scale, top_p, seeds = [], [], [], [], []
+        random, top_k, temperature, top_p, seeds = [], [], [], [], []
         for i, row in enumerate(rows):
             params = row.params
-            if params.greedy or params.temperature < _F32.tiny:
-                continue    # a temperature that underflows float32 would divide by zero: greedy is its limit
+            if params.greedy:
+                continue    # greedy includes temperatures that underflow float32 (they would divide by zero)
             if row.step_seed is not None:
                 seeds.append((len(random), row.step_seed))
             random.append(i)
             top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
-            scale.append(_scale(params.temperature, device.type))
+            temperature.append(params.temperature)
             top_p.append(params.top_p if params.top_p < 1.0 else float("inf"))
         banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
         assert all(0 <= t < vocab_size for _, t in banned), f"banned id outside vocab of {vocab_size}"
         all_random = len(random) == len(rows)
-        ints = torch.tensor(top_k + ([] if all_random else random) + [i for i, _ in banned] + [t for _, t in banned],
-                            dtype=torch.long).to(device, non_blocking=True)
-        floats = torch.tensor(scale + top_p, dtype=torch.float32).to(device, non_blocking=True)
+        kth_index = [max(k - 1, 0) for k in top_k]
+        # numpy turns lists into arrays about twice as fast as torch.tensor does
+        ints = torch.from_numpy(np.array(top_k + kth_index + ([] if all_random else random)
+                                         + [i for i, _ in banned] + [t for _, t in banned], dtype=np.int64))
+        floats = torch.from_numpy(np.concatenate((_scales(temperature, device.type), np.array(top_p, np.float32))))
+        ints, floats = ints.to(device, non_blocking=True), floats.to(device, non_blocking=True)
         m = len(random)
-        return cls(num_rows=len(rows), random_rows=None if all_random else ints[m:2 * m],
-                   top_k=ints[:m], scale=floats[:m], top_p=floats[m:],
-                   banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None,
-                   seeds=tuple(seeds), window=_window(top_k, top_p, vocab_size),
-                   use_top_k=any(top_k), use_top_p=any(p != float("inf") for p in top_p),
-                   top_p_sorts_rows=_top_p_sorts_rows(top_k, top_p))
+        in_window = bool(top_k) and all(0 < k <= _WINDOW_LIMIT for k in top_k)
+        use_top_p = any(p != float("inf") for p in top_p)
+        # top-p of a row without top-k (or past the window limit) ranks whole rows
+        sorts_rows = any(p != float("inf") and (k == 0 or k > _WINDOW_LIMIT) for k, p in zip(top_k, top_p))
+        return cls(num_rows=len(rows), random_rows=None if all_random else ints[2 * m:3 * m],
+                   top_k=ints[:m], kth_index=ints[m:2 * m].view(m, 1), scale=floats[:m], top_p=floats[m:],
+                   banned=ints[len(ints) - 2 * len(banned):].view(2, -1) if banned else None, seeds=tuple(seeds),
+                   window=_window(top_k, in_window or (use_top_p and not sorts_rows), vocab_size),
+                   in_window=in_window, use_top_k=any(top_k), use_top_p=use_top_p, top_p_sorts_rows=sorts_rows)
 
 
-@functools.lru_cache(maxsize=1024)        # a step's rows share a few temperatures: skip numpy per row
-def _scale(temperature: float, device_type: str) -> float:
-    """The float32 that reproduces the per-row sampler's `x / temperature` bit for bit.
+def _scales(temperatures: list[float], device_type: str) -> np.ndarray:
+    """The float32 values that reproduce the per-row sampler's `x / temperature` bit for bit.
 
     torch divides a CUDA tensor by a Python number as x * (1 / float32(t)) (its
     reciprocal in float32), and a CPU tensor by true division; the sampler
-    multiplies on CUDA and divides on the CPU by this value. A temperature past
+    multiplies on CUDA and divides on the CPU by these values. A temperature past
     float32's range is clamped there, where it is already as flat as float32 gets.
     """
-    t = np.float32(min(temperature, float(_F32.max)))
-    return float(np.float32(1.0) / t) if device_type == "cuda" else float(t)
+    t = np.minimum(np.array(temperatures, dtype=np.float64), float(_F32.max)).astype(np.float32)
+    return np.float32(1.0) / t if device_type == "cuda" else t
 
 
-def _top_p_sorts_rows(top_k: list[int], top_p: list[float]) -> bool:
-    """Whether some row's top-p set can only be found by sorting its whole row."""
-    return any(p != float("inf") and (k == 0 or k > _WINDOW_LIMIT) for k, p in zip(top_k, top_p))
-
-
-def _window(top_k: list[int], top_p: list[float], vocab_size: int) -> int:
+def _window(top_k: list[int], with_ties: bool, vocab_size: int) -> int:
     """How many logits of each random row one topk ranks (0: none; vocab_size: a sort instead).
 
-    Enough for the widest top_k's k-th logit and, when top-p cuts inside the top-k sets,
-    for those sets and their ties.
+    Enough for the widest top_k's k-th logit and, `with_ties` (the window holds the rows'
+    kept sets: sampled in the window, or cut there by top-p), for those sets and their ties.
     """
     widest = max(top_k, default=0)
     if widest > _WINDOW_LIMIT:
         return vocab_size
-    if any(p != float("inf") for p in top_p) and not _top_p_sorts_rows(top_k, top_p):
-        widest += _TIE_MARGIN
-    return min(widest, vocab_size)
+    return min(widest + _TIE_MARGIN if with_ties else widest, vocab_size)
 
 
 class Sampler:
@@ -139,6 +145,7 @@ class Sampler:
 
     def __init__(self):
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """logits [N, V] (any float dtype, any device) -> token ids, int64 [N] on the same device,
@@ -149,6 +156,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """As __call__, with the rows already packed (so a caller can build them ahead of the step)."""
         assert logits.dim() == 2 and logits.shape[0] == params.num_rows, (tuple(logits.shape), params.num_rows)
+        if params.num_random:      # first: it needs no logits
+            noise, drawn = self._noise(params, logits.shape[1], logits.device)
         low, high = torch.aminmax(logits, dim=-1)
         valid = low.isfinite() & high.isfinite()
         if params.banned is not None:
@@ -160,36 +169,104 @@ class Sampler:
         valid &= best > float("-inf")      # finite logits, yet every token banned
         if params.num_random:
             rows = params.random_rows
-            picked = self._draw(logits if rows is None else logits.index_select(0, rows),
-                                best if rows is None else best.index_select(0, rows), params)
+            probs = _probabilities(logits if rows is None else logits.index_select(0, rows),
+                                   best if rows is None else best.index_select(0, rows), params)
+            picked = probs.div_(_ready(noise, drawn)).argmax(dim=-1)
             token_ids = picked if rows is None else token_ids.index_copy(0, rows, picked)
         return torch.where(valid, token_ids, FAILED)
 
-    def _draw(self, logits: torch.Tensor, best: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        """One id per random row: temperature, then top-k, then top-p, in float32, then the draw."""
-        x = logits - best.float()[:, None]      # float32; subtracting the max first: a tiny temperature cannot overflow
-        x = x.mul_(params.scale[:, None]) if x.device.type == "cuda" else x.div_(params.scale[:, None])
-        vocab = x.shape[1]
-        ranked = None
-        if params.window:
-            ranked = x.topk(params.window) if params.window < vocab else x.sort(dim=1, descending=True)
-        if params.use_top_k:
-            kth = ranked.values.gather(1, (params.top_k - 1).clamp(min=0)[:, None])
-            kth = torch.where(params.top_k[:, None] > 0, kth, float("-inf"))
-            x = torch.where(x >= kth, x, float("-inf"))      # ties with the k-th all stay
-        probs = torch.softmax(x, dim=-1)
-        if params.use_top_p:
-            _keep_top_p(probs, None if params.top_p_sorts_rows else ranked.indices, params.top_p)
-        noise = torch.empty_like(probs).exponential_()
-        for row, seed in params.seeds:
-            noise[row].exponential_(generator=self._generator(x.device).manual_seed(seed))
-        return (probs / noise).argmax(dim=-1)
+    def _noise(self, params: SamplingTensors, vocab_size: int,
+               device: torch.device) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        """Exp(1) noise [M, V] for the random rows: a seeded row's from a generator reset to its step
+        seed (the per-row sampler's draw, one launch per row), the rest from torch's default one.
+
+        It needs no logits, so on a GPU it is drawn on a side stream, while the forward that makes
+        them still runs; the event says when it is drawn (None: on the caller's stream already).
+        """
+        side = self._side_stream(device)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            noise = torch.empty(params.num_random, vocab_size, dtype=torch.float32, device=device)
+            if len(params.seeds) < params.num_random:
+                noise.exponential_()
+            if params.seeds:
+                generator = self._generator(device)
+                for row, seed in params.seeds:
+                    noise[row].exponential_(generator=generator.manual_seed(seed))
+        return noise, None if side is None else side.record_event()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # manual_seed resets a generator completely, so one per device serves every seeded row.
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
+
+    def _side_stream(self, device: torch.device) -> Optional[torch.cuda.Stream]:
+        if device.type != "cuda":
+            return None
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device=device)
+        return self._side_streams[device]
+
+
+def _ready(noise: torch.Tensor, drawn: Optional[torch.cuda.Event]) -> torch.Tensor:
+    """`noise`, once the caller's stream has waited for the side stream that draws it."""
+    if drawn is not None:
+        stream = torch.cuda.current_stream(noise.device)
+        stream.wait_event(drawn)
+        noise.record_stream(stream)     # allocated on the side stream, last used on this one
+    return noise
+
+
+def _probabilities(logits: torch.Tensor, best: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """The random rows' probabilities [M, V]: temperature, then top-k, then top-p, in float32."""
+    ranked = _ranked(logits, params.window) if params.window else None
+    if params.in_window:
+        x = _kept_from_window(logits, best, ranked, params)
+    else:
+        x = _kept_over_rows(logits, best, ranked, params)
+    probs = torch.softmax(x, dim=-1)
+    if params.use_top_p:
+        _keep_top_p(probs, None if params.top_p_sorts_rows else ranked.indices, params.top_p)
+    return probs
+
+
+def _kept_over_rows(logits: torch.Tensor, best: torch.Tensor, ranked, params: SamplingTensors) -> torch.Tensor:
+    """The rows' scaled logits [M, V], -inf where top-k drops them (rows without top-k keep all)."""
+    x = _scaled(logits, best, params)
+    if not params.use_top_k:
+        return x
+    kth = _scaled(ranked.values.gather(1, params.kth_index), best, params)
+    kth = torch.where(params.top_k[:, None] > 0, kth, float("-inf"))
+    return torch.where(x >= kth, x, float("-inf"))      # ties with the k-th all stay
+
+
+def _kept_from_window(logits: torch.Tensor, best: torch.Tensor, ranked, params: SamplingTensors) -> torch.Tensor:
+    """_kept_over_rows, bit for bit, scaling only the window, for rows that each have a top_k.
+
+    A row's kept ids are its top_k and their ties, so the window holds them all, except in a
+    near-constant row whose window ends inside the k-th value's ties: those past it share the
+    window's last logit and get the k-th value too. (The one miss: ids past such a window whose
+    logits are lower yet scale to the same float32, which takes a row max 2^15 times their size.)
+    """
+    x = _scaled(ranked.values, best, params)             # descending
+    kth = x.gather(1, params.kth_index)
+    past = torch.where(x[:, -1:] >= kth, ranked.values[:, -1:], float("inf"))
+    rows = torch.where(logits >= past, kth, float("-inf"))
+    return rows.scatter_(1, ranked.indices, torch.where(x >= kth, x, float("-inf")))
+
+
+def _ranked(logits: torch.Tensor, window: int):
+    """The `window` largest logits of each row and their ids, descending (the native dtype orders
+    them as float32 would: casting bf16/fp16 to float32 is exact)."""
+    return logits.topk(window) if window < logits.shape[1] else logits.sort(dim=1, descending=True)
+
+
+def _scaled(logits: torch.Tensor, best: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """(logits - the row's max) / temperature in float32, as the per-row sampler computes it (subtracting
+    the max first, a tiny temperature cannot overflow). A non-decreasing map of each row's logits, so the
+    k-th largest scaled value is the scaled k-th largest logit."""
+    x = logits - best.float()[:, None]
+    return x.mul_(params.scale[:, None]) if x.device.type == "cuda" else x.div_(params.scale[:, None])
 
 
 def _keep_top_p(probs: torch.Tensor, candidates: Optional[torch.Tensor], top_p: torch.Tensor) -> None:
@@ -201,17 +278,22 @@ def _keep_top_p(probs: torch.Tensor, candidates: Optional[torch.Tensor], top_p: 
     stable sort orders equal probabilities), they are that sort's first W places.
     """
     if candidates is None:
-        ranked, ids = probs.sort(dim=1, descending=True, stable=True)
-    else:
-        by_id, order = candidates.sort(dim=1)
-        ranked, order = probs.gather(1, by_id).sort(dim=1, descending=True, stable=True)
-        ids = by_id.gather(1, order)
-    # The mass ranked above place i is cumsum[i - 1]; the first place whose mass reaches
-    # top_p is the first dropped (place 0, with mass 0, always stays).
+        _cut_top_p(probs, top_p)
+        return
+    ids = candidates.sort(dim=1).values
+    kept = probs.gather(1, ids)
+    _cut_top_p(kept, top_p)
+    probs.scatter_(1, ids, kept)
+
+
+def _cut_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
+    """_keep_top_p over the ids of `probs` [M, W] alone, which are in id order (so equal
+    probabilities rank by id, as a stable sort of the whole row ranks them)."""
+    ranked, order = probs.sort(dim=1, descending=True, stable=True)
     mass = torch.cumsum(ranked, dim=1)
-    first_dropped = 1 + (mass[:, :-1] < top_p[:, None]).sum(dim=1, keepdim=True)
-    dropped = torch.arange(ranked.shape[1], device=probs.device) >= first_dropped
-    probs.scatter_(1, ids, ranked.masked_fill(dropped, 0.0))
+    # A place is dropped once the mass ranked above it reaches top_p; place 0 (none above) stays.
+    ranked[:, 1:].masked_fill_(mass[:, :-1] >= top_p[:, None], 0.0)
+    probs.scatter_(1, order, ranked)
 
 
 def derive_step_seed(seed: int, position: int) -> int:

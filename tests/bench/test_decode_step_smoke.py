@@ -114,9 +114,12 @@ def test_decode_step_tiny_runs_every_case(tmp_path):
     assert all(isinstance(t["met"], bool) and t["figure"] for t in report["targets"])
     assert report["targets"][0]["met"]  # the floor is measured here, the tokenizer has the model's vocabulary
 
-    assert [p["adapters"] for p in report["profile"]] == [0, many]
+    assert [p["case"] for p in report["profile"]] == ["decode step with 0 adapters", f"decode step with {many} adapters",
+                                                      "chunk + decode pair", "prefill of the batch"]
+    assert [p["steps"] for p in report["profile"]] == [size.profile_steps, size.profile_steps, 2, 1]
     for p in report["profile"]:
-        assert p["steps"] == size.profile_steps and p["launches_per_step"] > 0 and p["top"]
+        assert p["launches_per_step"] > 0 and p["top"]
+    assert len(report["profile"][2]["step_intervals_ms"]) == 2
 
 
 def test_decode_step_engine_args_are_json_values_or_strings():

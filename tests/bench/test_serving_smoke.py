@@ -14,10 +14,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SUMMARY_KEYS = {"requests", "finished", "errors", "unfinished", "short", "seconds", "output_tokens", "output_tok_s",
                 "req_s", "steady_output_tok_s", "steady_req_s", "ttft_s", "tpot_s", "itl_warm_s", "itl_cold_s", "itl_cold_over_warm",
-                "distinct_adapters_requested"}
+                "distinct_adapters_requested", "queue_wait_s", "prefill_s", "service_s"}
 DIST_KEYS = {"p50", "p90", "p99", "max", "mean", "count"}
-ENGINE_KEYS = {"adapter_loads", "adapter_evictions", "adapter_pool_hits", "adapter_pool_misses",
-               "mean_distinct_adapters_per_step", "max_waiting"}
+ENGINE_KEYS = {"adapter_loads", "adapter_uploads", "adapter_prefetches", "adapter_evictions", "adapter_host_evictions",
+               "adapter_pool_hits", "adapter_pool_misses", "mean_distinct_adapters_per_step", "engine_steps",
+               "adapter_timings_s", "max_waiting"}
+COUNT_KEYS = ENGINE_KEYS - {"mean_distinct_adapters_per_step", "adapter_timings_s"}
 
 
 def _serving():
@@ -45,8 +47,15 @@ def _check_run(run: dict, requests: int) -> None:
     assert (s["requests"], s["finished"], s["errors"], s["unfinished"], s["short"]) == (requests, requests, 0, 0, 0)
     assert s["output_tokens"] > 0
     assert DIST_KEYS <= set(s["ttft_s"]) and s["ttft_s"]["count"] == requests
-    assert ENGINE_KEYS <= set(run["engine"])
-    assert run["engine"]["adapter_loads"] >= 1
+    engine = run["engine"]
+    assert ENGINE_KEYS <= set(engine)
+    assert all(engine[key] >= 0 for key in COUNT_KEYS), engine
+    assert engine["adapter_loads"] >= 1 and engine["engine_steps"] >= 1
+    assert 0 < engine["mean_distinct_adapters_per_step"] <= 4      # never more than max_loras
+    for kind, timing in engine["adapter_timings_s"].items():
+        assert kind in ("load", "upload", "gpu_eviction", "host_eviction")
+        assert timing["count"] >= 1 and timing["p50"] <= timing["p99"] <= timing["max"]
+    assert "load" in engine["adapter_timings_s"] and "upload" in engine["adapter_timings_s"]
     assert len(run["cdf"]["ttft_s"]) == requests
 
 
@@ -61,7 +70,10 @@ def test_inproc_smoke_run_finishes_every_request(tmp_path):
     # Zipf popularity and the base share reach the requests: some base, several adapters.
     adapters = [r["adapter"] for r in records]
     assert None in adapters and len({a for a in adapters if a}) >= 3
-    assert 0 < run["engine"]["mean_distinct_adapters_per_step"] <= 4      # never more than max_loras
+    for key in ("queue_wait_s", "prefill_s", "service_s"):     # one per request, from the engine's metrics
+        assert run["summary"][key]["count"] == 24
+    bound = run["summary"]["wait_bound"]
+    assert bound["checked"] == 24 and bound["violations"] >= 0 and bound["longest_request_s"] > 0
     bound = run["decode_bound"]
     assert bound["rows"] == 4 and 1 <= bound["distinct_adapters"] <= 4 and bound["decode_tok_s"] is not None
 

@@ -72,6 +72,22 @@ def test_async_iterator(tiny_zoo, engine):
     assert last.outputs[0].token_ids == tiny_zoo.reference("llama", "kv", SHORT_PROMPTS[2], 6)
 
 
+def test_a_closed_event_loop_aborts_its_requests(tiny_zoo, engine, caplog):
+    """A caller whose event loop closed mid-stream (a killed client task) leaves nothing running
+    and no stream of callback errors in the log."""
+    loop = asyncio.new_event_loop()
+
+    async def first_output():
+        stream = engine.generate("orphan", SHORT_PROMPTS[0], greedy(200), tiny_zoo.lora_request("llama", "sql"))
+        return await stream.__anext__()     # the generator is left suspended, never closed
+
+    assert not loop.run_until_complete(first_output()).finished
+    loop.close()
+    stats = _settled_stats(engine)
+    assert (stats.num_running, stats.kv_blocks_used, stats.adapter_holds) == (0, 0, 0)
+    assert "callback" not in caplog.text
+
+
 def test_shutdown_gives_every_request_one_final_output(tiny_zoo):
     engine = AsyncLLMEngine(async_engine_config(tiny_zoo, enable_lora=False))
     collectors = [OutputCollector() for _ in range(3)]

@@ -80,6 +80,44 @@ def test_base_requests_pass_a_request_waiting_for_a_slot():
     assert [s.request_id for s in batch.seqs] == ["a0", "base"]
 
 
+def test_the_next_waiting_requests_adapter_is_written_before_it_starts():
+    scheduler = make_scheduler(num_slots=2, max_num_seqs=1)
+    pool = scheduler.adapter_pool
+    first, second = make_seq("a0", "a"), make_seq("b0", "b")
+    scheduler.add(first)
+    scheduler.add(second)
+    assert [s.request_id for s in run_step(scheduler).seqs] == ["a0"]     # one seat
+    assert pool.take_pending_writes() == [(0, "a"), (1, "b")]            # "b" written a step ahead
+    assert second.first_scheduled_time is None and first.first_scheduled_time >= first.arrival_time
+    scheduler.finish(first, "length")
+    assert [s.request_id for s in run_step(scheduler).seqs] == ["b0"]
+    assert pool.take_pending_writes() == []                              # found in its slot: no write
+    assert (pool.counters.prefetches, pool.counters.hits, pool.counters.misses) == (1, 1, 1)
+    assert (scheduler.num_steps, scheduler.num_step_adapters) == (2, 2)
+
+
+def test_a_rare_adapter_behind_a_stream_of_popular_ones_starts_within_the_bound():
+    """Two slots, a steady stream for "a" and "b" (4-step requests), one request for "e" among them:
+    at the head of the queue it waits at most one request's steps (docs/limits.md), prefetch or not."""
+    scheduler = make_scheduler(num_slots=2, num_blocks=512, budget=256, max_num_seqs=32)
+    rare, head_steps = None, 0
+    for step in range(60):
+        for adapter in "ab":
+            scheduler.add(make_seq(f"{adapter}{step}", adapter))
+        if step == 10:
+            rare = make_seq("rare", "e")
+            scheduler.add(rare)
+        if rare is not None and scheduler.waiting and scheduler.waiting[0] is rare:
+            head_steps += 1
+        run_step(scheduler)
+        for seq in list(scheduler.running):
+            if len(seq.output_token_ids) >= 4:
+                scheduler.finish(seq, "length")
+        if rare is not None and rare.first_scheduled_time is not None:
+            break
+    assert rare.status is SequenceStatus.RUNNING and head_steps <= 4
+
+
 def test_held_adapter_is_never_evicted_and_preemption_frees_blocks():
     scheduler = make_scheduler(num_slots=2, num_blocks=4, budget=64)
     first, second = make_seq("x", "a", prompt_len=7), make_seq("y", "b", prompt_len=7)

@@ -187,31 +187,29 @@ def test_lora_kernels_compile(kernels, dtype, tokens, layer, rank):
     slices, k = LORA_LAYERS[layer]
     n, nr = len(slices), len(slices) * rank
     block_m = _block_m(tokens)
-    block_n = lora._pow2_block(nr, lora._MAX_BLOCK_R)
-    split_k = lora._shrink_split_k(triton.cdiv(tokens, block_m) + min(8, tokens), k)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), lora._SHRINK_BLOCK_K) * lora._SHRINK_BLOCK_K
+    # The launchers' own tiling, with as many tiles as 8 adapters give at this token count.
+    shrink = lora.shrink_config(block_m, triton.cdiv(tokens, block_m) + min(8, tokens), k, nr)
     precision = TORCH_PRECISION[dtype]
     idx = "*i32"
     _check_compiled(_compile(lora._lora_shrink_kernel, dict(
         x_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32",
         sorted_ids_ptr=idx, tile_slots_ptr=idx, tile_starts_ptr=idx, tile_ends_ptr=idx,
-        K=k, NR=nr, R=rank, K_PER_SPLIT=k_per_split,
+        K=k, NR=nr, R=rank, K_PER_SPLIT=shrink.k_per_split,
         stride_xt=k, stride_xk=1, stride_as=SLOT_STRIDE, stride_ai=rank * k, stride_ar=k, stride_ak=1,
         stride_op=tokens * nr, stride_ot=nr, stride_or=1,
-    ), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=lora._SHRINK_BLOCK_K, PRECISION=precision)), dtype)
-    planes = triton.cdiv(k, k_per_split)
+    ), dict(BLOCK_M=block_m, BLOCK_N=shrink.block_n, BLOCK_K=shrink.block_k, PRECISION=precision)), dtype)
     width = sum(slices)
-    expand_block_n = lora._EXPAND_BLOCK_N if tokens > 128 else lora._EXPAND_BLOCK_N // 2
+    expand = lora.expand_config(block_m, rank, slices)
     _check_compiled(_compile(lora._lora_expand_kernel, dict(
         buf_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", scales_ptr="*fp32", slice_starts_ptr=idx,
         sorted_ids_ptr=idx, tile_slots_ptr=idx, tile_starts_ptr=idx, tile_ends_ptr=idx,
-        R=rank, P=planes,
+        R=rank, P=shrink.planes, COL_BLOCKS=expand.col_blocks,
         stride_bp=tokens * nr, stride_bt=nr, stride_br=1,
         # Slot layout: B's columns contiguous, its rank stride spans every layer's rank row.
         stride_bs=SLOT_STRIDE, stride_bn=1, stride_bk=2_800_000,
         stride_yt=QKV if layer == "qkv" else width, stride_yn=1, stride_ss=n, stride_si=1,
-    ), dict(BLOCK_M=block_m, BLOCK_N=expand_block_n, BLOCK_R=lora._pow2_block(rank, lora._MAX_BLOCK_R),
-            PRECISION=precision), num_warps=lora._expand_num_warps(block_m, expand_block_n)), dtype)
+    ), dict(BLOCK_M=block_m, BLOCK_N=expand.block_n, BLOCK_R=expand.block_r,
+            PRECISION=precision), num_warps=expand.num_warps), dtype)
 
 
 # ----------------------------------------------------------------------------- attention

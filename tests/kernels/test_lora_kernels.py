@@ -120,14 +120,41 @@ def test_kernels_match_ref(lora, triton_on_cpu, mix, num_tokens, dtype):
         assert not torch.allclose(y, y0)  # the delta is really applied
 
 
+@pytest.mark.parametrize("num_tokens", [37, 150])   # decode and larger tilings (block_m 16 / 32)
+def test_fused_slices_span_several_column_blocks(lora, triton_on_cpu, num_tokens):
+    """Slices wider than one program's column blocks and not multiples of them, split-K planes
+    added: each slice gets exactly its own B and scale, columns past a slice's end stay its neighbour's."""
+    slices = (300, 72, 72)
+    gen = torch.Generator().manual_seed(3)
+    meta = lora.build_lora_meta(_slots("random", num_tokens, gen), NUM_SLOTS)
+    k = 2 * lora.shrink_config(meta.block_m, meta.max_tiles, 1, len(slices) * RANK).block_k   # two K splits
+    x = torch.randn(num_tokens, k, generator=gen)
+    a = torch.randn(NUM_SLOTS, len(slices), RANK, k, generator=gen) / k**0.5
+    b = torch.randn(NUM_SLOTS, sum(slices), RANK, generator=gen) / RANK**0.5
+    scales = torch.rand(NUM_SLOTS, len(slices), generator=gen) + 0.5
+    cfg = lora.expand_config(meta.block_m, RANK, slices)
+    assert cfg.col_blocks > 1 and slices[0] % (cfg.block_n * cfg.col_blocks)  # the cases this test is for
+    planes = lora._shrink_triton(x, a, meta, split_k=2)
+    assert planes.shape[0] == 2
+    y0 = torch.randn(num_tokens, sum(slices), generator=gen)
+    y, y_ref = y0.clone(), y0.clone()
+    lora.lora_expand(y, planes, b, scales, meta, slices)
+    lora.lora_expand_ref(y_ref, lora.lora_shrink_ref(x, a, meta), b, scales, meta, slices)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    assert not torch.allclose(y, y0)
+
+
 def test_split_k_accumulates(lora, triton_on_cpu):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(23, 320, generator=gen)  # 5 K blocks of 64: splits of 2, 2 and 1 blocks
-    a = torch.randn(NUM_SLOTS, RANK, 320, generator=gen) / 16
+    block_k = lora.shrink_config(16, 1, 1, RANK).block_k
+    k = 5 * block_k                 # 5 K blocks: splits of 2, 2 and 1 blocks at split_k=3
+    x = torch.randn(23, k, generator=gen)
+    a = torch.randn(NUM_SLOTS, RANK, k, generator=gen) / 16
     meta = lora.build_lora_meta(_slots("random", 23, gen), NUM_SLOTS)
     expected = lora.lora_shrink_ref(x, a, meta)
     used = meta.token_slots >= 0
     for split_k in (1, 3, 5):
+        assert lora.shrink_config(meta.block_m, meta.max_tiles, k, RANK, split_k).block_k == block_k
         planes = lora._shrink_triton(x, a, meta, split_k=split_k)
         assert planes.shape[0] == split_k  # one plane of partial sums per split, no atomics
         torch.testing.assert_close(planes.sum(0)[used], expected[0][used])

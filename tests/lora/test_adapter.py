@@ -348,3 +348,18 @@ def test_non_finite_weights(bad, dtype, peft_adapters, spec, tmp_path):
 
     _edit_tensors(directory, poison)
     assert f"'{Q0_B}'" in _expect(AdapterWeightsError, directory, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_kept_in_the_model_dtype(dtype, peft_adapters, spec):
+    """The engine keeps host copies in its model's dtype: the file's values rounded once, as its GPU slot holds them."""
+    directory, peft_model = peft_adapters["attn_r4"]
+    adapter = load_adapter(LoRARequest(NAME, 7, str(directory)), spec, 16, dtype=dtype)
+    layers = _peft_layers(peft_model)
+    assert set(adapter.weights) == set(layers)
+    for key, layer in layers.items():
+        a, b, _ = adapter.weights[key]
+        for ours, theirs in ((a, layer.lora_A["default"].weight), (b, layer.lora_B["default"].weight)):
+            assert ours.dtype == dtype and ours.is_contiguous()
+            assert torch.equal(ours, theirs.detach().to(dtype))
+    assert adapter.nbytes == sum(2 * (a.numel() + b.numel()) for a, b, _ in adapter.weights.values())

@@ -145,3 +145,56 @@ def test_a_fixed_adapter_is_a_new_version_and_loads_at_once(peft_adapters, spec,
     config_path.write_text(json.dumps(good))            # the tenant fixes the adapter; no time passes
     adapter = pool.get(resolver.resolve("tenant"))
     assert adapter.name == "tenant" and pool.counters.loads == 1
+
+
+# ---- timings, events and prefetch ---------------------------------------------------------
+
+class Adapter:
+    """A stand-in adapter that reports when its memory is freed."""
+
+    def __init__(self, name, freed):
+        self.name, self._freed = name, freed
+
+    def __del__(self):
+        self._freed.append(self.name)
+
+
+def test_loads_uploads_and_evictions_are_counted_timed_and_reported():
+    events, freed = [], []
+    pool = AdapterPool(1, 2, lambda request: Adapter(request.lora_name, freed), on_event=events.append)
+    for request in (A, B, C):                       # the third load drops "a" from host memory
+        pool.get(request)
+    assert freed == ["a"]                           # nothing else held it: freed as it was evicted
+    assert [(e.kind, e.adapter_name) for e in events] == [("load", "a"), ("load", "b"), ("load", "c"),
+                                                         ("host_eviction", "a")]
+    pool.acquire(B, pool.get(B))
+    pool.release(B.lora_int_id)
+    pool.acquire(C, pool.get(C))                    # the one slot: "b" (unheld) is evicted
+    pool.record_upload("c", 0.004)
+    c = pool.counters
+    assert (c.loads, c.host_evictions, c.evictions, c.uploads) == (3, 1, 1, 1)
+    assert c.upload_seconds == 0.004
+    assert c.load_seconds >= 0 and c.eviction_seconds >= 0 and c.host_eviction_seconds >= 0
+    assert [e.kind for e in events[4:]] == ["gpu_eviction", "upload"]
+    assert events[4].adapter_name == "b" and events[5].seconds == 0.004
+
+
+def test_prefetch_fills_free_and_unwanted_slots_and_never_a_held_one():
+    pool = AdapterPool(3, 8, counting_loader())
+    D = LoRARequest("d", 4, "/adapters/d")
+    pool.acquire(A, pool.get(A))                    # held by a running request
+    pool.acquire(B, pool.get(B))
+    pool.release(B.lora_int_id)                     # resident, unheld
+    pool.take_pending_writes()
+    # Waiting: c, b, d. "c" takes the free slot; "b" is resident already; "d" finds no slot:
+    # "a" is held and "b" is wanted.
+    assert pool.prefetch([(r, pool.get(r)) for r in (C, B, D)]) == 1
+    assert pool.resident_adapter_names == ["a", "b", "c"]
+    assert pool.take_pending_writes() == [(2, "adapter-c")]
+    # Nobody holds "c": once only "d" waits, "b" (least recently used) is evicted for it, and "c" kept.
+    assert pool.prefetch([(D, pool.get(D))]) == 1
+    assert sorted(pool.resident_adapter_names) == ["a", "c", "d"]
+    assert (pool.counters.prefetches, pool.counters.evictions, pool.num_holds) == (2, 1, 1)
+    # Admission finds the prefetched adapter resident: a hit, no second write.
+    pool.acquire(D, pool.get(D))
+    assert pool.counters.hits == 1 and pool.take_pending_writes() == [(1, "adapter-d")]

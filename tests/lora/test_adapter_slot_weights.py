@@ -127,3 +127,16 @@ def test_fused_layer_output_equals_separate_per_module_lora():
             expected[t, targets[key].rows] += (x[t] @ a.T) @ b.T * scale
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[1], base[1])
+
+
+def test_each_upload_is_timed_once_in_upload_order():
+    model = _model()
+    slots = model.adapter_slot_weights
+    first = _adapter(model, {(0, "q_proj"): 8}, seed=7)
+    second = _adapter(model, {(1, "down_proj"): 2}, seed=8)
+    slots.upload(0, first)
+    slots.upload(1, second)
+    slots.wait_for_uploads([0, 1, -1])          # nothing to wait for on the CPU: the copies are done
+    finished = slots.take_finished_uploads()
+    assert [name for name, _ in finished] == ["a7", "a8"] and all(s >= 0 for _, s in finished)
+    assert slots.take_finished_uploads() == []

@@ -2,9 +2,14 @@
 
 import json
 
-from triton_client import http_generate, run_stream
+from triton_client import Streams, http_generate, run_stream
 
 MAX_TOKENS = 12
+# A client that pings every second, and gives up on a server that does not answer a ping within 5 s.
+PINGING_CLIENT = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 5000),
+                  ("grpc.http2.ping_timeout_ms", 5000), ("grpc.keepalive_permit_without_calls", 1),
+                  ("grpc.http2.max_pings_without_data", 0)]
+IDLE_S = 5.0    # Triton server's own policy would have closed the connection after about 3 such pings
 
 
 def stream_request(prompt, adapter=None, **extra) -> dict:
@@ -76,3 +81,18 @@ def test_token_id_prompt(server, reference):
                                              "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}})["ids"]
     assert r.error is None
     assert (r.text, r.token_ids) == (text, token_ids)
+
+
+def test_a_client_pinging_every_second_keeps_its_idle_stream(server, reference):
+    """Keepalive pings are how a client notices a dead server (docs/serving.md); serve.py lets them through."""
+    streams = Streams(server.grpc_url, {"first": stream_request("Hello, world!")}, channel_args=PINGING_CLIENT)
+    try:
+        streams.collect(lambda: streams.answered() == 1, timeout=60)
+        streams.collect(lambda: streams.broken is not None, timeout=IDLE_S)     # nothing but pings
+        streams.send({"second": stream_request("the quick brown fox", "upper")})
+        streams.collect(lambda: streams.answered() == 2, timeout=60)
+    finally:
+        streams.close()
+    assert streams.broken is None and streams.finished == {"first", "second"}, streams.broken
+    assert streams.tokens["first"] == reference("Hello, world!", None, MAX_TOKENS)[1]
+    assert streams.tokens["second"] == reference("the quick brown fox", "upper", MAX_TOKENS)[1]

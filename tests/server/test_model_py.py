@@ -18,6 +18,11 @@ from model_dir import MODEL_VERSION_DIR, import_model_module
 from multilora import errors
 
 
+# Misuses of a response sender that crash or corrupt a real server; model.py's sender thread catches and
+# logs exceptions, so the fake records them here and every test using `model_module` fails on one.
+SENDER_MISUSES: list[str] = []
+
+
 @pytest.fixture
 def model_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils.module())
@@ -25,7 +30,9 @@ def model_module(monkeypatch):
     spec = importlib.util.spec_from_file_location("multilora_triton_model", MODEL_VERSION_DIR / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    SENDER_MISUSES.clear()
+    yield module
+    assert SENDER_MISUSES == []
 
 
 class FakeSender:
@@ -33,12 +40,18 @@ class FakeSender:
         self.sent, self.cancelled, self.done = [], False, threading.Event()
 
     def send(self, response=None, flags=0):
+        if self.done.is_set():
+            SENDER_MISUSES.append("a response after the final one")
         assert not self.done.is_set(), "a response after the final one"
         self.sent.append((response, flags))
         if flags:
             self.done.set()
 
     def is_cancelled(self):
+        if self.done.is_set():
+            # python_backend (2.51 and later alike) then asks tritonserver about the response factory that
+            # the final response freed: a use after free in the server process (server issue 8192's segfault).
+            SENDER_MISUSES.append("is_cancelled() after the final response")
         return self.cancelled
 
 

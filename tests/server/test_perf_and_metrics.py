@@ -49,6 +49,7 @@ def test_metrics_follow_requests_per_adapter(server):
                for name in ("upper", "reverse")}
     tokens = sample(text, "multilora:generation_tokens_total", lora_name="upper")
     ttft = sample(text, "multilora:time_to_first_token_seconds_count", lora_name="upper")
+    queued = sample(text, "multilora:request_queue_time_seconds_count")
 
     requests = {f"{name}{i}": {"text_input": "Hello, world!", "lora_id": name, "stream": True, "max_tokens": 5,
                                "ignore_eos": True} for name in ("upper", "reverse") for i in range(2)}
@@ -60,11 +61,16 @@ def test_metrics_follow_requests_per_adapter(server):
         assert sample(text, "multilora:requests_total", lora_name=name, outcome="length") == counted[name] + 2
     assert sample(text, "multilora:generation_tokens_total", lora_name="upper") == tokens + 10
     assert sample(text, "multilora:time_to_first_token_seconds_count", lora_name="upper") == ttft + 2
+    assert sample(text, "multilora:request_queue_time_seconds_count") >= queued + 4   # + any late perf_analyzer ones
+    assert sample(text, "multilora:request_prefill_time_seconds_count") >= 4
     # Pool counters and gauges follow the engine's stats a moment later.
     eventually(lambda: sample(server.metrics(), "multilora:adapter_loads_total") >= 2, what="adapter loads")
     text = server.metrics()
     assert sample(text, "multilora:adapter_pool_misses_total") >= 2
     assert sample(text, "multilora:adapter_load_seconds_count") >= 2
+    assert sample(text, "multilora:adapter_upload_seconds_count") >= 2          # each slot write, timed
+    assert sample(text, "multilora:engine_steps_total") >= 5
+    assert 0 < sample(text, "multilora:step_adapters_total") <= 2 * sample(text, "multilora:engine_steps_total")
     # vLLM's lora_requests_info: running and waiting adapters as labels, and max_lora.
     # The current label set holds when it became current; earlier ones hold 0.
     current = [labels for labels, value in samples(text, "multilora:lora_requests_info") if value > 0]

@@ -6,6 +6,7 @@ import pytest
 
 from fake_pb_utils import FakeMetricFamily
 from model_dir import import_model_module
+from multilora.lora.adapter_pool import AdapterEvent
 from multilora.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 server_metrics = import_model_module("server_metrics")
@@ -27,13 +28,15 @@ def stats(**overrides):
     base = dict(num_running=0, num_waiting=0, kv_blocks_total=100, kv_blocks_used=0, max_loras=2,
                 running_adapters=[], waiting_adapters=[], resident_adapters=[], adapter_holds=0,
                 adapter_pool_hits=0, adapter_pool_misses=0, adapter_loads=0, adapter_evictions=0,
-                adapter_failed_loads=0, adapter_remembered_failures=0, adapter_failed_writes=0)
+                adapter_failed_loads=0, adapter_remembered_failures=0, adapter_failed_writes=0, adapter_prefetches=0,
+                adapter_host_evictions=0, num_steps=0, num_step_adapters=0)
     return SimpleNamespace(**(base | overrides))
 
 
-def finished(token_ids, prompt_len=3, ttft=0.25):
+def finished(token_ids, prompt_len=3, ttft=0.25, queued=0.125):
     return RequestOutput("r", "p", list(range(prompt_len)), [CompletionOutput(0, "x", token_ids, "length")], True,
-                         metrics=RequestMetrics(arrival_time=100.0, first_token_time=100.0 + ttft))
+                         metrics=RequestMetrics(arrival_time=100.0, first_token_time=100.0 + ttft,
+                                                first_scheduled_time=100.0 + queued))
 
 
 def test_finished_requests_count_per_adapter_and_outcome(metrics):
@@ -47,6 +50,15 @@ def test_finished_requests_count_per_adapter_and_outcome(metrics):
     assert values("prompt_tokens_total")[(("lora_name", "sql"),)].value == 6
     ttft = values("time_to_first_token_seconds")[(("lora_name", "sql"),)]
     assert ttft.observations == [0.25, 0.25] and ttft.buckets == server_metrics.TTFT_BUCKETS
+    assert values("request_queue_time_seconds")[()].observations == [0.125] * 3
+    assert values("request_prefill_time_seconds")[()].observations == [0.125] * 3
+
+
+def test_a_request_that_never_started_has_no_queue_time(metrics):
+    out = finished([])
+    out.metrics = RequestMetrics(arrival_time=100.0)        # expired in the queue
+    metrics.record_finished("sql", out, "UNAVAILABLE")
+    assert values("request_queue_time_seconds")[()].observations == []
 
 
 def test_stats_set_gauges_and_advance_pool_counters_by_the_difference(metrics):
@@ -61,7 +73,12 @@ def test_stats_set_gauges_and_advance_pool_counters_by_the_difference(metrics):
     assert values("adapter_failed_loads_total")[()].value == 1
     assert values("adapter_remembered_failures_total")[()].value == 3
     assert values("adapter_failed_writes_total")[()].value == 0
-    metrics.update(stats(num_running=3, kv_blocks_used=25, adapter_pool_hits=7))
+    metrics.update(stats(num_running=3, kv_blocks_used=25, adapter_pool_hits=7, num_steps=10, num_step_adapters=25,
+                         adapter_prefetches=2, adapter_host_evictions=1))
+    assert values("engine_steps_total")[()].value == 10
+    assert values("step_adapters_total")[()].value == 25
+    assert values("adapter_prefetches_total")[()].value == 2
+    assert values("adapter_host_evictions_total")[()].value == 1
     assert values("num_requests_running")[()].value == 3
     assert values("kv_cache_usage_perc")[()].value == 0.25
 
@@ -76,6 +93,11 @@ def test_lora_requests_info_has_one_current_label_set(metrics):
     assert {m.labels["running_lora_adapters"] for m in info} == {"chat,sql", "code"}
 
 
-def test_adapter_load_times_are_observed(metrics):
-    metrics.record_adapter_load(0.125)
+def test_adapter_events_are_observed_by_kind(metrics):
+    for kind, seconds in [("load", 0.125), ("upload", 0.002), ("gpu_eviction", 1e-5), ("host_eviction", 3e-4)]:
+        metrics.record_adapter_event(AdapterEvent(kind, "sql", seconds))
     assert values("adapter_load_seconds")[()].observations == [0.125]
+    assert values("adapter_upload_seconds")[()].observations == [0.002]
+    evictions = values("adapter_eviction_seconds")
+    assert evictions[(("from", "gpu_slot"),)].observations == [1e-5]
+    assert evictions[(("from", "host_memory"),)].observations == [3e-4]

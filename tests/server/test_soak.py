@@ -121,6 +121,7 @@ def _run_batch(url: str, batch: list, cancel: bool, tally: Tally):
         streams.collect(done, timeout=120)
     finally:
         streams.close()
+    assert streams.broken is None, f"the stream broke (did the server die?): {streams.broken}"
     assert done(), f"a stream hung: {streams.answered()} of {len(batch)} answered"
     expected_errors = [expected for _, _, expected in batch if isinstance(expected, str)]
     with tally.lock:

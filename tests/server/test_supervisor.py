@@ -30,11 +30,18 @@ open(shm, "w").close()                          # the Python backend's shared-me
 if mode == "stub_dies" and os.fork() != 0:
     while True:                                 # "tritonserver" lives on; its child, the "stub", dies
         time.sleep(1)
+if mode == "segfault" and os.fork() == 0:
+    with open(os.path.join(control, "stubs"), "a") as f:   # the "stub": outlives its crashed parent unless killed
+        f.write(f"{os.getpid()}\n")
+    while True:
+        time.sleep(1)
 started = time.time()
 while True:
     late = time.time() - started > 1.5          # healthy first, so that the supervisor sees it ready
     if mode == "crash" and late:
         sys.exit(3)
+    if mode == "segfault" and late:
+        os.kill(os.getpid(), signal.SIGSEGV)
     if mode == "stub_dies" and late:
         os._exit(0)
     if mode == "hang" and late:
@@ -88,6 +95,16 @@ def test_a_crashed_server_is_restarted(fake, capsys):
     sup = fake("crash", max_restarts=1)
     assert sup.run() == 1
     assert capsys.readouterr().err.count("tritonserver exited unexpectedly with code 3") == 2
+
+
+def test_a_segfaulted_server_is_restarted_and_its_orphaned_stub_killed(fake, capsys):
+    sup = fake("segfault", max_restarts=1)
+    assert sup.run() == 1
+    assert capsys.readouterr().err.count("tritonserver exited unexpectedly with code -11") == 2
+    stubs = [int(pid) for pid in (Path(sup.config.control_dir) / "stubs").read_text().split()]
+    # Their parent gone, the stubs were no children of tritonserver's any more, but in its process group.
+    assert len(stubs) == 2 and not any(supervisor.process_alive(pid) for pid in stubs)
+    assert all(supervisor.group_members(pid) == [] for pid, _ in sup.readies)
 
 
 def test_a_dead_stub_is_noticed(fake, capsys):

@@ -69,17 +69,34 @@ def run_stream(url: str, requests: dict[str, dict], timeout: float = 120.0) -> d
     return results
 
 
+def stream_broke(error) -> bool:
+    """Whether a stream callback's error ended the whole stream rather than one request.
+
+    tritonclient reports a broken stream (the server died, the connection was
+    reset, a keepalive ping or the stream's deadline expired, the client
+    cancelled) once, with the gRPC status; every request still open on that
+    stream is over, and no other answer comes. A model's error for one request
+    carries no status.
+    """
+    return error.status() is not None
+
+
 class Streams:
     """Requests on one gRPC stream; each ends with a final response, an error, or the stream's own end."""
 
-    def __init__(self, url: str, requests: dict[str, dict]):
+    def __init__(self, url: str, requests: dict[str, dict], channel_args: Optional[list] = None):
         self.responses: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_args)
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-        self.tokens = {rid: [] for rid in requests}
+        self.tokens: dict[str, list] = {}
         self.finished: set[str] = set()
         self.errors: list[str] = []     # a stream's errors carry no request id
+        self.broken: Optional[str] = None   # the error that ended the stream, and with it every open request
+        self.send(requests)
+
+    def send(self, requests: dict[str, dict]):
         for rid, values in requests.items():
+            self.tokens[rid] = []
             self.client.async_stream_infer("multilora", make_inputs(values), request_id=rid,
                                            enable_empty_final_response=True)
 
@@ -90,6 +107,9 @@ class Streams:
                 result, error = self.responses.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if error is not None and stream_broke(error):
+                self.broken = f"{error.status()}: {error.message()}"
+                return
             if error is not None:
                 self.errors.append(f"{error.status()}: {error.message()}")
                 continue
@@ -100,7 +120,8 @@ class Streams:
                 self.finished.add(response.id)
 
     def answered(self) -> int:
-        return len(self.finished) + len(self.errors)
+        """Requests that are over: finished, failed, or open when the stream broke."""
+        return len(self.tokens) if self.broken else len(self.finished) + len(self.errors)
 
     def close(self, cancel: bool = False):
         """Ends the stream; `cancel` cancels the requests still open, as a client that goes away does."""
@@ -114,6 +135,10 @@ def _collect(responses: queue.Queue, results: dict[str, StreamResult], timeout: 
     open_ids = set(results)
     while open_ids:
         result, error = responses.get(timeout=timeout)
+        if error is not None and stream_broke(error):
+            for rid in open_ids:
+                results[rid].error = str(error)
+            return
         if error is not None:
             # A stream error names no request id; the message is checked by the caller.
             rid = _request_id_of_error(error, open_ids)

@@ -31,6 +31,7 @@ from multilora.engine.output_processor import OutputProcessor
 from multilora.engine.scheduler import check_queue_room
 from multilora.errors import (EngineStoppedError, InvalidRequestError, MultiLoRAError, RequestCancelledError,
                              WorkerFailedError)
+from multilora.lora.adapter_pool import AdapterEvent
 from multilora.lora.request import LoRARequest
 from multilora.outputs import CompletionOutput, RequestOutput
 from multilora.sampling_params import SamplingParams
@@ -55,8 +56,9 @@ class _Request:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, on_adapter_loaded: Optional[Callable[[str, float], None]] = None):
-        self.engine = LLMEngine(config, on_adapter_loaded)
+    def __init__(self, config: EngineConfig, on_adapter_event: Optional[Callable[[AdapterEvent], None]] = None):
+        """`on_adapter_event`: each adapter load, upload and eviction, timed (called from engine threads)."""
+        self.engine = LLMEngine(config, on_adapter_event)
         self.tokenizer = self.engine.tokenizer
         self.request_limits = self.engine.request_limits
         self._inbox: queue.Queue = queue.Queue()
@@ -85,7 +87,7 @@ class AsyncLLMEngine:
             duplicate = request_id in self._live
             if not duplicate:
                 self._live[request_id] = _Request(on_output, lora_request)
-                self._prepare_pool.submit(self._prepare, request_id, prompt, params, lora_request)
+                self._prepare_pool.submit(self._prepare, request_id, prompt, params, lora_request, time.time())
         if duplicate:
             error = InvalidRequestError(f"request id {request_id!r} is already in use; send a unique id")
             _deliver(on_output, error_output(request_id, error, lora_request))
@@ -101,8 +103,14 @@ class AsyncLLMEngine:
         """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        self.add_request(request_id, prompt, params, lora_request,
-                         lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+
+        def deliver(out: RequestOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:        # the caller's event loop is closed: no one reads this request any more
+                self.abort(request_id)
+
+        self.add_request(request_id, prompt, params, lora_request, deliver)
         finished = False
         try:
             while not finished:
@@ -135,9 +143,9 @@ class AsyncLLMEngine:
         self._output_thread.join()
 
     # ---- preparation (worker threads) -----------------------------------
-    def _prepare(self, request_id, prompt, params, lora_request) -> None:
+    def _prepare(self, request_id, prompt, params, lora_request, arrival_time) -> None:
         try:
-            seq = self.engine.make_sequence(request_id, prompt, params, lora_request)
+            seq = self.engine.make_sequence(request_id, prompt, params, lora_request, arrival_time)
         except MultiLoRAError as error:
             self._finish(request_id, error_output(request_id, error, lora_request))
             return

@@ -7,7 +7,7 @@ adds the output processor inline (detokenize, stop strings, RequestOutputs).
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -22,7 +22,7 @@ from multilora.engine.tp_runner import TensorParallelRunner
 from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
                              NonFiniteLogitsError, PromptTooLongError, WorkerFailedError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
-from multilora.lora.adapter_pool import AdapterPool
+from multilora.lora.adapter_pool import AdapterEvent, AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import RequestOutput
@@ -46,11 +46,20 @@ class EngineStats:
     adapter_pool_hits: int = 0
     adapter_pool_misses: int = 0
     adapter_loads: int = 0
-    adapter_evictions: int = 0
+    adapter_load_seconds: float = 0.0       # disk read + validation + pinned host image, summed
+    adapter_uploads: int = 0                # host memory -> GPU slot
+    adapter_upload_seconds: float = 0.0     # measured on the device, summed
+    adapter_prefetches: int = 0             # uploads made ahead for a waiting request
+    adapter_evictions: int = 0              # out of a GPU slot
+    adapter_eviction_seconds: float = 0.0
+    adapter_host_evictions: int = 0         # out of the host LRU (max_cpu_loras)
+    adapter_host_eviction_seconds: float = 0.0
     adapter_failed_loads: int = 0
     adapter_remembered_failures: int = 0
     adapter_failed_writes: int = 0
     num_preemptions: int = 0
+    num_steps: int = 0
+    num_step_adapters: int = 0              # distinct adapters per step, summed over num_steps
 
     @property
     def kv_cache_usage(self) -> float:
@@ -71,7 +80,7 @@ class _InFlight:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, on_adapter_loaded=None):
+    def __init__(self, config: EngineConfig, on_adapter_event: Optional[Callable[[AdapterEvent], None]] = None):
         self.config = config
         self.hf_config = load_hf_config(config.model)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
@@ -85,7 +94,7 @@ class LLMEngine:
         # A sequence never grows past what the model or, alone, the KV cache holds.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * config.block_size)
         self.adapter_pool = AdapterPool(config.max_loras, config.host_lora_capacity, self._load_adapter,
-                                        on_adapter_loaded)
+                                        on_adapter_event)
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
         self.requests: dict[str, Sequence] = {}
         self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
@@ -106,12 +115,20 @@ class LLMEngine:
         return frozenset(ids)
 
     def _load_adapter(self, lora_request: LoRARequest):
-        return load_adapter(lora_request, self.lora_spec, self.config.max_lora_rank)
+        # Runs on the thread that asked for the adapter, never the engine thread: it also builds the
+        # adapter's pinned host image, so that placing it in a GPU slot later is one queued copy.
+        adapter = load_adapter(lora_request, self.lora_spec, self.config.max_lora_rank, dtype=self.runner.dtype)
+        self.runner.stage_adapter(adapter)
+        return adapter
 
     # ---- requests -------------------------------------------------------
     def make_sequence(self, request_id: str, prompt, params: SamplingParams,
-                      lora_request: Optional[LoRARequest] = None) -> Sequence:
-        """Validates a request and loads its adapter; allocates nothing. Safe to call from any thread."""
+                      lora_request: Optional[LoRARequest] = None, arrival_time: Optional[float] = None) -> Sequence:
+        """Validates a request and loads its adapter; allocates nothing. Safe to call from any thread.
+
+        `arrival_time` (time.time()): when the request was accepted, if before this call (default: now).
+        """
+        arrival_time = arrival_time or time.time()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         params.validate()
@@ -128,7 +145,7 @@ class LLMEngine:
                 raise AdapterError(f"adapter '{lora_request.lora_name}' requested but LoRA is not enabled "
                                    "(start the engine with enable_lora=True)")
             adapter = self.adapter_pool.get(lora_request)
-        return Sequence(request_id, prompt_text, token_ids, params, lora_request, adapter)
+        return Sequence(request_id, prompt_text, token_ids, params, lora_request, adapter, arrival_time=arrival_time)
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -204,6 +221,7 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
             events = [self._end(seq, error) for seq, error in scheduled.expired]
             events += self._write_adapters(scheduled)
+            self._record_uploads()
             launched = self._launch(scheduled)
             if self._in_flight is not None:
                 events += self._resolve(self._in_flight)
@@ -280,6 +298,11 @@ class LLMEngine:
                     failed.append(self._end(seq, error))
         return failed
 
+    def _record_uploads(self) -> None:
+        """Counts the adapter writes the device has completed (their time is known only then)."""
+        for name, seconds in self.runner.finished_adapter_uploads():
+            self.adapter_pool.record_upload(name, seconds)
+
     def _sample_row(self, seq: Sequence) -> SampleRow:
         params = seq.params
         seed = None if params.seed is None else derive_step_seed(params.seed, len(seq.output_token_ids))
@@ -327,6 +350,7 @@ class LLMEngine:
 
     # ---- state ----------------------------------------------------------
     def stats(self) -> EngineStats:
+        self._record_uploads()
         pool, counters = self.adapter_pool, self.adapter_pool.counters
         names = lambda seqs: sorted({s.adapter_name for s in seqs if s.adapter_name})
         return EngineStats(
@@ -335,6 +359,11 @@ class LLMEngine:
             max_loras=self.config.max_loras, running_adapters=names(self.scheduler.running),
             waiting_adapters=names(self.scheduler.waiting), resident_adapters=pool.resident_adapter_names,
             adapter_holds=pool.num_holds, adapter_pool_hits=counters.hits, adapter_pool_misses=counters.misses,
-            adapter_loads=counters.loads, adapter_evictions=counters.evictions,
+            adapter_loads=counters.loads, adapter_load_seconds=counters.load_seconds,
+            adapter_uploads=counters.uploads, adapter_upload_seconds=counters.upload_seconds,
+            adapter_prefetches=counters.prefetches, adapter_evictions=counters.evictions,
+            adapter_eviction_seconds=counters.eviction_seconds, adapter_host_evictions=counters.host_evictions,
+            adapter_host_eviction_seconds=counters.host_eviction_seconds,
             adapter_failed_loads=counters.failed_loads, adapter_remembered_failures=counters.remembered_failures,
-            adapter_failed_writes=counters.failed_writes, num_preemptions=self.scheduler.num_preemptions)
+            adapter_failed_writes=counters.failed_writes, num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.scheduler.num_steps, num_step_adapters=self.scheduler.num_step_adapters)

@@ -131,6 +131,16 @@ class ModelRunner:
         target: zero): one copy of its pinned host image, queued on a side stream (see AdapterSlotWeights)."""
         self.model.adapter_slot_weights.upload(adapter_slot, adapter)
 
+    def stage_adapter(self, adapter) -> None:
+        """Builds `adapter`'s pinned host image now, on the calling thread (the engine loads adapters off
+        its own thread), so its first write costs the engine thread only the copy's launch."""
+        if self.lora_layers:
+            self.model.adapter_slot_weights.host_image(adapter)
+
+    def finished_adapter_uploads(self) -> list[tuple[str, float]]:
+        """(adapter name, seconds on the device) of each write completed since the last call; never waits."""
+        return self.model.adapter_slot_weights.take_finished_uploads() if self.lora_layers else []
+
     # ---- one step -------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, adapter_slots: list[int], sample_rows: list[Optional[SampleRow]],
@@ -139,6 +149,8 @@ class ModelRunner:
 
         `sources`: see StepInputBuilder.build (sequences whose last token the previous step sampled).
         """
+        if self.lora_layers:
+            self.model.adapter_slot_weights.wait_for_uploads(adapter_slots)   # prefetched copies: only now
         num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
         graphs = self.decode_graphs
         use_graph = graphs is not None and 0 < num_decode <= graphs.max_batch

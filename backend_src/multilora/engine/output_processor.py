@@ -117,6 +117,7 @@ class OutputProcessor:
                 delta_text: str, delta_ids: list[int], error: Optional[MultiLoRAError]) -> RequestOutput:
         finished = reason is not None
         completion = CompletionOutput(0, text, list(token_ids), reason, stop_reason, delta_text, delta_ids)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time() if finished else None)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time() if finished else None,
+                                 seq.first_scheduled_time)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
                              seq.lora_request, metrics, error=error)

@@ -6,7 +6,12 @@ sequence is preempted (its blocks are freed and it is recomputed later).
 Waiting sequences are admitted first come, first served. A request whose adapter
 cannot get a GPU slot waits, and later requests that would hold a slot wait
 behind it, so a stream of requests for resident adapters cannot starve it;
-base-model requests hold no slot and may pass.
+base-model requests hold no slot and may pass. So, with KV blocks to spare, a
+request at the head of the queue starts within the longest time a running
+request takes to finish, and slot-needing requests start in the order they
+joined (docs/limits.md states the bound). The adapters of the next waiting
+requests are prefetched into slots nobody holds, so their copies overlap the
+steps before they start.
 
 The waiting queue is bounded (docs/limits.md): beyond `max_waiting_requests`
 a new request is refused at once, and one that has not started within
@@ -20,6 +25,7 @@ never expired.
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Optional
 
 from multilora.config import EngineConfig
@@ -63,6 +69,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0                    # non-empty steps scheduled
+        self.num_step_adapters = 0            # their distinct adapters, summed (/ num_steps: the mean)
 
     def add(self, seq: Sequence) -> None:
         """Queues a new request; raises QueueFullError when max_waiting_requests are already waiting."""
@@ -78,7 +86,19 @@ class Scheduler:
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if self.num_preemptions == preemptions_before:   # no new work while memory is short
             self._schedule_waiting(batch, budget)
+        if batch:
+            self.num_steps += 1
+            self.num_step_adapters += len({s.adapter_id for s in batch.seqs if s.adapter_id})
+        self._prefetch()
         return batch
+
+    def _prefetch(self) -> None:
+        """Offers the pool the adapters of the next waiting requests, as many requests as there are slots
+        (a bounded look each step, however long the queue)."""
+        candidates = [(seq.lora_request, seq.adapter) for seq in islice(self.waiting, self.adapter_pool.num_slots)
+                      if seq.adapter_id]
+        if candidates:
+            self.adapter_pool.prefetch(candidates)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         for seq in list(self.running):
@@ -116,6 +136,7 @@ class Scheduler:
                 self.adapter_pool.acquire(seq.lora_request, seq.adapter)
             self.block_manager.grow(seq, num_new)
             seq.status = SequenceStatus.RUNNING
+            seq.first_scheduled_time = seq.first_scheduled_time or time.time()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)

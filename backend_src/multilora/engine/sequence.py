@@ -29,6 +29,7 @@ class Sequence:
     lora_request: Optional[LoRARequest] = None
     adapter: Any = None                      # LoRAAdapter (CPU weights) when lora_request is set
     arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: Optional[float] = None   # first admitted to a step (time.time(), as arrival_time)
     first_token_time: Optional[float] = None
     output_token_ids: list[int] = field(default_factory=list)   # the last one or two may be PLACEHOLDERs
     status: SequenceStatus = SequenceStatus.WAITING

@@ -30,7 +30,7 @@ from multilora.errors import (
 )
 from multilora.lora.peft_config import CONFIG_FILE, MAX_LORA_ALPHA, PeftConfig, check_ranks, read_peft_config
 from multilora.lora.request import LoRARequest
-from multilora.lora.weight_limits import DEFAULT_SERVING_DTYPE, MAX_DELTA_NORM, WeightLimits, check_effect, check_range
+from multilora.lora.weight_limits import DEFAULT_SERVING_DTYPE, MAX_DELTA_NORM, WeightLimits, check_effect, check_values
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ class LoRAAdapter:
 
 
 def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: int, *,
-                 serving_dtype: Optional[torch.dtype] = None, max_delta_norm: float = MAX_DELTA_NORM) -> LoRAAdapter:
+                 serving_dtype: Optional[torch.dtype] = None, max_delta_norm: float = MAX_DELTA_NORM,
+                 dtype: torch.dtype = torch.float32) -> LoRAAdapter:
     """Reads `lora_request.lora_path` (a PEFT LoRA directory) and checks it against `spec`.
 
     Besides names, shapes and ranks, the numbers are checked: lora_alpha and
@@ -121,6 +122,8 @@ def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: 
     (default MAX_DELTA_NORM = 1e3): the adapter can change a layer's output
     by at most that many times the input's norm. Raises the
     `multilora.errors.Adapter*Error` that names the problem.
+    The weights are kept in `dtype`: the engine passes the model's, which its GPU
+    slots hold anyway, so a host copy costs no more than it must.
     """
     start = time.perf_counter()
     name = lora_request.lora_name
@@ -132,7 +135,7 @@ def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: 
     check_ranks(config, name, max_lora_rank)
     tensors = _read_tensors(directory, name, _max_weights_bytes(spec, max_lora_rank))
     limits = WeightLimits(torch.finfo(serving_dtype or DEFAULT_SERVING_DTYPE), max_delta_norm)
-    weights = _build_weights(config, tensors, spec, name, limits)
+    weights = _build_weights(config, tensors, spec, name, limits, dtype)
     adapter = LoRAAdapter(name, lora_request.lora_int_id, max(a.shape[0] for a, _, _ in weights.values()), weights)
     logger.info("loaded LoRA adapter '%s' (id %d): rank %d, modules %s, %.2f MiB, %.3f s",
                 name, adapter.adapter_id, adapter.rank, sorted(adapter.target_modules),
@@ -175,7 +178,7 @@ def _read_tensors(directory: str, name: str, max_bytes: int) -> dict[str, torch.
 
 
 def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: LoRAModelSpec, name: str,
-                   limits: WeightLimits):
+                   limits: WeightLimits, dtype: torch.dtype):
     """Checks names against the base model, then shapes, dtypes and values; -> LoRAAdapter.weights."""
     halves, unknown = _index_tensors(tensors, name)
     # Report an unsupported module before the stray tensors PEFT saves beside it (lm_head.base_layer.weight).
@@ -206,13 +209,14 @@ def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: L
                 "does not select; fix target_modules or remove those weights")
         r, alpha = config.rank_and_alpha(module_key)
         in_features, out_features = spec.module_shapes[module]
-        a = _to_float32(tensors[pair["lora_A"]], pair["lora_A"], (r, in_features), name, limits.finfo)
-        b = _to_float32(tensors[pair["lora_B"]], pair["lora_B"], (out_features, r), name, limits.finfo)
+        a, a_norm = _checked(tensors[pair["lora_A"]], pair["lora_A"], (r, in_features), name, limits.finfo)
+        b, b_norm = _checked(tensors[pair["lora_B"]], pair["lora_B"], (out_features, r), name, limits.finfo)
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
         if not 0 < scaling <= MAX_LORA_ALPHA:   # follows from the alpha and rank checks; kept as the last word
             raise AdapterScalingError(f"adapter '{name}': the scaling {scaling:g} of '{module_key}' is out of range")
-        check_effect(a, b, scaling, module_key, name, limits.max_delta_norm)
-        weights[(layer, module)] = (a, b, scaling)
+        check_effect(a, b, scaling, module_key, name, limits.max_delta_norm, a_norm, b_norm)
+        # A copy, so the adapter never shares memory with the file it came from.
+        weights[(layer, module)] = (a.to(dtype, copy=True).contiguous(), b.to(dtype, copy=True).contiguous(), scaling)
     return weights
 
 
@@ -263,8 +267,9 @@ def _locate(key: str, spec: LoRAModelSpec, name: str) -> tuple[int, str]:
     return layer, match["module"]
 
 
-def _to_float32(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], name: str,
-                finfo: torch.finfo) -> torch.Tensor:
+def _checked(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], name: str,
+             finfo: torch.finfo) -> tuple[torch.Tensor, float]:
+    """The file's tensor, checked for shape, dtype and values; with its Frobenius norm."""
     shown = _shown_name(tensor_name)
     if tuple(tensor.shape) != shape:
         raise AdapterShapeError(
@@ -274,13 +279,9 @@ def _to_float32(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], 
         raise AdapterWeightsError(
             f"adapter '{name}': tensor {shown} has dtype {tensor.dtype}, not a floating type; "
             "save the adapter in float32, float16 or bfloat16")
-    # A copy, so the adapter never shares memory with the file it came from.
-    out = tensor.to(dtype=torch.float32, copy=True).contiguous()
-    if not torch.isfinite(out).all():
-        raise AdapterWeightsError(
-            f"adapter '{name}': tensor {shown} contains NaN or Inf values; fix or retrain the adapter")
-    check_range(out, shown, name, finfo)
-    return out
+    if tensor.dtype.itemsize > 4:
+        tensor = tensor.float()    # float64 is computed in float32: what overflows it is refused as Inf
+    return tensor, check_values(tensor, shown, name, finfo)
 
 
 def _shown_name(text: str) -> str:

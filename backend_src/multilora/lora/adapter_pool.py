@@ -2,8 +2,15 @@
 
 Pure bookkeeping: the pool never touches a device. Weights reach a slot when
 the engine drains `take_pending_writes()` and hands them to the model runner;
-a write that fails is reported with `fail_write()`, which frees the slot.
-An adapter whose slot is held by a running sequence is never evicted.
+a write that fails is reported with `fail_write()`, which frees the slot; the
+runner times each upload on the device and the engine reports it with
+`record_upload()`. An adapter whose slot is held by a running sequence is
+never evicted. `prefetch()` places the adapters of the next waiting requests
+in slots nobody holds, so their copies overlap the steps before they start.
+
+Loads (disk -> host memory), uploads (host -> GPU slot) and evictions (GPU
+slot, host LRU) are counted and timed in `counters`, and each is reported to
+`on_event` as an `AdapterEvent` (the Triton model turns them into histograms).
 
 Failures are remembered: a load that raises an `AdapterError` (the adapter is
 unservable) or a failed slot write is kept for `failure_ttl_s`, keyed by
@@ -31,10 +38,31 @@ class AdapterPoolCounters:
     hits: int = 0        # acquire() found the adapter already in a slot
     misses: int = 0      # acquire() had to write it into a slot
     loads: int = 0       # adapter files read from disk
+    load_seconds: float = 0.0        # their time: read, validation, host image (AdapterEvent.LOAD)
+    uploads: int = 0                 # adapters copied from host memory into a GPU slot
+    upload_seconds: float = 0.0      # their time on the device (AdapterEvent.UPLOAD)
+    prefetches: int = 0              # slots filled by prefetch() for a waiting request
     evictions: int = 0   # an adapter pushed out of a slot for another
+    eviction_seconds: float = 0.0    # their time: bookkeeping only (the copy that replaces it is an upload)
+    host_evictions: int = 0          # adapters dropped from the host LRU (max_cpu_loras) for newer ones
+    host_eviction_seconds: float = 0.0   # their time: dropping the host copy (and its pinned image)
     failed_loads: int = 0            # loads that raised
     remembered_failures: int = 0     # get() answered with a remembered failure, without loading
     failed_writes: int = 0           # slot writes reported by fail_write()
+
+
+@dataclass(frozen=True)
+class AdapterEvent:
+    """One timed pool event, as `on_event` receives it."""
+
+    LOAD = "load"                    # disk -> host memory
+    UPLOAD = "upload"                # host memory -> GPU slot
+    GPU_EVICTION = "gpu_eviction"    # out of a GPU slot
+    HOST_EVICTION = "host_eviction"  # out of the host LRU
+
+    kind: str
+    adapter_name: str
+    seconds: float
 
 
 # How long a failed load or write is remembered: long enough that a stream of requests for a broken
@@ -48,18 +76,18 @@ _REMEMBERED = (AdapterError, AdapterWriteError)
 
 class AdapterPool:
     def __init__(self, num_slots: int, host_capacity: int, load: Callable[[LoRARequest], object],
-                 on_loaded: Optional[Callable[[str, float], None]] = None, *,
+                 on_event: Optional[Callable[[AdapterEvent], None]] = None, *,
                  failure_ttl_s: float = FAILURE_TTL_S, clock: Callable[[], float] = time.monotonic):
         self.num_slots = num_slots
         self.host_capacity = host_capacity
         self._load = load
-        self._on_loaded = on_loaded
+        self._on_event = on_event
         self._failure_ttl_s = failure_ttl_s
         self._clock = clock
         self.counters = AdapterPoolCounters()
         # Host side: adapter_id -> loaded adapter (LRU order), and loads in flight.
         self._lock = threading.Lock()
-        self._host: OrderedDict[int, object] = OrderedDict()
+        self._host: OrderedDict[int, tuple[str, object]] = OrderedDict()   # id -> (name, adapter), LRU first
         self._loading: dict[int, Future] = {}
         self._failed: OrderedDict[int, tuple[float, MultiLoRAError]] = OrderedDict()   # id -> (expiry, error)
         # GPU side (touched by the engine thread only).
@@ -77,7 +105,7 @@ class AdapterPool:
         with self._lock:
             if adapter_id in self._host:
                 self._host.move_to_end(adapter_id)
-                return self._host[adapter_id]
+                return self._host[adapter_id][1]
             remembered = self._remembered_failure(adapter_id)
             if remembered is not None:
                 self.counters.remembered_failures += 1
@@ -103,13 +131,34 @@ class AdapterPool:
         with self._lock:
             del self._loading[adapter_id]
             self.counters.loads += 1
-            self._host[adapter_id] = adapter
-            while len(self._host) > self.host_capacity:
-                self._host.popitem(last=False)
+            self.counters.load_seconds += seconds
+            self._host[adapter_id] = (lora_request.lora_name, adapter)
+            evicted = self._evict_host()
         future.set_result(adapter)
-        if self._on_loaded:
-            self._on_loaded(lora_request.lora_name, seconds)
+        self._report(AdapterEvent.LOAD, lora_request.lora_name, seconds)
+        for event in evicted:
+            self._report(*event)
         return adapter
+
+    def _evict_host(self) -> list[tuple[str, str, float]]:
+        """Drops the least recently used host copies beyond host_capacity (lock held); returns their events.
+
+        A request that still holds one keeps it alive; only the pool forgets it.
+        """
+        evicted = []
+        while len(self._host) > self.host_capacity:
+            start = time.perf_counter()
+            _, (name, adapter) = self._host.popitem(last=False)
+            del adapter                          # frees its memory here when nothing else holds it
+            seconds = time.perf_counter() - start
+            self.counters.host_evictions += 1
+            self.counters.host_eviction_seconds += seconds
+            evicted.append((AdapterEvent.HOST_EVICTION, name, seconds))
+        return evicted
+
+    def _report(self, kind: str, adapter_name: str, seconds: float) -> None:
+        if self._on_event is not None:
+            self._on_event(AdapterEvent(kind, adapter_name, seconds))
 
     def check_not_failed(self, adapter_id: int) -> None:
         """Raises the remembered failure of `adapter_id`, if any: a request prepared before its
@@ -136,13 +185,48 @@ class AdapterPool:
             self._slot_lru.pop(adapter_id, None)
         else:
             self.counters.misses += 1
-            slot = self._free_slot()
-            self._slot_adapter[slot] = adapter_id
-            self._slot_of[adapter_id] = slot
-            self._slot_names[adapter_id] = lora_request.lora_name
-            self._pending_writes.append((slot, adapter))
+            self._place(self._free_slot(), lora_request, adapter)
         self._holds[adapter_id] = self._holds.get(adapter_id, 0) + 1
         return self._slot_of[adapter_id]
+
+    def prefetch(self, candidates: list[tuple[LoRARequest, object]]) -> int:
+        """Writes the adapters of the next waiting requests (in queue order) into slots no request holds.
+
+        Their uploads then overlap the steps before those requests start, instead of delaying the
+        step that admits them. Only a free slot or an unheld adapter that no candidate needs is taken;
+        a prefetched adapter is held by nobody, so admission may still evict it (least recently used
+        first, and it is the most recent). Returns how many adapters were placed.
+        """
+        wanted = {lora_request.lora_int_id for lora_request, _ in candidates}
+        placed = 0
+        for lora_request, adapter in candidates:
+            if lora_request.lora_int_id in self._slot_of:
+                continue
+            if None in self._slot_adapter:
+                slot = self._slot_adapter.index(None)
+            else:
+                victim = next((a for a in self._slot_lru if a not in wanted), None)
+                if victim is None:
+                    break
+                slot = self._evict(victim)
+            self._place(slot, lora_request, adapter)
+            self._slot_lru[lora_request.lora_int_id] = None
+            self.counters.prefetches += 1
+            placed += 1
+        return placed
+
+    def record_upload(self, adapter_name: str, seconds: float) -> None:
+        """An upload into a slot finished on the device after `seconds` (the model runner measures it)."""
+        self.counters.uploads += 1
+        self.counters.upload_seconds += seconds
+        self._report(AdapterEvent.UPLOAD, adapter_name, seconds)
+
+    def _place(self, slot: int, lora_request: LoRARequest, adapter) -> None:
+        adapter_id = lora_request.lora_int_id
+        self._slot_adapter[slot] = adapter_id
+        self._slot_of[adapter_id] = slot
+        self._slot_names[adapter_id] = lora_request.lora_name
+        self._pending_writes.append((slot, adapter))
 
     def release(self, adapter_id: int) -> None:
         holds = self._holds[adapter_id] - 1
@@ -211,8 +295,17 @@ class AdapterPool:
         if None in self._slot_adapter:
             return self._slot_adapter.index(None)
         assert self._slot_lru, "acquire() without can_acquire()"
-        victim, _ = self._slot_lru.popitem(last=False)
+        return self._evict(next(iter(self._slot_lru)))
+
+    def _evict(self, victim: int) -> int:
+        """Takes the slot of unheld adapter `victim`; returns it (its new adapter is written over it)."""
+        start = time.perf_counter()
+        del self._slot_lru[victim]
         slot = self._slot_of.pop(victim)
-        logger.info("Evicting adapter '%s' from GPU slot %d", self._slot_names.pop(victim), slot)
+        name = self._slot_names.pop(victim)
+        seconds = time.perf_counter() - start
+        logger.info("Evicting adapter '%s' from GPU slot %d", name, slot)
         self.counters.evictions += 1
+        self.counters.eviction_seconds += seconds
+        self._report(AdapterEvent.GPU_EVICTION, name, seconds)
         return slot

@@ -10,15 +10,20 @@ slot: built once per adapter (pinned memory on GPUs, so the copy is a real DMA
 that never blocks the host), uploaded with ONE copy of r / max_rank of a slot.
 Rows left over from a previous adapter of higher rank are zeroed on the device.
 
-On a GPU the copy runs on a side stream; the compute stream waits on its event
-before the step that first uses the slot (the engine uploads right before that
-step), so the host never waits. The side stream first waits for the work already
-queued on the compute stream, which may still read the slot's previous adapter.
+On a GPU the copy runs on a side stream and the host never waits: the compute
+stream waits on the copy's event only before the first step that uses the slot
+(`wait_for_uploads`), so an adapter uploaded ahead (prefetched for a waiting
+request) never delays the steps in between. The side stream first waits for the
+work already queued on the compute stream, which may still read the slot's
+previous adapter. Each copy is timed with CUDA events, read once they have
+completed (`take_finished_uploads`, which never waits); on the CPU, wall time.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +67,9 @@ class AdapterSlotWeights:
         self._slot_ranks = [0] * num_slots  # rank rows that may be non-zero, per slot
         self._images: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._unawaited: dict[int, torch.cuda.Event] = {}   # slot -> its last copy, not yet waited for
+        # (adapter name, start event, end event) of copies in stream order; on the CPU (name, seconds).
+        self._timing: list[tuple] = []
 
     def _views(self, buffer: torch.Tensor, layer: LoRALinear, rank: int):
         """(lora_a [.., n, rank, in], lora_b [.., out, rank], lora_scales [.., n]) of `layer` in `buffer`."""
@@ -83,8 +91,11 @@ class AdapterSlotWeights:
             return cached[1]
         rank = max((a.shape[0] for a, _, _ in adapter.weights.values()), default=0)
         assert rank <= self.max_rank, f"adapter '{adapter.name}' has rank {rank} > max_lora_rank {self.max_rank}"
-        image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
-                            pin_memory=self.device.type == "cuda")
+        # Any thread may build it (the engine does so as it loads the adapter); pinned memory is
+        # allocated in the engine device's context, never a new one on the thread's default device.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
+                                pin_memory=self.device.type == "cuda")
         for key, (a, b, scaling) in adapter.weights.items():
             target = self.targets.get(key)
             if target is None:
@@ -115,14 +126,39 @@ class AdapterSlotWeights:
         stale = dst[image.numel():self.header_bytes + self._slot_ranks[adapter_slot] * self.row_bytes]
         self._slot_ranks[adapter_slot] = rank
         if self._stream is None:
+            start = time.perf_counter()
             dst[:image.numel()].copy_(image)
             stale.zero_()
+            self._timing.append((adapter.name, time.perf_counter() - start))
             return
-        compute = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(compute)  # queued steps may still read the slot's previous adapter
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # queued steps may read the old adapter
         with torch.cuda.stream(self._stream):
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._stream)
             dst[:image.numel()].copy_(image, non_blocking=True)
             stale.zero_()
-            done = torch.cuda.Event()
             done.record(self._stream)
-        compute.wait_event(done)
+        self._unawaited[adapter_slot] = done
+        self._timing.append((adapter.name, start, done))
+
+    def wait_for_uploads(self, adapter_slots) -> None:
+        """Makes the compute stream wait for the copies into these slots (those of the step it is about
+        to run) that it has not waited for yet; the host never waits."""
+        if not self._unawaited:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for slot in set(adapter_slots):
+            done = self._unawaited.pop(slot, None)
+            if done is not None:
+                compute.wait_event(done)
+
+    def take_finished_uploads(self) -> list[tuple[str, float]]:
+        """(adapter name, seconds) of each copy completed since the last call, in upload order; never waits."""
+        if self._stream is None:
+            finished, self._timing = self._timing, []
+            return finished
+        finished = []
+        while self._timing and self._timing[0][2].query():    # one stream: they complete in order
+            name, start, done = self._timing.pop(0)
+            finished.append((name, start.elapsed_time(done) / 1e3))
+        return finished

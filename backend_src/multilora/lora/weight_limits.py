@@ -6,11 +6,12 @@ then NaN, which poisons the KV cache. `load_adapter` refuses both with
 `AdapterRangeError`, using these checks.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from multilora.errors import AdapterRangeError
+from multilora.errors import AdapterRangeError, AdapterWeightsError
 
 # The largest effect an adapter may have on one layer: the spectral norm of scaling * B @ A (how many times
 # the input's norm the layer's output can change by), and of A alone (the rank-r intermediate). Trained
@@ -27,26 +28,46 @@ class WeightLimits:
     max_delta_norm: float
 
 
-def check_range(weights: torch.Tensor, shown: str, name: str, finfo: torch.finfo) -> None:
-    """Every value of the (finite, float32) `weights` representable in the serving dtype of `finfo`."""
-    largest = weights.abs().max().item() if weights.numel() else 0.0
+def frobenius_norm(weights: torch.Tensor) -> float:
+    """sqrt(sum of squares) in one pass, accumulated in float32 whatever the tensor's dtype (0 if empty).
+
+    Non-finite when a value is NaN or Inf, or when the squares overflow float32 (values past ~1e19)."""
+    return torch.linalg.vector_norm(weights, dtype=torch.float32).item() if weights.numel() else 0.0
+
+
+def check_values(weights: torch.Tensor, shown: str, name: str, finfo: torch.finfo) -> float:
+    """Every value finite and representable in the serving dtype of `finfo`; returns the Frobenius norm.
+
+    One pass in the common case: a finite norm within the dtype's range bounds every value; only
+    otherwise are the values themselves looked at, to say exactly what is wrong.
+    """
+    norm = frobenius_norm(weights)
+    if math.isfinite(norm) and norm <= finfo.max:
+        return norm
+    if not torch.isfinite(weights).all():
+        raise AdapterWeightsError(
+            f"adapter '{name}': tensor {shown} contains NaN or Inf values; fix or retrain the adapter")
+    largest = weights.abs().max().item()
     if largest > finfo.max:
         raise AdapterRangeError(
             f"adapter '{name}': tensor {shown} holds {largest:.3g}, beyond the largest {finfo.dtype} "
             f"({finfo.max:.3g}) the engine may compute in; this is not a trained adapter, fix or retrain it")
+    return torch.linalg.vector_norm(weights, dtype=torch.float64).item()   # squares past float32's range
 
 
 def check_effect(a: torch.Tensor, b: torch.Tensor, scaling: float, module_key: str, name: str,
-                 max_delta_norm: float) -> None:
-    """Spectral norms of A and of scaling * B @ A at most `max_delta_norm`, without forming B @ A ([out, in])."""
-    # Frobenius norms bound the spectral ones from above and cost one pass; trained adapters pass on them.
-    a_bound = torch.linalg.vector_norm(a, dtype=torch.float64).item()
-    delta_bound = scaling * a_bound * torch.linalg.vector_norm(b, dtype=torch.float64).item()
-    if a_bound <= max_delta_norm and delta_bound <= max_delta_norm:
+                 max_delta_norm: float, a_frobenius: float, b_frobenius: float) -> None:
+    """Spectral norms of A and of scaling * B @ A at most `max_delta_norm`, without forming B @ A ([out, in]).
+
+    `a_frobenius`, `b_frobenius`: their Frobenius norms (`check_values`), which bound the spectral
+    ones from above: trained adapters pass on them, and only the others need the exact norms.
+    """
+    if a_frobenius <= max_delta_norm and scaling * a_frobenius * b_frobenius <= max_delta_norm:
         return
     # Exact, from r x r Gram matrices: ||A||^2 = max eig(A A^T), ||B A||^2 = max eig(S B^T B S) with
     # S = (A A^T)^(1/2). A and B are first divided by their largest value, so float32 cannot overflow
     # whatever the serving dtype allows, and the scales are multiplied back in Python floats.
+    a, b = a.float(), b.float()
     a_max, b_max = a.abs().max().item() or 1.0, b.abs().max().item() or 1.0
     a1, b1 = a / a_max, b / b_max
     try:

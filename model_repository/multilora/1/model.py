@@ -72,7 +72,7 @@ class TritonPythonModel:
                                       {"model": args["model_name"], "version": args["model_version"]})
         self._outbox: queue.Queue = queue.Queue()
         self._engine = AsyncLLMEngine(EngineConfig.from_dict(config.engine),
-                                      on_adapter_loaded=lambda name, s: self._outbox.put(("load", name, s)))
+                                      on_adapter_event=lambda event: self._outbox.put(("adapter", None, event)))
         self._streams: dict[str, _Stream] = {}
         self._link = LauncherLink.from_environment()
         self._link.exit_with_parent()
@@ -147,8 +147,8 @@ class TritonPythonModel:
     def _handle(self, kind, request_id, payload):
         if kind == "new":
             self._streams[request_id] = payload
-        elif kind == "load":
-            self._metrics.record_adapter_load(payload)
+        elif kind == "adapter":
+            self._metrics.record_adapter_event(payload)
         elif kind == "fail":
             stream = self._streams.pop(request_id)
             self._send(stream, pb_utils.InferenceResponse(error=triton_error(payload)), FINAL)

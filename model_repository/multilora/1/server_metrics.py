@@ -16,15 +16,33 @@ BASE_MODEL_LABEL = "(base)"  # not a valid adapter name, so it cannot collide wi
 REFUSED_LABEL = "(refused)"
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 LOAD_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-# EngineStats cumulative counters -> the counter that follows them.
+UPLOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+EVICTION_BUCKETS = [1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0]
+# EngineStats cumulative counters -> the counter that follows them (name without "_total", help).
 _POOL_COUNTERS = {
-    "adapter_pool_hits": "requests admitted whose adapter was already in a GPU slot",
-    "adapter_pool_misses": "requests admitted whose adapter had to be copied into a GPU slot",
-    "adapter_loads": "adapters read from disk into host memory",
-    "adapter_evictions": "adapters pushed out of a GPU slot for another",
-    "adapter_failed_loads": "adapter loads refused (bad files or numbers); each is remembered for a while",
-    "adapter_remembered_failures": "requests refused at once by a remembered failed load, without reloading",
-    "adapter_failed_writes": "adapters whose copy into a GPU slot failed (the log says why)",
+    "adapter_pool_hits": ("adapter_pool_hits", "requests admitted whose adapter was already in a GPU slot"),
+    "adapter_pool_misses": ("adapter_pool_misses", "requests admitted whose adapter had to be copied into a GPU slot"),
+    "adapter_loads": ("adapter_loads", "adapters read from disk into host memory"),
+    "adapter_prefetches": ("adapter_prefetches", "adapters copied into a free GPU slot ahead of the waiting "
+                           "request that needs them, so that request's first step does not wait for the copy"),
+    "adapter_evictions": ("adapter_evictions", "adapters pushed out of a GPU slot for another"),
+    "adapter_host_evictions": ("adapter_host_evictions", "adapters dropped from host memory (max_cpu_loras) for "
+                               "newer ones; a later request for one reads it from disk again"),
+    "adapter_failed_loads": ("adapter_failed_loads", "adapter loads refused (bad files or numbers); each is "
+                             "remembered for a while"),
+    "adapter_remembered_failures": ("adapter_remembered_failures", "requests refused at once by a remembered "
+                                    "failed load, without reloading"),
+    "adapter_failed_writes": ("adapter_failed_writes", "adapters whose copy into a GPU slot failed (the log says why)"),
+    "num_steps": ("engine_steps", "engine steps that ran a batch"),
+    "num_step_adapters": ("step_adapters", "distinct adapters in each engine step, summed over steps: divided by "
+                          "engine_steps_total, the mean number of adapters batched together"),
+}
+# AdapterEvent.kind -> (histogram attribute, extra labels, buckets).
+_ADAPTER_EVENTS = {
+    "load": ("_load_time", {}, LOAD_BUCKETS),
+    "upload": ("_upload_time", {}, UPLOAD_BUCKETS),
+    "gpu_eviction": ("_eviction_time", {"from": "gpu_slot"}, EVICTION_BUCKETS),
+    "host_eviction": ("_eviction_time", {"from": "host_memory"}, EVICTION_BUCKETS),
 }
 
 
@@ -41,7 +59,18 @@ class ServerMetrics:
         self._prompt_tokens = f("prompt_tokens_total", "prompt tokens of finished requests, by adapter", counter)
         self._generation_tokens = f("generation_tokens_total", "generated tokens, by adapter", counter)
         self._ttft = f("time_to_first_token_seconds", "time to first token, by adapter", histogram)
-        self._load_time = f("adapter_load_seconds", "time to load an adapter from disk", histogram)
+        self._queue_time = f("request_queue_time_seconds", "time from a request's arrival to its first step: "
+                             "loading its adapter, then waiting for a batch seat, KV blocks or an adapter slot",
+                             histogram)
+        self._prefill_time = f("request_prefill_time_seconds", "time from a request's first step to its first "
+                               "token: its prompt's prefill", histogram)
+        self._load_time = f("adapter_load_seconds", "time to load an adapter from disk into host memory: read, "
+                            "checks, and its layout for the copy to the GPU", histogram)
+        self._upload_time = f("adapter_upload_seconds", "time to copy an adapter from host memory into a GPU slot, "
+                              "measured on the GPU; the copy runs beside decoding, on its own stream", histogram)
+        self._eviction_time = f("adapter_eviction_seconds", "time to evict an adapter: from=gpu_slot frees its slot "
+                                "(bookkeeping; the copy that replaces it is an upload), from=host_memory drops its "
+                                "host copy", histogram)
         self._info = f("lora_requests_info", "running and waiting adapters (labels) and max_lora; "
                        "the current label set holds the time it became current, earlier ones 0", gauge)
         gauges = {
@@ -52,10 +81,13 @@ class ServerMetrics:
             "resident_adapters": "adapters in GPU slots",
         }
         self._gauges = {key: f(key, text, gauge).Metric(labels=self._labels) for key, text in gauges.items()}
-        self._pool = {key: f(key + "_total", text, counter).Metric(labels=self._labels)
-                      for key, text in _POOL_COUNTERS.items()}
+        self._pool = {key: f(name + "_total", text, counter).Metric(labels=self._labels)
+                      for key, (name, text) in _POOL_COUNTERS.items()}
         self._pool_seen = dict.fromkeys(_POOL_COUNTERS, 0)
-        self._load_metric = self._load_time.Metric(labels=self._labels, buckets=LOAD_BUCKETS)
+        self._queue_metric = self._queue_time.Metric(labels=self._labels, buckets=TTFT_BUCKETS)
+        self._prefill_metric = self._prefill_time.Metric(labels=self._labels, buckets=TTFT_BUCKETS)
+        self._event_metrics = {kind: getattr(self, attr).Metric(labels={**self._labels, **extra}, buckets=buckets)
+                               for kind, (attr, extra, buckets) in _ADAPTER_EVENTS.items()}
         self._per_adapter: dict[tuple, object] = {}
         self._info_key: Optional[tuple] = None
         self._info_metrics: dict[tuple, object] = {}
@@ -90,9 +122,14 @@ class ServerMetrics:
         if m is not None and m.first_token_time is not None:
             ttft = max(0.0, m.first_token_time - m.arrival_time)
             self._adapter_metric(self._ttft, adapter_name, buckets=TTFT_BUCKETS).observe(ttft)
+        if m is not None and m.time_in_queue is not None:
+            self._queue_metric.observe(max(0.0, m.time_in_queue))
+        if m is not None and m.time_in_prefill is not None:
+            self._prefill_metric.observe(max(0.0, m.time_in_prefill))
 
-    def record_adapter_load(self, seconds: float):
-        self._load_metric.observe(seconds)
+    def record_adapter_event(self, event):
+        """A multilora AdapterEvent: a timed load, upload or eviction."""
+        self._event_metrics[event.kind].observe(event.seconds)
 
     def update(self, stats):
         """Gauges and pool counters from an EngineStats snapshot."""
@@ -132,5 +169,6 @@ class ServerMetrics:
         self._per_adapter.clear()
         self._gauges.clear()
         self._pool.clear()
-        self._load_metric = None
+        self._queue_metric = self._prefill_metric = None
+        self._event_metrics.clear()
         self._families.clear()
