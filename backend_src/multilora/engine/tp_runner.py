@@ -54,6 +54,7 @@ class TensorParallelRunner:
         self.failure: Optional[str] = None
         self._check_devices()
         # Built before any worker starts: a model that cannot be split fails here, with its reason.
+        self.dtype = resolve_dtype(config, hf_config, torch.device(self._device_type()))   # the workers' too
         self._skeletons = self._rank_skeletons(hf_config)
         self._dir = tempfile.mkdtemp(prefix="multilora-tp-")
         self._processes, self._conns = self._spawn(max_model_len)
@@ -66,6 +67,7 @@ class TensorParallelRunner:
             block_size=config.block_size, scratch_block=self.num_kv_blocks, device=self.device, exports=True)
         self._sent = self._received = 0         # steps sent; answers read
         self._answers: dict[int, list[int]] = {}
+        self._uploads: list[tuple[str, float]] = []     # rank 0's finished adapter writes, not yet taken
 
     # ---- start-up -------------------------------------------------------
     def _device_type(self) -> str:
@@ -83,10 +85,9 @@ class TensorParallelRunner:
 
     def _rank_skeletons(self, hf_config) -> list:
         """Each rank's model as shapes only, with its adapter-slot layout: what cuts adapters into parts."""
-        dtype = resolve_dtype(self.config, hf_config, torch.device(self._device_type()))
         skeletons = []
         for rank in range(self.size):
-            model = build_skeleton(hf_config, dtype, torch.device("meta"), TensorParallel(rank, self.size))
+            model = build_skeleton(hf_config, self.dtype, torch.device("meta"), TensorParallel(rank, self.size))
             if self.config.enable_lora:
                 model.enable_lora(self.config.max_loras, self.config.max_lora_rank)
             skeletons.append(model)
@@ -108,7 +109,7 @@ class TensorParallelRunner:
 
     def _start_up(self) -> WorkerInfo:
         try:
-            infos = [self._receive(rank, "ready", START_TIMEOUT_S, "to start") for rank in range(self.size)]
+            infos = [self._receive(rank, "ready", START_TIMEOUT_S, "to start")[0] for rank in range(self.size)]
         except WorkerFailedError:
             raise RuntimeError(f"the tensor-parallel workers could not start: {self.failure}") from None
         logger.info("Tensor parallelism: %d workers (pids %s) ready, %d KV blocks each", self.size,
@@ -120,7 +121,19 @@ class TensorParallelRunner:
         """Sends every rank its part of `adapter` for `adapter_slot`; the worker uploads it before its next step."""
         for conn, skeleton in zip(self._conns, self._skeletons):
             # The image is cached with the adapter: its memory is shared with the workers once.
-            self._send(conn, ("write", adapter_slot, skeleton.adapter_slot_weights.host_image(adapter)))
+            image = skeleton.adapter_slot_weights.host_image(adapter)
+            self._send(conn, ("write", adapter_slot, image, adapter.name))
+
+    def stage_adapter(self, adapter) -> None:
+        """Cuts `adapter` into every rank's part now, on the calling thread (as ModelRunner.stage_adapter)."""
+        if self.config.enable_lora:
+            for skeleton in self._skeletons:
+                skeleton.adapter_slot_weights.host_image(adapter)
+
+    def finished_adapter_uploads(self) -> list[tuple[str, float]]:
+        """(adapter name, seconds on rank 0's device) of each write rank 0 reported finished since the last call."""
+        finished, self._uploads = self._uploads, []
+        return finished
 
     def execute(self, batch: ScheduledBatch, adapter_slots: list[int], sample_rows: list[Optional[SampleRow]],
                 sources: Optional[dict[Sequence, int]] = None) -> SampledTokens:
@@ -131,7 +144,7 @@ class TensorParallelRunner:
         records = self.inputs.export(step)
         rows = [sample_rows[i] for i in step.sample_order]
         for rank, conn in enumerate(self._conns):
-            self._send(conn, ("step", records, rows if rank == 0 else None))
+            self._send(conn, ("step", records, adapter_slots, rows if rank == 0 else None))
         self._sent += 1
         return _WorkerTokens(step.sample_order, len(sample_rows), self, self._sent - 1)
 
@@ -172,7 +185,9 @@ class TensorParallelRunner:
     def tokens_of(self, step: int) -> list[int]:
         """Step `step`'s sampled ids, from rank 0 (answers come in step order)."""
         while self._received <= step:
-            self._answers[self._received] = self._receive(0, "tokens", STEP_TIMEOUT_S, "to answer a step")
+            ids, uploads = self._receive(0, "tokens", STEP_TIMEOUT_S, "to answer a step")
+            self._answers[self._received] = ids
+            self._uploads += uploads
             self._received += 1
         for old in [s for s in self._answers if s < step]:     # steps nobody asked about
             del self._answers[old]
@@ -187,7 +202,7 @@ class TensorParallelRunner:
             self._fail(f"a worker stopped reading its messages ({e})")
 
     def _receive(self, rank: int, kind: str, timeout: float, doing: str):
-        """The next message from worker `rank`, which must be of `kind`; watches every worker meanwhile."""
+        """The next message of `kind` from worker `rank`, without its kind; watches every worker meanwhile."""
         self._raise_if_failed()
         conn = self._conns[rank]
         while True:
@@ -204,7 +219,7 @@ class TensorParallelRunner:
                     self._fail(message[1])
                 if message[0] != kind:
                     self._fail(f"worker {rank} sent {message[0]!r} where {kind!r} was expected")
-                return message[1]
+                return message[1:]
             self.check_health()         # a sentinel: a worker ended
 
     def _raise_if_failed(self) -> None:

@@ -5,11 +5,12 @@ process group (gloo on CPUs, NCCL on GPUs, NVLink multicast off), builds its
 ModelRunner (whose CUDA graphs capture the collectives), reports ("ready",
 WorkerInfo), then follows the engine's messages in order:
 
-    ("write", adapter_slot, host image)     this rank's part of an adapter, into its slot
-    ("step", StepRecords, rows)             one step; rows: the SampleRows (rank 0 only, else None)
+    ("write", adapter_slot, host image, name)   this rank's part of an adapter, into its slot
+    ("step", StepRecords, adapter_slots, rows)  one step; rows: the SampleRows (rank 0 only, else None)
     ("stop",)
 
-Rank 0 answers every step with ("tokens", ids). It launches a step as soon as
+Rank 0 answers every step with ("tokens", ids, uploads): uploads are the (adapter name,
+seconds) of its adapter writes finished since (AdapterSlotWeights.take_finished_uploads). It launches a step as soon as
 it arrives and answers the one before as soon as its ids are on the host, so
 the GPU is never idle waiting for the pipe. Any failure is sent as
 ("error", text) and ends the process; so does the end of the engine process.
@@ -91,7 +92,7 @@ def _serve(runner: ModelRunner, conn) -> None:
     pending: Optional[SampledTokens] = None      # rank 0: a launched step whose ids are not sent yet
     while True:
         if pending is not None and (pending.ready is None or pending.ready.query()):
-            conn.send(("tokens", pending.values()))
+            _answer(runner, conn, pending)
             pending = None
         if pending is not None and not conn.poll(_POLL_S):
             continue
@@ -99,14 +100,20 @@ def _serve(runner: ModelRunner, conn) -> None:
         if message[0] == "stop":
             return
         if message[0] == "write":
-            runner.model.adapter_slot_weights.upload_image(message[1], message[2])
+            runner.model.adapter_slot_weights.upload_image(*message[1:])
             continue
-        _, records, rows = message
+        _, records, adapter_slots, rows = message
+        if runner.lora_layers:
+            runner.model.adapter_slot_weights.wait_for_uploads(adapter_slots)   # as ModelRunner.execute does
         tokens = runner.run(runner.inputs.load(records), rows, len(records.step.sample_order))
         if runner.tp.is_first:
             if pending is not None:     # answers go in step order
-                conn.send(("tokens", pending.values()))
+                _answer(runner, conn, pending)
             pending = tokens
+
+
+def _answer(runner: ModelRunner, conn, tokens: SampledTokens) -> None:
+    conn.send(("tokens", tokens.values(), runner.finished_adapter_uploads()))
 
 
 def _exit_with_parent(parent: int) -> None:

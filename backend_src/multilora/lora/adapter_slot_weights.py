@@ -115,11 +115,11 @@ class AdapterSlotWeights:
 
     def upload(self, adapter_slot: int, adapter) -> None:
         """Makes `adapter_slot` hold `adapter` (every layer; untargeted modules zero) with one copy."""
-        self.upload_image(adapter_slot, self.host_image(adapter))
+        self.upload_image(adapter_slot, self.host_image(adapter), adapter.name)
 
-    def upload_image(self, adapter_slot: int, image: torch.Tensor) -> None:
-        """Makes `adapter_slot` hold the adapter whose `host_image` is `image` (built here or, under tensor
-        parallelism, by the engine process for this rank)."""
+    def upload_image(self, adapter_slot: int, image: torch.Tensor, name: str) -> None:
+        """Makes `adapter_slot` hold adapter `name`, whose `host_image` is `image` (built here or, under
+        tensor parallelism, by the engine process for this rank)."""
         assert 0 <= adapter_slot < self.num_slots, f"adapter slot {adapter_slot} outside 0..{self.num_slots - 1}"
         rank = (image.numel() - self.header_bytes) // self.row_bytes
         dst = self.buffer[adapter_slot]
@@ -129,7 +129,7 @@ class AdapterSlotWeights:
             start = time.perf_counter()
             dst[:image.numel()].copy_(image)
             stale.zero_()
-            self._timing.append((adapter.name, time.perf_counter() - start))
+            self._timing.append((name, time.perf_counter() - start))
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # queued steps may read the old adapter
         with torch.cuda.stream(self._stream):
@@ -139,7 +139,7 @@ class AdapterSlotWeights:
             stale.zero_()
             done.record(self._stream)
         self._unawaited[adapter_slot] = done
-        self._timing.append((adapter.name, start, done))
+        self._timing.append((name, start, done))
 
     def wait_for_uploads(self, adapter_slots) -> None:
         """Makes the compute stream wait for the copies into these slots (those of the step it is about
