@@ -11,11 +11,14 @@ SIGSEGV in Metric::LoadFromSharedMemory on its stub-to-parent thread.
 
 import threading
 
+from metrics_text import eventually, sample
 from triton_client import Streams
 
 WORKERS = 4
 ROUNDS = 30
 PER_STREAM = 40
+REFUSALS = ("max_tokens must be an integer", "is not a valid adapter name")   # the two errors' messages
+REFUSED = {"lora_name": "(refused)", "outcome": "INVALID_ARG"}
 
 
 def _refused_in_execute(i):     # malformed: parse_request refuses it on Triton's execute thread
@@ -39,13 +42,14 @@ def _worker(url, failures, name):
             failures.append(f"{name} round {r}: broken={streams.broken}, {len(streams.errors)} errors, "
                             f"{len(streams.finished)} finished of {PER_STREAM}")
             return
-        if not all("INVALID_ARG" in e for e in streams.errors):
+        if not all(REFUSALS[0] in e or REFUSALS[1] in e for e in streams.errors):
             failures.append(f"{name} round {r}: {sorted(set(streams.errors))[:3]}")
             return
 
 
 def test_refusals_on_two_threads_at_once_do_not_crash_the_server(server):
     log_before = server.log.read_text(errors="replace")
+    counted_before = sample(server.metrics(), "multilora:requests_total", **REFUSED)
     failures: list[str] = []
     threads = [threading.Thread(target=_worker, args=(server.grpc_url, failures, f"w{w}")) for w in range(WORKERS)]
     for t in threads:
@@ -55,3 +59,6 @@ def test_refusals_on_two_threads_at_once_do_not_crash_the_server(server):
     new_log = server.log.read_text(errors="replace")[len(log_before):]
     assert "Signal (11)" not in new_log and "exited unexpectedly" not in new_log, new_log[-4000:]
     assert failures == []
+    expected = counted_before + WORKERS * ROUNDS * PER_STREAM   # every refusal counted, none lost
+    eventually(lambda: sample(server.metrics(), "multilora:requests_total", **REFUSED) == expected,
+               what=f"{expected:.0f} refusals counted")
