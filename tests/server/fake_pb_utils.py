@@ -1,21 +1,37 @@
 """A stand-in for triton_python_backend_utils: just enough of it to run model.py and ServerMetrics in-process."""
 
+import threading
 import types
+from typing import Optional
+
+# Metric calls made off `FakeMetric.only_thread`. python_backend's Metric is not thread-safe: two threads
+# in one metric hand tritonserver a freed shared-memory message and it segfaults (docs/serving.md).
+METRIC_MISUSES: list[str] = []
 
 
 class FakeMetric:
+    only_thread: Optional[str] = None   # the name of the one thread allowed to count; None = any
+
     def __init__(self, family, labels, buckets=None):
         self.family, self.labels, self.buckets = family, labels, buckets
         self.value, self.observations = 0.0, []
 
+    def _check_thread(self, call):
+        thread = threading.current_thread().name
+        if self.only_thread is not None and thread != self.only_thread:
+            METRIC_MISUSES.append(f"{self.family.name}.{call}() on thread {thread!r}")
+
     def increment(self, value):
+        self._check_thread("increment")
         assert value >= 0, "Triton counters only go up"
         self.value += value
 
     def set(self, value):
+        self._check_thread("set")
         self.value = value
 
     def observe(self, value):
+        self._check_thread("observe")
         self.observations.append(value)
 
 

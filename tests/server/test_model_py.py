@@ -31,8 +31,11 @@ def model_module(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     SENDER_MISUSES.clear()
+    fake_pb_utils.METRIC_MISUSES.clear()
+    monkeypatch.setattr(fake_pb_utils.FakeMetric, "only_thread", "multilora-sender")
     yield module
     assert SENDER_MISUSES == []
+    assert fake_pb_utils.METRIC_MISUSES == []
 
 
 class FakeSender:
@@ -122,6 +125,18 @@ def test_bad_request_gets_one_error_response(model):
     assert request.sender.done.wait(10)
     [(response, flags)] = request.sender.sent
     assert flags == 1 and response.error.code == fake_pb_utils.TritonError.NOT_FOUND
+
+
+def test_a_request_refused_in_execute_is_counted_on_the_sender_thread(model_module, tiny_zoo, tmp_path):
+    m = start_model(model_module, tiny_zoo, tmp_path)
+    request = FakeRequest(text_input="Hi", max_tokens=np.int32(-3))  # malformed: refused inside execute()
+    m.execute([request])  # on this thread, as Triton's execute thread calls it
+    m.finalize()  # the sender handles its queue in order, so the refusal is counted by now
+    [(response, flags)] = request.sender.sent
+    assert flags == 1 and response.error.code == fake_pb_utils.TritonError.INVALID_ARG
+    [metric] = fake_pb_utils.FakeMetricFamily.registry["multilora:requests_total"].metrics
+    assert (metric.labels["lora_name"], metric.labels["outcome"], metric.value) == ("(refused)", "INVALID_ARG", 1)
+    assert fake_pb_utils.METRIC_MISUSES == []  # checked here too, so the failure names this test
 
 
 def test_cancelled_request_is_aborted_with_cancelled(model, model_module, monkeypatch):

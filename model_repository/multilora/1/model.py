@@ -101,7 +101,8 @@ class TritonPythonModel:
             params = SamplingParams(**parsed.sampling)
         except Exception as e:  # a request's own fault: answer it alone
             sender.send(pb_utils.InferenceResponse(error=triton_error(e)), flags=FINAL)
-            self._metrics.record_finished(REFUSED_LABEL, None, getattr(e, "code", "INTERNAL"))
+            # Counted by the sender thread: python_backend's Metric is not thread-safe (see _handle).
+            self._outbox.put(("refused", None, getattr(e, "code", "INTERNAL")))
             return
         request_id = uuid.uuid4().hex
         # Queued before add_request, so the sender knows the stream before its first output.
@@ -145,10 +146,15 @@ class TritonPythonModel:
                 logger.exception("sender: failed handling %s", item[0] if item else "a periodic check")
 
     def _handle(self, kind, request_id, payload):
+        # Every metric call is made here, on the sender thread: python_backend's stub-side Metric drops the
+        # GIL and rewrites its shared-memory message on each call, so two threads counting into one metric
+        # hand tritonserver a freed message and it segfaults (docs/serving.md, known issues).
         if kind == "new":
             self._streams[request_id] = payload
         elif kind == "adapter":
             self._metrics.record_adapter_event(payload)
+        elif kind == "refused":
+            self._metrics.record_finished(REFUSED_LABEL, None, payload)
         elif kind == "fail":
             stream = self._streams.pop(request_id)
             self._send(stream, pb_utils.InferenceResponse(error=triton_error(payload)), FINAL)

@@ -4,7 +4,9 @@ Names follow vLLM's where one exists (`lora_requests_info` with its
 running/waiting adapter labels and `max_lora`), under a `multilora:` prefix.
 Triton's metric API is passed in (`pb_utils.MetricFamily`), keeping the Triton
 server import in model.py and letting tests use a fake. Every call here is an
-IPC round trip to the server, so one thread (model.py's sender) makes them.
+IPC round trip to the server, and python_backend's Metric is not thread-safe
+(two threads in one metric crash the server), so one thread (model.py's
+sender) makes them all.
 """
 
 import time
