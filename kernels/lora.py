@@ -46,17 +46,17 @@ from multilora_kernels._launch import INTERPRET_ENV  # noqa: F401  (tests and be
 # Shrink splits its reduction over H_in until roughly this many programs are in flight:
 # decode batches have only a few tiles, and one program per tile would idle an H200.
 _SHRINK_TARGET_PROGRAMS = 512
-# Elements of one shrink operand tile (x: BLOCK_M x BLOCK_K, A: BLOCK_K x BLOCK_N): 16 KB in bf16
-# per load keeps enough bytes in flight to stream A at HBM speed. With the old fixed BLOCK_K 64, a
-# rank-16 A tile was 2 KB and the shrink ran at a third of its byte floor on the H200.
-_SHRINK_TILE_ELEMENTS = 8192
-_MAX_SHRINK_BLOCK_K = 512
+# H_in per shrink loop step. Measured on the H200 (bench/RESULTS.md, 2026-12-02): K tiles of up to 512
+# for narrow rank tiles (16 KB loads) made the decode shrink slower (0.97 vs 0.91 ms per step at 32
+# adapters), so the tile stays 64.
+_SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
 _MAX_BLOCK_R = 64
-# Output columns one expand program covers (decode / larger batches): it sums the shrink's split-K
-# planes once and reuses them for all its column blocks. One column block per program re-read the
-# planes for every 64 columns: 26 us per gate_up expand at 32 adapters on the H200, ~10x its bytes.
-_EXPAND_COLUMNS = (1024, 512)
+# Output columns one expand program covers (decode / larger batches); it sums the shrink's split-K
+# planes once for all of them. Measured on the H200: 16 column blocks per program at decode (1024
+# columns) made the 8-adapter step slower (+3.5 vs +2.3 ms over base: each program's loop runs its
+# blocks one after another), so a program covers one block, as before.
+_EXPAND_COLUMNS = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class ShrinkConfig:
 def shrink_config(block_m: int, max_tiles: int, k: int, stacked_rank: int, split_k: int | None = None) -> ShrinkConfig:
     """The shrink's tiling for a step of `max_tiles` tiles of `block_m` tokens, H_in = k."""
     block_n = _pow2_block(stacked_rank, _MAX_BLOCK_R)
-    block_k = max(32, min(_MAX_SHRINK_BLOCK_K, _SHRINK_TILE_ELEMENTS // max(block_m, block_n)))
+    block_k = _SHRINK_BLOCK_K
     k_blocks = triton.cdiv(k, block_k)
     # Keep >= 2 K blocks per split: each split adds a plane the expand reads back.
     split_k = split_k or max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2))

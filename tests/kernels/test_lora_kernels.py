@@ -121,9 +121,10 @@ def test_kernels_match_ref(lora, triton_on_cpu, mix, num_tokens, dtype):
 
 
 @pytest.mark.parametrize("num_tokens", [37, 150])   # decode and larger tilings (block_m 16 / 32)
-def test_fused_slices_span_several_column_blocks(lora, triton_on_cpu, num_tokens):
+def test_fused_slices_span_several_column_blocks(lora, triton_on_cpu, num_tokens, monkeypatch):
     """Slices wider than one program's column blocks and not multiples of them, split-K planes
     added: each slice gets exactly its own B and scale, columns past a slice's end stay its neighbour's."""
+    monkeypatch.setattr(lora, "_EXPAND_COLUMNS", (256, 256))   # several blocks per program
     slices = (300, 72, 72)
     gen = torch.Generator().manual_seed(3)
     meta = lora.build_lora_meta(_slots("random", num_tokens, gen), NUM_SLOTS)
