@@ -280,6 +280,10 @@ def _profiled(driver: EngineDriver, run, steps: int) -> dict:
     for e in prof.events():
         if e.device_type == DeviceType.CPU and e.name.startswith("cuda"):
             runtime.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    host_ops: dict[str, float] = {}      # where the host's own time goes (self time: nested ops not counted twice)
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and not e.name.startswith("cuda"):
+            host_ops[e.name] = host_ops.get(e.name, 0.0) + e.self_cpu_time_total
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
     top_runtime = sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:8]
     return {"unit": "GPU kernel" if cuda else "CPU op", "steps": steps,
@@ -289,7 +293,9 @@ def _profiled(driver: EngineDriver, run, steps: int) -> dict:
             "busy_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
             "top": [{"name": name, "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for name, t in top],
             "host_runtime": [{"name": name, "calls_per_step": len(t) / steps, "us_per_step": sum(t) / steps}
-                             for name, t in top_runtime]}
+                             for name, t in top_runtime],
+            "host_ops": [{"name": name, "self_us_per_step": us / steps}
+                         for name, us in sorted(host_ops.items(), key=lambda kv: -kv[1])[:8]]}
 
 
 def profile_case(driver: EngineDriver, loras: list | None) -> dict:
@@ -385,6 +391,8 @@ def print_report(report: dict) -> None:
                                                    if p.get("step_intervals_ms") else ""))
         for t in p["top"][:10]:
             print(f"  {t['us_per_step']:9.1f} us {t['per_step']:6.1f}x  {t['name'][:90]}")
+        print("  host ops (self time): " + ", ".join(
+            f"{t['name']} {t['self_us_per_step'] / 1e3:.2f} ms" for t in p["host_ops"][:5]))
         print("  host CUDA runtime calls: " + ", ".join(
             f"{t['name']} {t['us_per_step'] / 1e3:.2f} ms ({t['calls_per_step']:.0f}x)" for t in p["host_runtime"][:5]))
     if report["cases"]["chunk_plus_decode"]["preemptions"]:
