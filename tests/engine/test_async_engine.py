@@ -19,6 +19,13 @@ def engine(tiny_zoo):
     engine.shutdown()
 
 
+def test_threads_get_the_gil_back_quickly(engine):
+    """A thread that released the GIL (every torch call does) waits at most this long for a busy one."""
+    import sys
+
+    assert sys.getswitchinterval() <= 0.0002
+
+
 def test_streams_deltas_that_add_up_to_the_reference(tiny_zoo, engine):
     requests = [(SHORT_PROMPTS[0], "sql"), (SHORT_PROMPTS[2], None), (SHORT_PROMPTS[1], "code")]
     collectors = []

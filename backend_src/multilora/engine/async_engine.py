@@ -17,6 +17,7 @@ delivered by the output thread, in the order the engine thread sent it.
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,12 @@ logger = logging.getLogger(__name__)
 OutputCallback = Callable[[RequestOutput], None]
 _STATS_EVERY_S = 0.05
 _IDLE_CHECK_S = 1.0       # idle, the engine thread still checks this often that its workers live
+# The engine, output and preparing threads share one GIL, and every torch call releases it: a thread
+# that released it waits up to the switch interval (Python's default 5 ms) for a busy thread to yield.
+# An adapter load makes ~1000 such calls: beside one busy Python thread it took 0.9-2 s instead of
+# 30 ms at 5 ms, 62-80 ms at 0.2 ms (bench/bench_adapter_load.py). The engine thread pays the same
+# wait at each launch while the output thread detokenizes.
+_SWITCH_INTERVAL_S = 0.0002
 
 
 def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> RequestOutput:
@@ -59,6 +66,8 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, on_adapter_event: Optional[Callable[[AdapterEvent], None]] = None):
         """`on_adapter_event`: each adapter load, upload and eviction, timed (called from engine threads)."""
         self.engine = LLMEngine(config, on_adapter_event)
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:    # process-wide; never made longer here
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.tokenizer = self.engine.tokenizer
         self.request_limits = self.engine.request_limits
         self._inbox: queue.Queue = queue.Queue()

@@ -30,7 +30,8 @@ from multilora.errors import (
 )
 from multilora.lora.peft_config import CONFIG_FILE, MAX_LORA_ALPHA, PeftConfig, check_ranks, read_peft_config
 from multilora.lora.request import LoRARequest
-from multilora.lora.weight_limits import DEFAULT_SERVING_DTYPE, MAX_DELTA_NORM, WeightLimits, check_effect, check_values
+from multilora.lora.weight_limits import (DEFAULT_SERVING_DTYPE, MAX_DELTA_NORM, WeightLimits, check_effect,
+                                          check_values, frobenius_norms)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ _MODULE_PARENT = {
 
 _WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_CHECKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # checked as they are; others as float32
 
 # Room in a weights file beyond its tensors' data: the JSON header (names, shapes, offsets) and metadata.
 _HEADER_ALLOWANCE = 1 << 20
@@ -190,14 +192,14 @@ def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: L
             "model; use an adapter trained for this base model")
     if not halves:
         raise AdapterFormatError(f"adapter '{name}' holds no LoRA weights; save it again with PEFT")
-    weights = {}
+    modules = {}     # (layer, module) -> (module_key, A, B, A's name, B's name, scaling), checked but for values
     for key, pair in sorted(halves.items()):
         if len(pair) != 2:
             missing = "lora_B" if "lora_A" in pair else "lora_A"
             raise AdapterShapeError(
                 f"adapter '{name}' has no {missing} tensor for {_shown_name(key)}; save the complete adapter again")
         layer, module = _locate(key, spec, name)
-        if (layer, module) in weights:
+        if (layer, module) in modules:
             raise AdapterShapeError(
                 f"adapter '{name}' holds two sets of weights for layer {layer} {module}; save it again with PEFT")
         # PEFT matched its patterns against the model's own module names, which is this canonical form;
@@ -209,11 +211,20 @@ def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: L
                 "does not select; fix target_modules or remove those weights")
         r, alpha = config.rank_and_alpha(module_key)
         in_features, out_features = spec.module_shapes[module]
-        a, a_norm = _checked(tensors[pair["lora_A"]], pair["lora_A"], (r, in_features), name, limits.finfo)
-        b, b_norm = _checked(tensors[pair["lora_B"]], pair["lora_B"], (out_features, r), name, limits.finfo)
+        a = _checked(tensors[pair["lora_A"]], pair["lora_A"], (r, in_features), name)
+        b = _checked(tensors[pair["lora_B"]], pair["lora_B"], (out_features, r), name)
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
         if not 0 < scaling <= MAX_LORA_ALPHA:   # follows from the alpha and rank checks; kept as the last word
             raise AdapterScalingError(f"adapter '{name}': the scaling {scaling:g} of '{module_key}' is out of range")
+        modules[(layer, module)] = (module_key, a, b, pair["lora_A"], pair["lora_B"], scaling)
+    # The values: every tensor's norm in one call (a load runs beside the engine's threads, and each
+    # torch call per tensor is one more wait for the GIL), then the per-module limits in Python.
+    entries = list(modules.values())
+    norms = frobenius_norms([t for _, a, b, _, _, _ in entries for t in (a, b)])
+    weights = {}
+    for i, ((layer, module), (module_key, a, b, a_name, b_name, scaling)) in enumerate(modules.items()):
+        a_norm = check_values(a, _shown_name(a_name), name, limits.finfo, norms[2 * i])
+        b_norm = check_values(b, _shown_name(b_name), name, limits.finfo, norms[2 * i + 1])
         check_effect(a, b, scaling, module_key, name, limits.max_delta_norm, a_norm, b_norm)
         # A copy, so the adapter never shares memory with the file it came from.
         weights[(layer, module)] = (a.to(dtype, copy=True).contiguous(), b.to(dtype, copy=True).contiguous(), scaling)
@@ -267,9 +278,8 @@ def _locate(key: str, spec: LoRAModelSpec, name: str) -> tuple[int, str]:
     return layer, match["module"]
 
 
-def _checked(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], name: str,
-             finfo: torch.finfo) -> tuple[torch.Tensor, float]:
-    """The file's tensor, checked for shape, dtype and values; with its Frobenius norm."""
+def _checked(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], name: str) -> torch.Tensor:
+    """The file's tensor, checked for shape and dtype (its values: `check_values`)."""
     shown = _shown_name(tensor_name)
     if tuple(tensor.shape) != shape:
         raise AdapterShapeError(
@@ -279,9 +289,8 @@ def _checked(tensor: torch.Tensor, tensor_name: str, shape: tuple[int, int], nam
         raise AdapterWeightsError(
             f"adapter '{name}': tensor {shown} has dtype {tensor.dtype}, not a floating type; "
             "save the adapter in float32, float16 or bfloat16")
-    if tensor.dtype.itemsize > 4:
-        tensor = tensor.float()    # float64 is computed in float32: what overflows it is refused as Inf
-    return tensor, check_values(tensor, shown, name, finfo)
+    # Other float types (float64, float8) are computed in float32: what overflows it is refused as Inf.
+    return tensor if tensor.dtype in _CHECKED_DTYPES else tensor.float()
 
 
 def _shown_name(text: str) -> str:

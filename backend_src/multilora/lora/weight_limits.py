@@ -28,20 +28,21 @@ class WeightLimits:
     max_delta_norm: float
 
 
-def frobenius_norm(weights: torch.Tensor) -> float:
-    """sqrt(sum of squares) in one pass, accumulated in float32 whatever the tensor's dtype (0 if empty).
+def frobenius_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """sqrt(sum of squares) of each tensor, accumulated in float32 whatever its dtype, in one call.
 
     Non-finite when a value is NaN or Inf, or when the squares overflow float32 (values past ~1e19)."""
-    return torch.linalg.vector_norm(weights, dtype=torch.float32).item() if weights.numel() else 0.0
+    if not tensors:
+        return []
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).tolist()
 
 
-def check_values(weights: torch.Tensor, shown: str, name: str, finfo: torch.finfo) -> float:
+def check_values(weights: torch.Tensor, shown: str, name: str, finfo: torch.finfo, norm: float) -> float:
     """Every value finite and representable in the serving dtype of `finfo`; returns the Frobenius norm.
 
-    One pass in the common case: a finite norm within the dtype's range bounds every value; only
-    otherwise are the values themselves looked at, to say exactly what is wrong.
+    `norm`: the tensor's `frobenius_norms` entry. A finite norm within the dtype's range bounds every
+    value, so only otherwise are the values themselves looked at, to say exactly what is wrong.
     """
-    norm = frobenius_norm(weights)
     if math.isfinite(norm) and norm <= finfo.max:
         return norm
     if not torch.isfinite(weights).all():
