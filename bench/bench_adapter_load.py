@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
                     times = []
                     for _ in range(args.reps):
                         start = time.perf_counter()
-                        load_adapter(request, spec, 16 if args.rank <= 16 else args.rank, dtype=torch.bfloat16)
+                        load_adapter(request, spec, args.rank, dtype=torch.bfloat16)
                         times.append(time.perf_counter() - start)
                     stop.set()
                     if spinner:

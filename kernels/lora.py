@@ -52,11 +52,9 @@ _SHRINK_TARGET_PROGRAMS = 512
 _SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
 _MAX_BLOCK_R = 64
-# Output columns one expand program covers (decode / larger batches); it sums the shrink's split-K
-# planes once for all of them. Measured on the H200: 16 column blocks per program at decode (1024
-# columns) made the 8-adapter step slower (+3.5 vs +2.3 ms over base: each program's loop runs its
-# blocks one after another), so a program covers one block, as before.
-_EXPAND_COLUMNS = (64, 128)
+# One expand program covers one column block. Measured on the H200 (bench/RESULTS.md, 2026-12-02): a
+# loop over 16 blocks per program at decode (1024 columns, the split-K planes summed once) made the
+# 8-adapter step slower (+3.5 vs +2.3 ms over base), the loop's blocks running one after another.
 
 
 @dataclass(frozen=True)
@@ -198,25 +196,25 @@ def _lora_shrink_kernel(
 def _lora_expand_kernel(
     buf_ptr, b_ptr, y_ptr, scales_ptr, slice_starts_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
-    R, P, COL_BLOCKS,
+    R, P,
     stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # grid: (tile, group of COL_BLOCKS column blocks within a slice, slice); narrower slices'
-    # surplus groups exit. BLOCK_R >= R: the whole rank in one tile.
+    # grid: (tile, column block within a slice, slice); narrower slices' surplus blocks exit.
+    # BLOCK_R >= R: the whole rank in one tile.
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
     if slot < 0:
         return
     part = tl.program_id(2)
     col_end = tl.load(slice_starts_ptr + part + 1)
-    col_begin = tl.load(slice_starts_ptr + part) + tl.program_id(1) * COL_BLOCKS * BLOCK_N
-    if col_begin >= col_end:
+    col = tl.load(slice_starts_ptr + part) + tl.program_id(1) * BLOCK_N
+    if col >= col_end:
         return
     tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    # The shrink's split-K partial sums, added once for every column this program writes.
+    # The shrink's split-K partial sums.
     buf_rows = buf_ptr + tokens[:, None] * stride_bt + ((part * R).to(tl.int64) + offs_r[None, :]) * stride_br
     h_mask = m_mask[:, None] & r_mask[None, :]
     h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
@@ -226,18 +224,16 @@ def _lora_expand_kernel(
     # intermediate to the model dtype too); fp32 B: keep full fp32.
     h = h.to(b_ptr.dtype.element_ty)
     scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
+    offs_n = col + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
     # int64: in the slot layout B's rank stride spans every layer's rank row.
-    b_rows = b_ptr + slot * stride_bs + offs_r[:, None].to(tl.int64) * stride_bk
-    y_rows = y_ptr + tokens[:, None] * stride_yt
-    for c in range(0, COL_BLOCKS):
-        offs_n = col_begin + c * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < col_end
-        b = tl.load(b_rows + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(h, b, input_precision=PRECISION) * scale
-        y = y_rows + offs_n[None, :] * stride_yn
-        mask = m_mask[:, None] & n_mask[None, :]
-        old = tl.load(y, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    b = tl.load(b_ptr + slot * stride_bs + offs_r[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    acc = tl.dot(h, b, input_precision=PRECISION) * scale
+    y = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    old = tl.load(y, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -299,20 +295,16 @@ def _slice_starts(slices: tuple[int, ...], device: torch.device) -> torch.Tensor
 class ExpandConfig:
     block_n: int        # columns per block
     block_r: int        # the whole rank, padded to a power of two (>= 16 for tl.dot)
-    col_blocks: int     # column blocks per program
     num_warps: int
 
 
-def expand_config(block_m: int, rank: int, slices: tuple[int, ...]) -> ExpandConfig:
-    """The expand's tiling for tiles of `block_m` tokens (16 at decode), rank R, output `slices`."""
-    decode = block_m <= 16
-    block_n = _EXPAND_BLOCK_N // 2 if decode else _EXPAND_BLOCK_N
-    columns = _EXPAND_COLUMNS[0] if decode else _EXPAND_COLUMNS[1]
-    col_blocks = max(1, min(triton.cdiv(max(slices), block_n), columns // block_n))
+def expand_config(block_m: int, rank: int) -> ExpandConfig:
+    """The expand's tiling for tiles of `block_m` tokens (16 at decode) and rank R."""
+    block_n = _EXPAND_BLOCK_N // 2 if block_m <= 16 else _EXPAND_BLOCK_N     # narrower at decode
     # A 64 x 128 fp32 tile plus its y tile over 4 warps needs > 255 registers: an sm_90 compile
     # spills 72-176 bytes per thread to local memory (rank 16/64, bf16); 8 warps fit (~245, no spill).
     num_warps = 8 if block_m * block_n >= 64 * 128 else 4
-    return ExpandConfig(block_n, max(16, triton.next_power_of_2(rank)), col_blocks, num_warps)
+    return ExpandConfig(block_n, max(16, triton.next_power_of_2(rank)), num_warps)
 
 
 def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
@@ -321,13 +313,13 @@ def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, sca
     rank = lora_b.shape[2]
     if num_tokens == 0 or rank == 0 or y.shape[1] == 0:
         return
-    cfg = expand_config(meta.block_m, rank, slices)
-    grid = (meta.max_tiles, triton.cdiv(max(slices), cfg.block_n * cfg.col_blocks), len(slices))
+    cfg = expand_config(meta.block_m, rank)
+    grid = (meta.max_tiles, triton.cdiv(max(slices), cfg.block_n), len(slices))
     _launch.launch(
         _lora_expand_kernel, grid, y.device,
         buf, lora_b, y, scales, _slice_starts(slices, y.device),
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        rank, buf.shape[0], cfg.col_blocks,
+        rank, buf.shape[0],
         *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         PRECISION=_launch.precision(lora_b.dtype), num_warps=cfg.num_warps,

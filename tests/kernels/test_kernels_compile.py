@@ -199,11 +199,11 @@ def test_lora_kernels_compile(kernels, dtype, tokens, layer, rank):
         stride_op=tokens * nr, stride_ot=nr, stride_or=1,
     ), dict(BLOCK_M=block_m, BLOCK_N=shrink.block_n, BLOCK_K=shrink.block_k, PRECISION=precision)), dtype)
     width = sum(slices)
-    expand = lora.expand_config(block_m, rank, slices)
+    expand = lora.expand_config(block_m, rank)
     _check_compiled(_compile(lora._lora_expand_kernel, dict(
         buf_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", scales_ptr="*fp32", slice_starts_ptr=idx,
         sorted_ids_ptr=idx, tile_slots_ptr=idx, tile_starts_ptr=idx, tile_ends_ptr=idx,
-        R=rank, P=shrink.planes, COL_BLOCKS=expand.col_blocks,
+        R=rank, P=shrink.planes,
         stride_bp=tokens * nr, stride_bt=nr, stride_br=1,
         # Slot layout: B's columns contiguous, its rank stride spans every layer's rank row.
         stride_bs=SLOT_STRIDE, stride_bn=1, stride_bk=2_800_000,
