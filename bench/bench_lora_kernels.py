@@ -19,6 +19,7 @@ Prints the tables and writes JSON to $OUT/lora_kernels.json (else bench/lora_ker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--graph-calls", type=int, default=20, help="kernel calls captured per CUDA graph")
+    p.add_argument("--expand-tiles", default="",
+                   help="also time the expand with these tilings, comma-separated COLUMNSxWARPS (e.g. 256x4,512x8)")
+    p.add_argument("--shrink-splits", default="",
+                   help="also time the shrink with these split-K counts, comma-separated (the default is automatic)")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the floor (H200)")
     return p.parse_args(argv)
 
@@ -140,15 +145,54 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
                    lambda: k.lora_expand_ref(y_ref, buf_ref, b, scales, meta, slices), expand_ok, expand_err),
     }
     rows = []
-    for op, (kernel, ref, ok, err) in ops.items():
+
+    def add_row(op, kernel, ref, ok, err, variant=None):
         nbytes = floor_bytes(op, n_lora, n_used, num_tokens, h_in, h_out, n * r, x.element_size())
+        with tiling(k, variant if op == "expand" else None):
+            graph_us, eager_us = to_us(timer.graph([kernel] * args.graph_calls)), to_us(timer(kernel))
         rows.append(dict(
-            suite="lora", layer=layer, op=op, tokens=num_tokens, mix=mix, h_in=h_in, h_out=h_out, slices=slices,
-            slots=s, rank=r, used_slots=n_used, lora_tokens=n_lora, dtype=args.dtype, planes=planes.shape[0],
-            kernel_graph_us=to_us(timer.graph([kernel] * args.graph_calls)), kernel_eager_us=to_us(timer(kernel)),
+            suite="lora", layer=layer, op=op if variant is None else f"{op}[{variant}]", tokens=num_tokens, mix=mix,
+            h_in=h_in, h_out=h_out, slices=slices, slots=s, rank=r, used_slots=n_used, lora_tokens=n_lora,
+            dtype=args.dtype, planes=planes.shape[0], kernel_graph_us=graph_us, kernel_eager_us=eager_us,
             ref_us=to_us(timer(ref)), floor_us=nbytes / args.bandwidth * 1e6, bytes=nbytes, ok=ok, max_abs_err=err,
         ))
+
+    for op, (kernel, ref, ok, err) in ops.items():
+        add_row(op, kernel, ref, ok, err)
+    for variant in filter(None, args.expand_tiles.split(",")):
+        y_var = y0.clone()
+        with tiling(k, variant):
+            k.lora_expand(y_var, planes, b, scales, meta, slices)
+        var_ok, var_err = close(y_var, y_ref_once(k, y0, buf_ref, b, scales, meta, slices), TOL[dtype])
+        add_row("expand", lambda: k.lora_expand(y_var, planes, b, scales, meta, slices),
+                ops["expand"][1], var_ok, var_err, variant)
+    for split in filter(None, args.shrink_splits.split(",")):
+        split_planes = k._shrink_triton(x, a, meta, split_k=int(split)) if k._launch.use_triton(x) else planes
+        var_ok, var_err = close(split_planes.sum(0)[used], buf_ref[0][used], TOL[dtype])
+        add_row("shrink", lambda: k._shrink_triton(x, a, meta, split_k=int(split)), ops["shrink"][1],
+                var_ok, var_err, f"split{split}")
     return rows
+
+
+def y_ref_once(k, y0, buf_ref, b, scales, meta, slices):
+    y = y0.clone()
+    k.lora_expand_ref(y, buf_ref, b, scales, meta, slices)
+    return y
+
+
+@contextlib.contextmanager
+def tiling(k, variant: str | None):
+    """Within the block, the expand kernel runs with the tiling `variant` ("COLUMNSxWARPS"; None: its own)."""
+    if variant is None:
+        yield
+        return
+    block_n, num_warps = (int(v) for v in variant.split("x"))
+    own = k.expand_config
+    k.expand_config = lambda block_m, rank: k.ExpandConfig(block_n, own(block_m, rank).block_r, num_warps)
+    try:
+        yield
+    finally:
+        k.expand_config = own
 
 
 def elementwise_cases(mods, args, num_tokens: int) -> list[tuple[str, callable, callable, int, callable]]:
@@ -215,13 +259,13 @@ def bench_elementwise(mods, timer: Timer, args, num_tokens: int) -> list[dict]:
 
 
 def print_table(rows: list[dict], meta_rows: list[dict]) -> None:
-    head = f"{'layer':15} {'op':6} {'T':>5} {'mix':9} {'graph_us':>9} {'eager_us':>9} {'ref_us':>9} " \
+    head = f"{'layer':15} {'op':14} {'T':>5} {'mix':9} {'graph_us':>9} {'eager_us':>9} {'ref_us':>9} " \
            f"{'floor_us':>9} {'%floor':>7} {'vs_ref':>7} ok"
     print(head)
     for row in rows:
         best = row["kernel_graph_us"] or row["kernel_eager_us"]
         graph = f"{row['kernel_graph_us']:9.1f}" if row["kernel_graph_us"] is not None else f"{'-':>9}"
-        print(f"{row['layer']:15} {row['op']:6} {row['tokens']:5d} {row['mix']:9} {graph} "
+        print(f"{row['layer']:15} {row['op']:14} {row['tokens']:5d} {row['mix']:9} {graph} "
               f"{row['kernel_eager_us']:9.1f} {row['ref_us']:9.1f} {row['floor_us']:9.2f} "
               f"{100 * row['floor_us'] / best:6.1f}% {row['ref_us'] / best:6.1f}x {'ok' if row['ok'] else 'FAIL'}")
     if meta_rows:

@@ -51,10 +51,12 @@ _SHRINK_TARGET_PROGRAMS = 512
 # adapters), so the tile stays 64.
 _SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
+_DECODE_EXPAND_BLOCK_N = 256
 _MAX_BLOCK_R = 64
-# One expand program covers one column block. Measured on the H200 (bench/RESULTS.md, 2026-12-02): a
-# loop over 16 blocks per program at decode (1024 columns, the split-K planes summed once) made the
-# 8-adapter step slower (+3.5 vs +2.3 ms over base), the loop's blocks running one after another.
+# The expand adds the planes in a runtime loop: unrolled (all loads in flight at once) it measured slower
+# (78 vs 61 us per layer at decode, 32 adapters, same tiles). One expand program covers one column
+# block: a loop over 16 blocks per program at decode (1024 columns, the planes summed once) made the
+# 8-adapter step slower (+3.5 vs +2.3 ms over base), the blocks running one after another.
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,10 @@ class ExpandConfig:
 
 def expand_config(block_m: int, rank: int) -> ExpandConfig:
     """The expand's tiling for tiles of `block_m` tokens (16 at decode) and rank R."""
-    block_n = _EXPAND_BLOCK_N // 2 if block_m <= 16 else _EXPAND_BLOCK_N     # narrower at decode
+    # Wider at decode, where a launch is latency-bound (2 rows per tile at 32 adapters): 256 columns per
+    # program took the four projections' expands from 88 to 61 us per layer on the H200 (64 columns: 4x
+    # the programs, so more waves of the same chain of loads; bench/RESULTS.md, 2026-12-02).
+    block_n = _DECODE_EXPAND_BLOCK_N if block_m <= 16 else _EXPAND_BLOCK_N
     # A 64 x 128 fp32 tile plus its y tile over 4 warps needs > 255 registers: an sm_90 compile
     # spills 72-176 bytes per thread to local memory (rank 16/64, bf16); 8 warps fit (~245, no spill).
     num_warps = 8 if block_m * block_n >= 64 * 128 else 4

@@ -439,6 +439,29 @@ def test_model_attention_never_reads_stale_slots():
     assert torch.equal(outs[0], outs[1]) and outs[1].isfinite().all()
 
 
+def test_model_attention_batches_runs_of_equal_whole_prompts():
+    """Consecutive whole prompts of one length share one SDPA call; a chunk after cached tokens, or a
+    prompt of another length, starts a new call. Every sequence still sees only its own keys."""
+    from multilora.model.attention import AttentionMetadata, _prefill_runs, paged_attention
+
+    gen = torch.Generator().manual_seed(33)
+    # The chunk after cached tokens has the prompts' length: it must still get a call of its own.
+    query_lens, context_lens = [4, 4, 4, 4, 4, 4, 6], [4, 4, 4, 9, 4, 4, 6]
+    q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, (4, 2, 16, 4), torch.float32, gen)
+    block_size = kv.shape[2]
+    slots = torch.cat([tables[n, p // block_size] * block_size + p % block_size
+                       for n, (ql, cl) in enumerate(zip(query_lens, context_lens)) for p in [torch.arange(cl - ql, cl)]])
+    k_new, v_new = (kv[i].flatten(0, 1)[slots] for i in (0, 1))
+    widths = [math.ceil(c / block_size) for c in context_lens]
+    meta = AttentionMetadata(slots, query_lens, context_lens, [tables[n, :w] for n, w in enumerate(widths)],
+                             num_prefill_tokens=len(slots))
+    assert [(r.start, r.stop, count) for r, count, *_ in _prefill_runs(meta)] == [
+        (0, 12, 3), (12, 16, 1), (16, 24, 2), (24, 30, 1)]
+    out = paged_attention(q, k_new, v_new, kv, meta, 0.3)
+    expected = _sdpa_prefill_per_sequence(q, kv, tables, query_start, lens, 0.3)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_seqs", [1, 16, 256])
 def test_cuda_bf16_llama_shapes_match_ref(num_seqs):

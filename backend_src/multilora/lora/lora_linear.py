@@ -20,6 +20,7 @@ its sizes are the local ones, and `LoRATarget.shard_lora` cuts an adapter's full
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,12 +69,32 @@ class LoRALinear(nn.Module):
         return self.lora_a is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.shard.adds_bias else None)
         meta = active_lora_meta() if self.lora_a is not None else None
-        if meta is not None:
+        if meta is None:
+            return self._base(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # In a decode graph the shrink (latency-bound, a few us) runs beside the base GEMM
+            # (bandwidth-bound) as a parallel branch; the expand joins both. Each fork waits for all
+            # earlier work, so the shrink's buffer is never reused while the main stream reads it.
+            main, side = torch.cuda.current_stream(), _side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                buf = lora_shrink(x, self.lora_a, meta)
+            y = self._base(x)
+            main.wait_stream(side)
+        else:
+            y = self._base(x)
             buf = lora_shrink(x, self.lora_a, meta)
-            lora_expand(y, buf, self.lora_b, self.lora_scales, meta, self.slices)
+        lora_expand(y, buf, self.lora_b, self.lora_scales, meta, self.slices)
         return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias if self.shard.adds_bias else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The KV cache of a layer is [2, num_blocks, block_size, num_kv_heads, head_dim];
 token slot `block_table[p // block_size] * block_size + p % block_size` holds
 position p of a sequence. Decode tokens go through the paged decode kernel
-(Triton on GPUs, its torch twin elsewhere); prefill chunks use torch SDPA.
+(Triton on GPUs, its torch twin elsewhere); prefill chunks use torch SDPA, one
+call per chunk after cached tokens and one per run of whole prompts of one length.
 """
 
 from dataclasses import dataclass
@@ -48,11 +49,9 @@ def _expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
 
 
 def _prefill_attention(q, k_new, v_new, kv_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-    start = 0
-    for query_len, context_len, block_table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
-        rows = slice(start, start + query_len)
+    for rows, count, query_len, context_len, block_table in _prefill_runs(meta):
         if query_len == context_len:
-            # A whole prompt at once: its keys are the new ones, no need to read the cache.
+            # Whole prompts: their keys are the new ones, no need to read the cache.
             k, v, causal = k_new[rows], v_new[rows], None
         else:
             k = kv_cache[0, block_table].flatten(0, 1)[:context_len]          # [C, kv_heads, D]
@@ -60,16 +59,32 @@ def _prefill_attention(q, k_new, v_new, kv_cache, meta: AttentionMetadata, scale
             # Query i sits at position context_len - query_len + i and sees keys up to it.
             positions = torch.arange(context_len - query_len, context_len, device=q.device)
             causal = torch.arange(context_len, device=q.device)[None, :] <= positions[:, None]
-        out[rows] = _attend(q[rows], k, v, causal, scale)
+        out[rows] = _attend(q[rows], k, v, causal, scale, count)
+
+
+def _prefill_runs(meta: AttentionMetadata):
+    """(token rows, sequences, query_len, context_len, block_table) per attention call: consecutive whole
+    prompts of one length share a call (one batched SDPA launch instead of one per prompt)."""
+    start, run = 0, None
+    for query_len, context_len, block_table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
+        if run is not None and query_len == context_len == run[2] == run[3]:
+            run[1] += 1
+        else:
+            if run is not None:
+                yield slice(run[0], start), *run[1:]
+            run = [start, 1, query_len, context_len, block_table]
         start += query_len
+    if run is not None:
+        yield slice(run[0], start), *run[1:]
 
 
-def _attend(q, k, v, mask, scale) -> torch.Tensor:
-    """q [Q, H, D], k/v [C, kv_heads, D]; mask None = causal with Q == C."""
+def _attend(q, k, v, mask, scale, batch: int = 1) -> torch.Tensor:
+    """q [batch * Q, H, D], k/v [batch * C, kv_heads, D]: `batch` sequences of Q queries and C keys each;
+    mask None = causal with Q == C."""
     num_heads = q.shape[1]
-    # 4-D [1, H, Q, D] inputs: SDPA's flash and memory-efficient kernels take only those (3-D falls back to math).
-    k = _expand_kv_heads(k, num_heads, 1).transpose(0, 1)[None]
-    v = _expand_kv_heads(v, num_heads, 1).transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=mask is None,
-                                         scale=scale)
-    return out[0].transpose(0, 1)
+    # 4-D [batch, H, Q, D] inputs: SDPA's flash and memory-efficient kernels take only those (3-D falls back to math).
+    q = q.unflatten(0, (batch, -1)).transpose(1, 2)
+    k = _expand_kv_heads(k.unflatten(0, (batch, -1)), num_heads, 2).transpose(1, 2)
+    v = _expand_kv_heads(v.unflatten(0, (batch, -1)), num_heads, 2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out.transpose(1, 2).flatten(0, 1)
