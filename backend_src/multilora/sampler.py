@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from multilora_kernels.sampling import argmax_probs_over_noise
 
 from multilora.sampling_params import SamplingParams
 
@@ -163,15 +164,18 @@ class Sampler:
         if params.banned is not None:
             minus_inf = torch.full(params.banned[0].shape, float("-inf"), dtype=logits.dtype, device=logits.device)
             logits = logits.index_put((params.banned[0], params.banned[1]), minus_inf)
-        # torch.max breaks ties towards the lowest id; casting bf16/fp16 to
-        # float32 is exact, so the native dtype gives the ids float32 would.
-        best, token_ids = logits.max(dim=-1)
-        valid &= best > float("-inf")      # finite logits, yet every token banned
+        if params.num_random == params.num_rows > 0 and params.banned is None:
+            best = high     # every row is drawn and nothing banned: no argmax, aminmax has the row max
+        else:
+            # torch.max breaks ties towards the lowest id; casting bf16/fp16 to
+            # float32 is exact, so the native dtype gives the ids float32 would.
+            best, token_ids = logits.max(dim=-1)
+            valid &= best > float("-inf")      # finite logits, yet every token banned
         if params.num_random:
             rows = params.random_rows
             probs = _probabilities(logits if rows is None else logits.index_select(0, rows),
                                    best if rows is None else best.index_select(0, rows), params)
-            picked = probs.div_(_ready(noise, drawn)).argmax(dim=-1)
+            picked = argmax_probs_over_noise(probs, _ready(noise, drawn))
             token_ids = picked if rows is None else token_ids.index_copy(0, rows, picked)
         return torch.where(valid, token_ids, FAILED)
 

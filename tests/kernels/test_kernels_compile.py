@@ -74,7 +74,7 @@ def kernels():
     saved_env = {k: os.environ.pop(k) for k in INTERPRET_ENVS if k in os.environ}
     try:
         mods = {n: importlib.import_module(f"multilora_kernels.{n}")
-                for n in ("lora", "attention", "prefill_attention", "norm", "rotary", "activation")}
+                for n in ("lora", "attention", "prefill_attention", "norm", "rotary", "activation", "sampling")}
         if saved_env.get("TRITON_INTERPRET") == "1" or triton.knobs.runtime.interpret:
             pytest.skip("TRITON_INTERPRET=1 makes every @triton.jit interpreted in this process")
         yield mods
@@ -290,3 +290,12 @@ def test_silu_and_mul_compiles(kernels, dtype):
     _check_compiled(_compile(act._silu_and_mul_kernel, dict(
         x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", I=INTER, stride_x=2 * INTER, stride_o=INTER,
     ), dict(BLOCK=act._BLOCK), num_warps=4), dtype)
+
+
+def test_sampling_draw_compiles(kernels):
+    sampling = kernels["sampling"]
+    vocab = 128256                           # Llama 3
+    _check_compiled(_compile(sampling._block_argmax_kernel, dict(
+        probs_ptr="*fp32", noise_ptr="*fp32", best_ptr="*fp32", best_id_ptr="*i64",
+        V=vocab, stride_p=vocab, stride_n=vocab, num_blocks=-(-vocab // sampling._BLOCK),
+    ), dict(BLOCK=sampling._BLOCK), num_warps=8))
