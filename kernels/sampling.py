@@ -1,17 +1,14 @@
-"""The sampler's draw over whole rows: a Triton kernel and its torch twin.
+"""The sampler's passes over whole rows of a step's logits: Triton kernels and their torch twins.
 
-    token[r] = argmax_j probs[r, j] / noise[r, j]      probs, noise: float32 [M, V]; the lowest j among equal maxima
+Two passes, each one launch over column blocks of every row (at decode a batch has too few
+rows to fill a GPU with one block per row, as torch's reductions give them):
 
-That is how torch.multinomial draws one sample (noise ~ Exp(1)), and what
-`(probs / noise).argmax(dim=-1)` computes, bit for bit: the quotient is an IEEE
-division (tl.math.div_rn, as torch's), and the maximum goes to the lowest id, as
-torch.argmax's does. Rows holding NaN (the sampler fails them) may draw another id.
+    window_softmax_input    the softmax input of a batch whose every random row has a top_k,
+                            from the logits and each row's ranked window (multilora.sampler)
+    argmax_probs_over_noise the draw: token[r] = argmax_j probs[r, j] / noise[r, j]
 
-Why a kernel: torch takes two full-row passes (a division writing [M, V], then an argmax
-reducing it), and at decode a batch has too few rows to fill a GPU with one block per
-row. Here every row is split into column blocks, one program each, and the noise is read
-only where a probability is positive (0 / noise is 0 whatever the noise), so a draw reads
-about the probabilities alone; a [M, blocks] argmax then picks each row's best block.
+Both reproduce torch bit for bit: IEEE float32 subtraction, product and division
+(tl.math.div_rn), and the lowest id among equal maxima, as torch.argmax takes.
 """
 
 from __future__ import annotations
@@ -53,6 +50,81 @@ def _block_argmax_kernel(probs_ptr, noise_ptr, best_ptr, best_id_ptr, V, stride_
     tl.store(best_id_ptr + row * num_blocks + block, best_id.to(tl.int64))
 
 
+@_launch.jit
+def _window_softmax_input_kernel(logits_ptr, best_ptr, ranked_ptr, kth_index_ptr, scale_ptr, out_ptr, V, W,
+                                 stride_l, stride_r, stride_o, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (row, column block)
+    row = tl.program_id(0).to(tl.int64)
+    ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = ids < V
+    best = tl.load(best_ptr + row).to(tl.float32)
+    scale = tl.load(scale_ptr + row)
+    kth_logit = tl.load(ranked_ptr + row * stride_r + tl.load(kth_index_ptr + row)).to(tl.float32)
+    last_logit = tl.load(ranked_ptr + row * stride_r + W - 1).to(tl.float32)
+    logits = tl.load(logits_ptr + row * stride_l + ids, mask=in_row, other=0.0).to(tl.float32)
+    if DIVIDE:
+        x = tl.math.div_rn(logits - best, scale)
+        kth = tl.math.div_rn(kth_logit - best, scale)
+    else:
+        x = (logits - best) * scale
+        kth = (kth_logit - best) * scale
+    kept = (logits >= last_logit) & (x >= kth)
+    tl.store(out_ptr + row * stride_o + ids, tl.where(kept, x, float("-inf")), mask=in_row)
+
+
+def window_softmax_input(logits: torch.Tensor, best: torch.Tensor, ranked: torch.Tensor, kth_index: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """The softmax input [M, V] float32 of rows cut by top-k, from one pass over the logits:
+
+        out[r, j] = x[r, j] if logits[r, j] >= ranked[r, W - 1] and x[r, j] >= kth[r] else -inf
+        x[r, j] = (logits[r, j] - best[r]) * scale[r]        (/ scale[r] on the CPU, as the sampler scales there)
+        kth[r] = x of ranked[r, kth_index[r]]
+
+    logits [M, V] (any float dtype), best [M] (each row's max, logits' dtype), ranked [M, W] (each
+    row's W largest logits, descending), kth_index [M] int64, scale [M] float32.
+
+    It is the sampler's former rebuild, `where(logits >= past, kth, -inf)` with the window's
+    scaled and cut values scattered over it (past: the window's last logit where its scaled value
+    reaches the k-th, else +inf), bit for bit, without a scatter: an id above the window's last
+    logit is in the window; one equal to it scales to the last value, which is the k-th when ties
+    run past the window (then both give it) and is dropped otherwise; below it, an id is outside
+    the window and dropped by both. One Triton launch on CUDA tensors (or with
+    MULTILORA_TRITON_INTERPRET_KERNELS=1), else `window_softmax_input_ref`.
+    """
+    _check_window(logits, best, ranked, kth_index, scale)
+    if not _launch.use_triton(logits) or logits.numel() == 0:
+        return window_softmax_input_ref(logits, best, ranked, kth_index, scale)
+    rows, vocab = logits.shape
+    out = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    _launch.launch(_window_softmax_input_kernel, (rows, triton.cdiv(vocab, _BLOCK)), logits.device,
+                   logits, best, ranked, kth_index, scale, out, vocab, ranked.shape[1],
+                   logits.stride(0), ranked.stride(0), out.stride(0),
+                   DIVIDE=logits.device.type != "cuda", BLOCK=_BLOCK, num_warps=8)
+    return out
+
+
+def window_softmax_input_ref(logits: torch.Tensor, best: torch.Tensor, ranked: torch.Tensor, kth_index: torch.Tensor,
+                             scale: torch.Tensor) -> torch.Tensor:
+    """Pure-torch `window_softmax_input`."""
+    _check_window(logits, best, ranked, kth_index, scale)
+
+    def scaled(v: torch.Tensor) -> torch.Tensor:
+        x = v - best.float()[:, None]
+        return x.mul_(scale[:, None]) if v.device.type == "cuda" else x.div_(scale[:, None])
+
+    x = scaled(logits)
+    kth = scaled(ranked.gather(1, kth_index.view(-1, 1)))
+    return torch.where((logits >= ranked[:, -1:]) & (x >= kth), x, float("-inf"))
+
+
+def _check_window(logits, best, ranked, kth_index, scale) -> None:
+    rows = logits.shape[0]
+    assert logits.dim() == 2 and logits.stride(1) == 1, f"logits must be [M, V] with contiguous rows: {logits.shape}"
+    assert ranked.dim() == 2 and ranked.shape[0] == rows and 0 < ranked.shape[1] <= logits.shape[1], ranked.shape
+    assert ranked.stride(1) == 1 and best.shape == (rows,) and scale.shape == (rows,), (best.shape, scale.shape)
+    assert kth_index.numel() == rows and kth_index.dtype == torch.int64 and scale.dtype == torch.float32
+
+
 def _check(probs: torch.Tensor, noise: torch.Tensor) -> None:
     assert probs.dim() == 2 and probs.shape == noise.shape, (tuple(probs.shape), tuple(noise.shape))
     assert probs.dtype == noise.dtype == torch.float32, (probs.dtype, noise.dtype)
@@ -60,9 +132,13 @@ def _check(probs: torch.Tensor, noise: torch.Tensor) -> None:
 
 
 def argmax_probs_over_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """probs, noise: float32 [M, V] -> int64 [M], argmax_j probs / noise (see the module docstring).
-    One Triton launch and a [M, V / 4096] argmax on CUDA tensors (or with
-    MULTILORA_TRITON_INTERPRET_KERNELS=1), else `argmax_probs_over_noise_ref`."""
+    """probs, noise: float32 [M, V] -> int64 [M]: argmax_j probs[r, j] / noise[r, j], the lowest j among
+    equal maxima. With noise ~ Exp(1) that is how torch.multinomial draws one sample, and it is
+    `(probs / noise).argmax(dim=-1)` bit for bit. Rows holding NaN (the sampler fails them) may
+    draw another id. The noise is read only where a probability is positive (0 / noise is 0
+    whatever the noise), so a draw reads about the probabilities alone. One Triton launch and a
+    [M, V / 4096] argmax on CUDA tensors (or with MULTILORA_TRITON_INTERPRET_KERNELS=1), else
+    `argmax_probs_over_noise_ref`."""
     _check(probs, noise)
     if not _launch.use_triton(probs):
         return argmax_probs_over_noise_ref(probs, noise)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from multilora_kernels.sampling import argmax_probs_over_noise
+from multilora_kernels.sampling import argmax_probs_over_noise, window_softmax_input
 
 from multilora.sampling_params import SamplingParams
 
@@ -245,18 +245,15 @@ def _kept_over_rows(logits: torch.Tensor, best: torch.Tensor, ranked, params: Sa
 
 
 def _kept_from_window(logits: torch.Tensor, best: torch.Tensor, ranked, params: SamplingTensors) -> torch.Tensor:
-    """_kept_over_rows, bit for bit, scaling only the window, for rows that each have a top_k.
+    """_kept_over_rows, bit for bit, in one pass over the logits, for rows that each have a top_k.
 
     A row's kept ids are its top_k and their ties, so the window holds them all, except in a
     near-constant row whose window ends inside the k-th value's ties: those past it share the
-    window's last logit and get the k-th value too. (The one miss: ids past such a window whose
-    logits are lower yet scale to the same float32, which takes a row max 2^15 times their size.)
+    window's last logit and get the k-th value too (see window_softmax_input). (The one miss: ids
+    past such a window whose logits are lower yet scale to the same float32, which takes a row
+    max 2^15 times their size.)
     """
-    x = _scaled(ranked.values, best, params)             # descending
-    kth = x.gather(1, params.kth_index)
-    past = torch.where(x[:, -1:] >= kth, ranked.values[:, -1:], float("inf"))
-    rows = torch.where(logits >= past, kth, float("-inf"))
-    return rows.scatter_(1, ranked.indices, torch.where(x >= kth, x, float("-inf")))
+    return window_softmax_input(logits, best, ranked.values, params.kth_index, params.scale)
 
 
 def _ranked(logits: torch.Tensor, window: int):

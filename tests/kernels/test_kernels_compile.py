@@ -299,3 +299,13 @@ def test_sampling_draw_compiles(kernels):
         probs_ptr="*fp32", noise_ptr="*fp32", best_ptr="*fp32", best_id_ptr="*i64",
         V=vocab, stride_p=vocab, stride_n=vocab, num_blocks=-(-vocab // sampling._BLOCK),
     ), dict(BLOCK=sampling._BLOCK), num_warps=8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampling_window_softmax_input_compiles(kernels, dtype):
+    sampling = kernels["sampling"]
+    vocab, window = 128256, 50 + 256                     # Llama 3, top_k 50 and the tie margin
+    _check_compiled(_compile(sampling._window_softmax_input_kernel, dict(
+        logits_ptr=f"*{dtype}", best_ptr=f"*{dtype}", ranked_ptr=f"*{dtype}", kth_index_ptr="*i64",
+        scale_ptr="*fp32", out_ptr="*fp32", V=vocab, W=window, stride_l=vocab, stride_r=window, stride_o=vocab,
+    ), dict(DIVIDE=False, BLOCK=sampling._BLOCK), num_warps=8), dtype)

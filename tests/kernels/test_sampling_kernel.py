@@ -77,3 +77,60 @@ def test_without_the_interpreter_cpu_tensors_take_the_twin(sampling, monkeypatch
     probs = torch.tensor([[0.1, 0.6, 0.3]])
     noise = torch.tensor([[0.1, 1.0, 1.0]])
     assert sampling.argmax_probs_over_noise(probs, noise).tolist() == [0]
+
+
+def _former_rebuild(logits, best, ranked, kth_index, scale, multiply: bool):
+    """The sampler's rebuild before window_softmax_input: the window scaled, cut and scattered over
+    where(logits >= past, kth, -inf) (past: the window's last logit if it scales to the k-th, else inf)."""
+    def scaled(v):
+        x = v - best.float()[:, None]
+        return x.mul_(scale[:, None]) if multiply else x.div_(scale[:, None])
+
+    x = scaled(ranked.values)
+    kth = x.gather(1, kth_index.view(-1, 1))
+    past = torch.where(x[:, -1:] >= kth, ranked.values[:, -1:], float("inf"))
+    rows = torch.where(logits >= past, kth, float("-inf"))
+    return rows.scatter_(1, ranked.indices, torch.where(x >= kth, x, float("-inf")))
+
+
+def _window_case(seed: int, kind: str, dtype: torch.dtype, rows: int = 4, vocab: int = 5000):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        logits = torch.randn(rows, vocab, generator=gen) * 2.5
+    elif kind == "ties":            # a few dozen ids share each value
+        logits = torch.randint(0, 40, (rows, vocab), generator=gen).float() / 4
+    else:                           # near-constant: the k-th value's ties run past the window
+        logits = torch.randint(0, 3, (rows, vocab), generator=gen).float()
+    logits = logits.to(dtype)
+    logits[0, 7] = float("-inf")    # a banned id
+    top_k = torch.randint(1, 60, (rows,), generator=gen)
+    ranked = logits.topk(int(top_k.max()) + 256)
+    scale = (torch.rand(rows, generator=gen) * 2 + 0.2).float()
+    return logits, logits.max(dim=-1).values, ranked, top_k - 1, scale
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "few_values"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # the interpreter mis-reads bfloat16
+def test_window_softmax_input_matches_the_twin_and_the_former_rebuild(sampling, triton_on_cpu, kind, dtype):
+    logits, best, ranked, kth_index, scale = _window_case(len(kind), kind, dtype)
+    got = sampling.window_softmax_input(logits, best, ranked.values, kth_index, scale)
+    want = _former_rebuild(logits, best, ranked, kth_index, scale, multiply=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(sampling.window_softmax_input_ref(logits, best, ranked.values, kth_index, scale),
+                               want, rtol=0, atol=0)
+    if kind == "few_values":        # ties past the window got the k-th value
+        assert ((got > float("-inf")).sum(dim=1) > ranked.values.shape[1]).any()
+
+
+@pytest.mark.parametrize("kind", ["randn", "few_values"])
+def test_window_softmax_input_multiplies_by_the_scale_as_on_cuda(sampling, triton_on_cpu, kind):
+    """On CUDA the sampler's scale is 1 / temperature and the kernel multiplies (DIVIDE=False)."""
+    logits, best, ranked, kth_index, scale = _window_case(3, kind, torch.float32)
+    out = torch.empty_like(logits)
+    rows, vocab = logits.shape
+    sampling._launch.launch(sampling._window_softmax_input_kernel, (rows, -(-vocab // sampling._BLOCK)),
+                            logits.device, logits, best, ranked.values, kth_index, scale, out, vocab,
+                            ranked.values.shape[1], logits.stride(0), ranked.values.stride(0), out.stride(0),
+                            DIVIDE=False, BLOCK=sampling._BLOCK)
+    torch.testing.assert_close(out, _former_rebuild(logits, best, ranked, kth_index, scale, multiply=True),
+                               rtol=0, atol=0)
