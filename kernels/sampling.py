@@ -1,14 +1,17 @@
 """The sampler's passes over whole rows of a step's logits: Triton kernels and their torch twins.
 
-Two passes, each one launch over column blocks of every row (at decode a batch has too few
-rows to fill a GPU with one block per row, as torch's reductions give them):
+Two passes over whole rows, each one launch over column blocks of every row (at decode a
+batch has too few rows to fill a GPU with one block per row, as torch's reductions give them),
+and one over each row's window of candidates:
 
     window_softmax_input    the softmax input of a batch whose every random row has a top_k,
                             from the logits and each row's ranked window (multilora.sampler)
+    rank_window             a window's ids ordered as top-p ranks them: probability, then id
     argmax_probs_over_noise the draw: token[r] = argmax_j probs[r, j] / noise[r, j]
 
-Both reproduce torch bit for bit: IEEE float32 subtraction, product and division
-(tl.math.div_rn), and the lowest id among equal maxima, as torch.argmax takes.
+Each reproduces torch bit for bit: IEEE float32 subtraction, product and division
+(tl.math.div_rn), the lowest id among equal maxima as torch.argmax takes, and the order a
+stable sort gives.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import triton.language as tl
 from multilora_kernels import _launch
 
 _BLOCK = 4096   # columns per program: 32 programs per row of a 128256-token vocabulary
+_RANK_CHUNK = 16    # window ids compared with all the others at a time: [16, next_pow2(W)] booleans
 
 
 @_launch.jit
@@ -31,6 +35,11 @@ def _max(x, axis: tl.constexpr):
 @_launch.jit
 def _min(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_min)
+
+
+@_launch.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @_launch.jit
@@ -123,6 +132,64 @@ def _check_window(logits, best, ranked, kth_index, scale) -> None:
     assert ranked.dim() == 2 and ranked.shape[0] == rows and 0 < ranked.shape[1] <= logits.shape[1], ranked.shape
     assert ranked.stride(1) == 1 and best.shape == (rows,) and scale.shape == (rows,), (best.shape, scale.shape)
     assert kth_index.numel() == rows and kth_index.dtype == torch.int64 and scale.dtype == torch.float32
+
+
+@_launch.jit
+def _rank_window_kernel(probs_ptr, ids_ptr, ranked_ptr, ranked_ids_ptr, W, stride_p, stride_i, stride_r,
+                        BLOCK_W: tl.constexpr, CHUNK: tl.constexpr):
+    # grid: (row,); an id's place = how many of the window rank before it (a counting sort)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_W)
+    in_window = offs < W
+    ids = tl.load(ids_ptr + row * stride_i + offs, mask=in_window, other=0)
+    p = tl.load(probs_ptr + row * stride_p + ids, mask=in_window, other=0.0)
+    place = offs * 0    # int32 zeros (tl.zeros is a @triton.jit helper: see _launch.jit)
+    for start in range(0, W, CHUNK):
+        others = start + tl.arange(0, CHUNK)
+        in_chunk = others < W
+        other_ids = tl.load(ids_ptr + row * stride_i + others, mask=in_chunk, other=0)
+        other_p = tl.load(probs_ptr + row * stride_p + other_ids, mask=in_chunk, other=0.0)
+        higher = other_p[:, None] > p[None, :]
+        tied_lower_id = (other_p[:, None] == p[None, :]) & (other_ids[:, None] < ids[None, :])
+        place += _sum(((higher | tied_lower_id) & in_chunk[:, None]).to(tl.int32), 0)
+    tl.store(ranked_ptr + row * stride_r + place, p, mask=in_window)
+    tl.store(ranked_ids_ptr + row * stride_r + place, ids, mask=in_window)
+
+
+def rank_window(probs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs float32 [M, V], ids int64 [M, W] (distinct within a row) -> (ranked, ranked_ids), both [M, W]:
+    each row's ids ordered by probability, descending, equal probabilities by id, and their probabilities.
+
+    That is the order a stable descending sort of the probabilities gathered at the ids sorted by
+    id gives (so top-p cuts a window as a sort of the whole row would), without either sort: an
+    id's place is how many ids of its window rank before it. One Triton launch on CUDA tensors (or
+    with MULTILORA_TRITON_INTERPRET_KERNELS=1), else `rank_window_ref`. A row holding NaN (the
+    sampler fails it) gets some of its ids in some order.
+    """
+    _check_rank(probs, ids)
+    if not _launch.use_triton(probs) or ids.numel() == 0:
+        return rank_window_ref(probs, ids)
+    rows, window = ids.shape
+    ranked = torch.empty(rows, window, dtype=torch.float32, device=probs.device)
+    ranked_ids = torch.empty(rows, window, dtype=torch.int64, device=probs.device)
+    _launch.launch(_rank_window_kernel, (rows,), probs.device, probs, ids, ranked, ranked_ids, window,
+                   probs.stride(0), ids.stride(0), ranked.stride(0),
+                   BLOCK_W=triton.next_power_of_2(window), CHUNK=_RANK_CHUNK, num_warps=8)
+    return ranked, ranked_ids
+
+
+def rank_window_ref(probs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch `rank_window`: the two sorts."""
+    _check_rank(probs, ids)
+    by_id = ids.sort(dim=1).values
+    ranked, order = probs.gather(1, by_id).sort(dim=1, descending=True, stable=True)
+    return ranked, by_id.gather(1, order)
+
+
+def _check_rank(probs: torch.Tensor, ids: torch.Tensor) -> None:
+    assert probs.dim() == 2 and probs.dtype == torch.float32 and probs.stride(1) == 1, (probs.shape, probs.dtype)
+    assert ids.dim() == 2 and ids.shape[0] == probs.shape[0] and ids.dtype == torch.int64, (ids.shape, ids.dtype)
+    assert ids.stride(1) == 1, "ids rows must be contiguous"
 
 
 def _check(probs: torch.Tensor, noise: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from multilora_kernels.sampling import argmax_probs_over_noise, window_softmax_input
+from multilora_kernels.sampling import argmax_probs_over_noise, rank_window, window_softmax_input
 
 from multilora.sampling_params import SamplingParams
 
@@ -279,22 +279,13 @@ def _keep_top_p(probs: torch.Tensor, candidates: Optional[torch.Tensor], top_p: 
     stable sort orders equal probabilities), they are that sort's first W places.
     """
     if candidates is None:
-        _cut_top_p(probs, top_p)
-        return
-    ids = candidates.sort(dim=1).values
-    kept = probs.gather(1, ids)
-    _cut_top_p(kept, top_p)
-    probs.scatter_(1, ids, kept)
-
-
-def _cut_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
-    """_keep_top_p over the ids of `probs` [M, W] alone, which are in id order (so equal
-    probabilities rank by id, as a stable sort of the whole row ranks them)."""
-    ranked, order = probs.sort(dim=1, descending=True, stable=True)
-    mass = torch.cumsum(ranked, dim=1)
+        ranked, ids = probs.sort(dim=1, descending=True, stable=True)
+    else:
+        ranked, ids = rank_window(probs, candidates)
     # A place is dropped once the mass ranked above it reaches top_p; place 0 (none above) stays.
+    mass = torch.cumsum(ranked, dim=1)
     ranked[:, 1:].masked_fill_(mass[:, :-1] >= top_p[:, None], 0.0)
-    probs.scatter_(1, order, ranked)
+    probs.scatter_(1, ids, ranked)
 
 
 def derive_step_seed(seed: int, position: int) -> int:

@@ -309,3 +309,13 @@ def test_sampling_window_softmax_input_compiles(kernels, dtype):
         logits_ptr=f"*{dtype}", best_ptr=f"*{dtype}", ranked_ptr=f"*{dtype}", kth_index_ptr="*i64",
         scale_ptr="*fp32", out_ptr="*fp32", V=vocab, W=window, stride_l=vocab, stride_r=window, stride_o=vocab,
     ), dict(DIVIDE=False, BLOCK=sampling._BLOCK), num_warps=8), dtype)
+
+
+@pytest.mark.parametrize("window", [50 + 256, 1024 + 256])          # top_k 50, and the window limit
+def test_sampling_rank_window_compiles(kernels, window):
+    sampling = kernels["sampling"]
+    vocab = 128256
+    _check_compiled(_compile(sampling._rank_window_kernel, dict(
+        probs_ptr="*fp32", ids_ptr="*i64", ranked_ptr="*fp32", ranked_ids_ptr="*i64",
+        W=window, stride_p=vocab, stride_i=window, stride_r=window,
+    ), dict(BLOCK_W=triton.next_power_of_2(window), CHUNK=sampling._RANK_CHUNK), num_warps=8))

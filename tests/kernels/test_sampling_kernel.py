@@ -134,3 +134,25 @@ def test_window_softmax_input_multiplies_by_the_scale_as_on_cuda(sampling, trito
                             DIVIDE=False, BLOCK=sampling._BLOCK)
     torch.testing.assert_close(out, _former_rebuild(logits, best, ranked, kth_index, scale, multiply=True),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 17, 306])
+def test_rank_window_orders_as_the_two_sorts(sampling, triton_on_cpu, window):
+    gen = torch.Generator().manual_seed(window)
+    rows, vocab = 3, 2000
+    probs = torch.softmax(torch.randint(0, 6, (rows, vocab), generator=gen).float(), dim=-1)   # many ties
+    probs[1] = 0.0                                                   # a row of zeros: ties all the way
+    probs[2, :100] = torch.rand(100, generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:window] for _ in range(rows)])
+    ranked, ranked_ids = sampling.rank_window(probs, ids)
+    want, want_ids = sampling.rank_window_ref(probs, ids)
+    assert ranked_ids.tolist() == want_ids.tolist()
+    torch.testing.assert_close(ranked, want, rtol=0, atol=0)
+    torch.testing.assert_close(ranked, probs.gather(1, ranked_ids), rtol=0, atol=0)
+
+
+def test_rank_window_breaks_ties_by_id(sampling, triton_on_cpu):
+    probs = torch.tensor([[0.1, 0.3, 0.3, 0.0, 0.3]])
+    ranked, ranked_ids = sampling.rank_window(probs, torch.tensor([[4, 0, 2, 3, 1]]))
+    assert ranked_ids.tolist() == [[1, 2, 4, 0, 3]]
+    assert ranked[0].tolist() == pytest.approx([0.3, 0.3, 0.3, 0.1, 0.0])
