@@ -160,7 +160,8 @@ class Sampler:
         if params.num_random:      # first: it needs no logits
             noise, drawn = self._noise(params, logits.shape[1], logits.device)
         low, high = torch.aminmax(logits, dim=-1)
-        valid = low.isfinite() & high.isfinite()
+        # Finite rows (NaN fails both compares): three launches, where isfinite takes four a call.
+        valid = (low > float("-inf")) & (high < float("inf"))
         if params.banned is not None:
             minus_inf = torch.full(params.banned[0].shape, float("-inf"), dtype=logits.dtype, device=logits.device)
             logits = logits.index_put((params.banned[0], params.banned[1]), minus_inf)
@@ -170,7 +171,8 @@ class Sampler:
             # torch.max breaks ties towards the lowest id; casting bf16/fp16 to
             # float32 is exact, so the native dtype gives the ids float32 would.
             best, token_ids = logits.max(dim=-1)
-            valid &= best > float("-inf")      # finite logits, yet every token banned
+            if params.banned is not None:
+                valid &= best > float("-inf")      # finite logits, yet every token banned
         if params.num_random:
             rows = params.random_rows
             probs = _probabilities(logits if rows is None else logits.index_select(0, rows),
@@ -278,10 +280,11 @@ def _keep_top_p(probs: torch.Tensor, candidates: Optional[torch.Tensor], top_p: 
     kept (see _TIE_MARGIN); None ranks whole rows. Ordered by probability, then by id (as a
     stable sort orders equal probabilities), they are that sort's first W places.
     """
-    if candidates is None:
+    if candidates is None or candidates.shape[1] == probs.shape[1]:
+        # whole rows (a "window" of every id, which a top_k past _WINDOW_LIMIT takes, is one)
         ranked, ids = probs.sort(dim=1, descending=True, stable=True)
     else:
-        ranked, ids = rank_window(probs, candidates)
+        ranked, ids = rank_window(probs, candidates)     # at most _WINDOW_LIMIT + _TIE_MARGIN ids
     # A place is dropped once the mass ranked above it reaches top_p; place 0 (none above) stays.
     mass = torch.cumsum(ranked, dim=1)
     ranked[:, 1:].masked_fill_(mass[:, :-1] >= top_p[:, None], 0.0)
