@@ -11,10 +11,13 @@ drawn on a side stream, under the forward that makes them.
 
 Ranking is one `torch.topk` of the logits in their own dtype, as wide as the
 batch's widest top_k plus a margin for ties. When every random row has a top_k
-(the common case), only that window is scaled and cut, and the softmax input is
-rebuilt from it (the full-row path's input, bit for bit); top-p then cuts inside
-the window. A batch with a row without top-k scales whole rows; only top-p
-without top-k sorts them. Either way one softmax and one draw read whole rows.
+(the common case), the softmax input is built in one pass from the logits and the
+window's k-th and last values (the full-row path's input, bit for bit); top-p then
+cuts inside the window, ranked by one counting sort. A batch with a row without
+top-k scales whole rows; only top-p without top-k sorts them. Either way one softmax
+and one draw read whole rows. The passes that read whole rows or rank a window are
+Triton kernels on a GPU (kernels/sampling.py, each with its torch twin): at decode,
+a sampled step's cost over a greedy one is mostly a count of launches.
 Nothing here waits for the device: the result stays on it, and a row that cannot
 be sampled (logits not finite, every token banned) gets FAILED (-1) instead of
 failing the batch.
