@@ -156,3 +156,27 @@ def test_rank_window_breaks_ties_by_id(sampling, triton_on_cpu):
     ranked, ranked_ids = sampling.rank_window(probs, torch.tensor([[4, 0, 2, 3, 1]]))
     assert ranked_ids.tolist() == [[1, 2, 4, 0, 3]]
     assert ranked[0].tolist() == pytest.approx([0.3, 0.3, 0.3, 0.1, 0.0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernels_equal_their_twins_at_llama3_shapes():
+    """Compiled, on bf16 logits [64, 128256] with top_k 50 (window 306), as issue 7's batch runs them."""
+    from multilora_kernels import sampling
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, vocab = 64, 128256
+    logits = (torch.randn(rows, vocab, device="cuda", generator=gen) * 2.5).bfloat16()
+    logits[1] = torch.randint(0, 3, (vocab,), device="cuda", generator=gen).bfloat16()    # near-constant
+    best = logits.max(dim=-1).values
+    ranked = logits.topk(50 + 256)
+    kth_index = torch.full((rows,), 49, device="cuda")
+    scale = torch.full((rows,), 1 / 0.8, device="cuda")
+    x = sampling.window_softmax_input(logits, best, ranked.values, kth_index, scale)
+    torch.testing.assert_close(x, sampling.window_softmax_input_ref(logits, best, ranked.values, kth_index, scale),
+                               rtol=0, atol=0)
+    probs = torch.softmax(x, dim=-1)
+    got, want = sampling.rank_window(probs, ranked.indices), sampling.rank_window_ref(probs, ranked.indices)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    noise = torch.empty_like(probs).exponential_(generator=gen)
+    assert torch.equal(sampling.argmax_probs_over_noise(probs, noise),
+                       sampling.argmax_probs_over_noise_ref(probs, noise))
