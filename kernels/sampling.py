@@ -43,23 +43,6 @@ def _sum(x, axis: tl.constexpr):
 
 
 @_launch.jit
-def _block_argmax_kernel(probs_ptr, noise_ptr, best_ptr, best_id_ptr, V, stride_p, stride_n, num_blocks,
-                         BLOCK: tl.constexpr):
-    # grid: (row, column block); writes the block's largest quotient and the lowest id holding it
-    row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    ids = block * BLOCK + tl.arange(0, BLOCK)
-    in_row = ids < V
-    p = tl.load(probs_ptr + row * stride_p + ids, mask=in_row, other=0.0)
-    n = tl.load(noise_ptr + row * stride_n + ids, mask=in_row & (p > 0.0), other=1.0)
-    q = tl.math.div_rn(p, n)        # 0 past the row's end: any id in the row ties it with a lower id
-    best = _max(q, 0)
-    best_id = _min(tl.where(q == best, ids, V), 0)
-    tl.store(best_ptr + row * num_blocks + block, best)
-    tl.store(best_id_ptr + row * num_blocks + block, best_id.to(tl.int64))
-
-
-@_launch.jit
 def _window_softmax_input_kernel(logits_ptr, best_ptr, ranked_ptr, kth_index_ptr, scale_ptr, out_ptr, V, W,
                                  stride_l, stride_r, stride_o, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
     # grid: (row, column block)
@@ -192,7 +175,24 @@ def _check_rank(probs: torch.Tensor, ids: torch.Tensor) -> None:
     assert ids.stride(1) == 1, "ids rows must be contiguous"
 
 
-def _check(probs: torch.Tensor, noise: torch.Tensor) -> None:
+@_launch.jit
+def _block_argmax_kernel(probs_ptr, noise_ptr, best_ptr, best_id_ptr, V, stride_p, stride_n, num_blocks,
+                         BLOCK: tl.constexpr):
+    # grid: (row, column block); writes the block's largest quotient and the lowest id holding it
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    ids = block * BLOCK + tl.arange(0, BLOCK)
+    in_row = ids < V
+    p = tl.load(probs_ptr + row * stride_p + ids, mask=in_row, other=0.0)
+    n = tl.load(noise_ptr + row * stride_n + ids, mask=in_row & (p > 0.0), other=1.0)
+    q = tl.math.div_rn(p, n)        # 0 past the row's end: any id in the row ties it with a lower id
+    best = _max(q, 0)
+    best_id = _min(tl.where(q == best, ids, V), 0)
+    tl.store(best_ptr + row * num_blocks + block, best)
+    tl.store(best_id_ptr + row * num_blocks + block, best_id.to(tl.int64))
+
+
+def _check_draw(probs: torch.Tensor, noise: torch.Tensor) -> None:
     assert probs.dim() == 2 and probs.shape == noise.shape, (tuple(probs.shape), tuple(noise.shape))
     assert probs.dtype == noise.dtype == torch.float32, (probs.dtype, noise.dtype)
     assert probs.stride(1) == noise.stride(1) == 1, "rows must be contiguous"
@@ -206,13 +206,11 @@ def argmax_probs_over_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.T
     whatever the noise), so a draw reads about the probabilities alone. One Triton launch and a
     [M, V / 4096] argmax on CUDA tensors (or with MULTILORA_TRITON_INTERPRET_KERNELS=1), else
     `argmax_probs_over_noise_ref`."""
-    _check(probs, noise)
-    if not _launch.use_triton(probs):
+    _check_draw(probs, noise)
+    if not _launch.use_triton(probs) or probs.numel() == 0:
         return argmax_probs_over_noise_ref(probs, noise)
     rows, vocab = probs.shape
     num_blocks = triton.cdiv(vocab, _BLOCK)
-    if rows == 0 or vocab == 0:
-        return argmax_probs_over_noise_ref(probs, noise)
     best = torch.empty(rows, num_blocks, dtype=torch.float32, device=probs.device)
     best_id = torch.empty(rows, num_blocks, dtype=torch.int64, device=probs.device)
     _launch.launch(_block_argmax_kernel, (rows, num_blocks), probs.device, probs, noise, best, best_id,
@@ -223,5 +221,5 @@ def argmax_probs_over_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.T
 
 def argmax_probs_over_noise_ref(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Pure-torch `argmax_probs_over_noise`: torch.multinomial's one-sample draw given its noise."""
-    _check(probs, noise)
+    _check_draw(probs, noise)
     return (probs / noise).argmax(dim=-1)
