@@ -23,7 +23,9 @@ import triton.language as tl
 from multilora_kernels import _launch
 
 _BLOCK = 4096   # columns per program: 32 programs per row of a 128256-token vocabulary
-_RANK_CHUNK = 16    # window ids compared with all the others at a time: [16, next_pow2(W)] booleans
+# rank_window compares a chunk of a window's ids with all of them at a time: [chunk, next_pow2(W)]
+# booleans, 64 a thread at 8 warps; fewer, wider chunks are fewer dependent loads in a row.
+_RANK_TILE = 16384
 
 
 @_launch.jit
@@ -153,12 +155,17 @@ def rank_window(probs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, t
     if not _launch.use_triton(probs) or ids.numel() == 0:
         return rank_window_ref(probs, ids)
     rows, window = ids.shape
+    block_w = triton.next_power_of_2(window)
     ranked = torch.empty(rows, window, dtype=torch.float32, device=probs.device)
     ranked_ids = torch.empty(rows, window, dtype=torch.int64, device=probs.device)
     _launch.launch(_rank_window_kernel, (rows,), probs.device, probs, ids, ranked, ranked_ids, window,
                    probs.stride(0), ids.stride(0), ranked.stride(0),
-                   BLOCK_W=triton.next_power_of_2(window), CHUNK=_RANK_CHUNK, num_warps=8)
+                   BLOCK_W=block_w, CHUNK=_rank_chunk(block_w), num_warps=8)
     return ranked, ranked_ids
+
+
+def _rank_chunk(block_w: int) -> int:
+    return max(1, min(block_w, _RANK_TILE // block_w))
 
 
 def rank_window_ref(probs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -311,11 +311,11 @@ def test_sampling_window_softmax_input_compiles(kernels, dtype):
     ), dict(DIVIDE=False, BLOCK=sampling._BLOCK), num_warps=8), dtype)
 
 
-@pytest.mark.parametrize("window", [50 + 256, 1024 + 256])          # top_k 50, and the window limit
+@pytest.mark.parametrize("window", [1 + 256, 50 + 256, 500 + 256, 1024 + 256])     # top_k 1 ... the window limit
 def test_sampling_rank_window_compiles(kernels, window):
     sampling = kernels["sampling"]
-    vocab = 128256
+    vocab, block_w = 128256, triton.next_power_of_2(window)
     _check_compiled(_compile(sampling._rank_window_kernel, dict(
         probs_ptr="*fp32", ids_ptr="*i64", ranked_ptr="*fp32", ranked_ids_ptr="*i64",
         W=window, stride_p=vocab, stride_i=window, stride_r=window,
-    ), dict(BLOCK_W=triton.next_power_of_2(window), CHUNK=sampling._RANK_CHUNK), num_warps=8))
+    ), dict(BLOCK_W=block_w, CHUNK=sampling._rank_chunk(block_w)), num_warps=8))
