@@ -171,6 +171,12 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
         var_ok, var_err = close(split_planes.sum(0)[used], buf_ref[0][used], TOL[dtype])
         add_row("shrink", lambda: k._shrink_triton(x, a, meta, split_k=int(split)), ops["shrink"][1],
                 var_ok, var_err, f"split{split}")
+        # The expand reads as many planes as the shrink split: fewer planes, a shorter expand.
+        y_var = y0.clone()
+        k.lora_expand(y_var, split_planes, b, scales, meta, slices)
+        var_ok, var_err = close(y_var, y_ref_once(k, y0, buf_ref, b, scales, meta, slices), TOL[dtype])
+        add_row("expand", lambda: k.lora_expand(y_var, split_planes, b, scales, meta, slices), ops["expand"][1],
+                var_ok, var_err, f"split{split}")
     return rows
 
 
@@ -183,7 +189,7 @@ def y_ref_once(k, y0, buf_ref, b, scales, meta, slices):
 @contextlib.contextmanager
 def tiling(k, variant: str | None):
     """Within the block, the expand kernel runs with the tiling `variant` ("COLUMNSxWARPS"; None: its own)."""
-    if variant is None:
+    if variant is None or not variant[0].isdigit():     # "splitN": the split-K variants keep the tiling
         yield
         return
     block_n, num_warps = (int(v) for v in variant.split("x"))

@@ -32,6 +32,20 @@ def test_bench_smoke_writes_checked_cases(tmp_path, monkeypatch):
     assert all(c["ok"] and c["floor_us"] > 0 for c in result["cases"])
 
 
+def test_bench_times_tiling_and_split_variants_each_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("MULTILORA_TRITON_INTERPRET_KERNELS", "1")
+    bench = _load_bench()
+    rc = bench.main(["--device", "cpu", "--dtype", "float32", "--shape-div", "64", "--tokens", "6",
+                     "--mixes", "distinct", "--layers", "o", "--slots", "4", "--rank", "8", "--suite", "lora",
+                     "--expand-tiles", "32x2", "--shrink-splits", "2", "--warmup", "0", "--iters", "1"])
+    result = json.loads((tmp_path / "lora_kernels.json").read_text())
+    assert rc == 0
+    assert [c["op"] for c in result["cases"]] == ["shrink", "expand", "expand[32x2]", "shrink[split2]",
+                                                  "expand[split2]"]
+    assert all(c["ok"] for c in result["cases"])
+
+
 def test_bench_refuses_cuda_without_gpu_or_bf16_on_cpu(capsys):
     bench = _load_bench()
     assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2
