@@ -30,6 +30,7 @@ from multilora.errors import (
 )
 from multilora.lora.peft_config import CONFIG_FILE, MAX_LORA_ALPHA, PeftConfig, check_ranks, read_peft_config
 from multilora.lora.request import LoRARequest
+from multilora.lora.safetensors_groups import read_grouped
 from multilora.lora.weight_limits import (DEFAULT_SERVING_DTYPE, MAX_DELTA_NORM, WeightLimits, check_effect,
                                           check_values, frobenius_norms)
 
@@ -135,9 +136,9 @@ def load_adapter(lora_request: LoRARequest, spec: LoRAModelSpec, max_lora_rank: 
             f"adapter '{name}' was not found: its directory does not exist; check the adapter name and roots")
     config = read_peft_config(directory, name)
     check_ranks(config, name, max_lora_rank)
-    tensors = _read_tensors(directory, name, _max_weights_bytes(spec, max_lora_rank))
+    tensors, owned = _read_tensors(directory, name, _max_weights_bytes(spec, max_lora_rank))
     limits = WeightLimits(torch.finfo(serving_dtype or DEFAULT_SERVING_DTYPE), max_delta_norm)
-    weights = _build_weights(config, tensors, spec, name, limits, dtype)
+    weights = _build_weights(config, tensors, spec, name, limits, dtype, owned)
     adapter = LoRAAdapter(name, lora_request.lora_int_id, max(a.shape[0] for a, _, _ in weights.values()), weights)
     logger.info("loaded LoRA adapter '%s' (id %d): rank %d, modules %s, %.2f MiB, %.3f s",
                 name, adapter.adapter_id, adapter.rank, sorted(adapter.target_modules),
@@ -152,7 +153,8 @@ def _max_weights_bytes(spec: LoRAModelSpec, max_lora_rank: int) -> int:
     return 8 * spec.num_layers * per_layer + _HEADER_ALLOWANCE + _HEADER_BYTES_PER_TENSOR * num_tensors
 
 
-def _read_tensors(directory: str, name: str, max_bytes: int) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: str, name: str, max_bytes: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """-> (tensor name -> tensor, whether the tensors own their memory rather than map the file's)."""
     path = os.path.join(directory, _WEIGHTS_FILE)
     if not os.path.isfile(path):
         if any(f.endswith(_PICKLED_SUFFIXES) for f in os.listdir(directory)):
@@ -169,7 +171,12 @@ def _read_tensors(directory: str, name: str, max_bytes: int) -> dict[str, torch.
             "for this base model")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            keys = f.keys()
+            # A few torch calls per group of same-shaped tensors, where get_tensor makes ~9 per tensor.
+            grouped = read_grouped(path, size, keys)
+            if grouped is not None:
+                return grouped, True
+            return {key: f.get_tensor(key) for key in keys}, False
     # The parser is native code fed an untrusted file: whatever it raises (SafetensorError, a dtype torch lacks,
     # an I/O error) means the same thing, a file we cannot read.
     except Exception as exc:
@@ -180,7 +187,7 @@ def _read_tensors(directory: str, name: str, max_bytes: int) -> dict[str, torch.
 
 
 def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: LoRAModelSpec, name: str,
-                   limits: WeightLimits, dtype: torch.dtype):
+                   limits: WeightLimits, dtype: torch.dtype, owned: bool):
     """Checks names against the base model, then shapes, dtypes and values; -> LoRAAdapter.weights."""
     halves, unknown = _index_tensors(tensors, name)
     # Report an unsupported module before the stray tensors PEFT saves beside it (lm_head.base_layer.weight).
@@ -221,14 +228,29 @@ def _build_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], spec: L
     # torch call per tensor is one more wait for the GIL), then the per-module limits in Python.
     entries = list(modules.values())
     norms = frobenius_norms([t for _, a, b, _, _, _ in entries for t in (a, b)])
-    weights = {}
-    for i, ((layer, module), (module_key, a, b, a_name, b_name, scaling)) in enumerate(modules.items()):
+    for i, (module_key, a, b, a_name, b_name, scaling) in enumerate(entries):
         a_norm = check_values(a, _shown_name(a_name), name, limits.finfo, norms[2 * i])
         b_norm = check_values(b, _shown_name(b_name), name, limits.finfo, norms[2 * i + 1])
         check_effect(a, b, scaling, module_key, name, limits.max_delta_norm, a_norm, b_norm)
-        # A copy, so the adapter never shares memory with the file it came from.
-        weights[(layer, module)] = (a.to(dtype, copy=True).contiguous(), b.to(dtype, copy=True).contiguous(), scaling)
-    return weights
+    # Unless the reader gave them memory of their own, a copy: the adapter never shares the file's.
+    kept = _in_dtype([t for _, a, b, _, _, _ in entries for t in (a, b)], dtype, copy=not owned)
+    return {key: (kept[2 * i], kept[2 * i + 1], entry[-1]) for i, (key, entry) in enumerate(modules.items())}
+
+
+def _in_dtype(tensors: list[torch.Tensor], dtype: torch.dtype, copy: bool) -> list[torch.Tensor]:
+    """`tensors` in `dtype` and contiguous; those converted (all, if `copy`) are copied with one
+    foreach copy per shape into one new stack, not a call or two per tensor."""
+    kept = list(tensors)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if copy or t.dtype != dtype or not t.is_contiguous():
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+    for shape, indices in by_shape.items():
+        rows = torch.empty((len(indices), *shape), dtype=dtype).unbind(0)
+        torch._foreach_copy_(list(rows), [tensors[i] for i in indices])
+        for i, row in zip(indices, rows):
+            kept[i] = row
+    return kept
 
 
 def _index_tensors(tensors, name: str) -> tuple[dict[str, dict[str, str]], list[str]]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from multilora.lora.lora_linear import LoRALinear, LoRATarget
+from multilora.tensor_parallel import LinearShard
 
 _ALIGN = 64  # bytes: every typed view starts aligned, for any dtype and vectorised loads
 
@@ -60,6 +61,7 @@ class AdapterSlotWeights:
             header += _aligned(4 * n)
             row += _aligned(n * layer.in_features * dtype.itemsize) + _aligned(layer.out_features * dtype.itemsize)
         self.header_bytes, self.row_bytes = header, row
+        self._plan_rows(layers)
         self.slot_bytes = header + max_rank * row
         self.buffer = torch.zeros(num_slots, self.slot_bytes, dtype=torch.uint8, device=device)
         for layer in layers:
@@ -70,6 +72,25 @@ class AdapterSlotWeights:
         self._unawaited: dict[int, torch.cuda.Event] = {}   # slot -> its last copy, not yet waited for
         # (adapter name, start event, end event) of copies in stream order; on the CPU (name, seconds).
         self._timing: list[tuple] = []
+
+    def _plan_rows(self, layers: list[LoRALinear]) -> None:
+        """A rank row cut into columns (elements of the model dtype) in layout order: each slice's A
+        row, padding, each slice's B column, padding; so one split of an image's rows gives every
+        module's destination (`host_image`), not a few view calls per module."""
+        item = self.dtype.itemsize
+        self._row_widths: list[int] = []
+        self._columns: dict[tuple[LoRALinear, int], tuple[int, int]] = {}   # (layer, slice) -> (A, B) column
+        for layer in layers:
+            n = len(layer.slices)
+            a_columns = range(len(self._row_widths), len(self._row_widths) + n)
+            self._row_widths += [layer.in_features] * n + [_aligned(n * layer.in_features * item) // item
+                                                           - n * layer.in_features]
+            b_columns = range(len(self._row_widths), len(self._row_widths) + n)
+            self._row_widths += list(layer.slices) + [_aligned(layer.out_features * item) // item - layer.out_features]
+            for i in range(n):
+                self._columns[(layer, i)] = (a_columns[i], b_columns[i])
+        assert sum(self._row_widths) * item == self.row_bytes, (sum(self._row_widths), self.row_bytes)
+        self._whole = {layer: layer.shard == LinearShard.whole(layer.in_features, layer.slices) for layer in layers}
 
     def _views(self, buffer: torch.Tensor, layer: LoRALinear, rank: int):
         """(lora_a [.., n, rank, in], lora_b [.., out, rank], lora_scales [.., n]) of `layer` in `buffer`."""
@@ -96,15 +117,7 @@ class AdapterSlotWeights:
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
                                 pin_memory=self.device.type == "cuda")
-        for key, (a, b, scaling) in adapter.weights.items():
-            target = self.targets.get(key)
-            if target is None:
-                continue  # a module this model serves without LoRA; the adapter loader validated the rest
-            lora_a, lora_b, scales = self._views(image, target.layer, rank)
-            a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
-            lora_a[target.index, :a.shape[0]].copy_(a)
-            lora_b[target.rows, :a.shape[0]].copy_(b)
-            scales[target.index] = scaling
+        self._fill_image(image, adapter, rank)
         try:
             ref = weakref.ref(adapter)
         except TypeError:  # a record without weak references: rebuilt at each upload
@@ -112,6 +125,40 @@ class AdapterSlotWeights:
         self._images[id(adapter)] = (ref, image)
         weakref.finalize(adapter, self._images.pop, id(adapter), None)  # pinned memory goes with the adapter
         return image
+
+    def _fill_image(self, image: torch.Tensor, adapter, rank: int) -> None:
+        """Writes the adapter's weights and scales into the zeroed `image` of `rank` rows, in a few
+        torch calls whatever the number of modules (the image is built beside the engine's threads,
+        and each call is one more wait for the GIL)."""
+        if rank == 0:
+            return      # no weights: the zeroed image is the answer
+        columns = image[self.header_bytes:].view(self.dtype).view(rank, -1).split(self._row_widths, dim=1)
+        scales = [0.0] * (self.header_bytes // 4)
+        a_dsts, a_srcs, b_dsts, b_by_shape = [], [], [], {}
+        for key, (a, b, scaling) in adapter.weights.items():
+            target = self.targets.get(key)
+            if target is None:
+                continue  # a module this model serves without LoRA; the adapter loader validated the rest
+            layer = target.layer
+            if not self._whole[layer]:
+                a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
+            a_column, b_column = self._columns[(layer, target.index)]
+            r = a.shape[0]
+            a_dsts.append(columns[a_column] if r == rank else columns[a_column][:r])
+            a_srcs.append(a)
+            b_dsts.append(columns[b_column] if r == rank else columns[b_column][:r])
+            b_by_shape.setdefault(tuple(b.shape), []).append((len(b_dsts) - 1, b))
+            scales[self.layouts[layer].scales_offset // 4 + target.index] = scaling
+        # The image holds B transposed (rank-major): one transposed stack per shape of B.
+        b_srcs = [None] * len(b_dsts)
+        for members in b_by_shape.values():
+            stacked = torch.stack([b for _, b in members]).transpose(1, 2).unbind(0)
+            for (i, _), src in zip(members, stacked):
+                b_srcs[i] = src
+        if a_dsts:
+            torch._foreach_copy_(a_dsts + b_dsts, a_srcs + b_srcs)
+        if self.header_bytes:
+            image[:self.header_bytes].view(torch.float32).copy_(torch.tensor(scales, dtype=torch.float32))
 
     def upload(self, adapter_slot: int, adapter) -> None:
         """Makes `adapter_slot` hold `adapter` (every layer; untargeted modules zero) with one copy."""
