@@ -27,7 +27,7 @@ from bench_adapter_load import slot_weights  # noqa: E402
 from bench_engine import LLAMA3_8B, write_adapter  # noqa: E402
 
 
-class _TopLevelOps(TorchDispatchMode):
+class TopLevelOps(TorchDispatchMode):
     """Counts the ops that reach the dispatcher from Python (an op's own sub-ops are not seen)."""
 
     def __init__(self):
@@ -43,7 +43,7 @@ def _count(fn) -> tuple[int, int, list]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     aten = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
-    top = _TopLevelOps()
+    top = TopLevelOps()
     with top:
         fn()
     return sum(aten.values()), sum(top.ops.values()), aten.most_common(12)
