@@ -2,7 +2,7 @@
 
 An adapter load runs on a preparing thread beside the engine's threads, and each torch call releases
 the GIL and waits up to the switch interval to get it back; `safe_open(...).get_tensor` makes about
-nine calls per tensor (a Llama-3-8B adapter has 448). Here the file is read once into a tensor, and
+nine calls per tensor (a Llama-3-8B adapter has 448). Here the file is mapped once (privately), and
 each group's bytes are gathered with one index_select (so the copying runs without the GIL, beside
 the engine's threads) and become the group's tensors with a few calls (view, unbind). The rows are
 contiguous and own their memory (never the file's).
