@@ -181,10 +181,12 @@ class TritonPythonModel:
                     self._engine.abort(request_id)
         else:
             return  # non-streaming requests answer once; an empty delta says nothing
-        self._send(stream, response, FINAL if final else 0)
         if final:
+            # Counted before the final response leaves: a client that reads /metrics once answered
+            # sees its request there (recorded after the send, a fast scrape could miss it).
             del self._streams[request_id]
             self._record(stream, out)
+        self._send(stream, response, FINAL if final else 0)
 
     def _record(self, stream, out):
         outcome = out.error.code if out.error is not None else out.outputs[0].finish_reason
