@@ -45,6 +45,10 @@ class Shard:
         return Shard(self.start * n, self.size * n, self.full * n)
 
     @property
+    def is_whole(self) -> bool:
+        return self.start == 0 and self.size == self.full
+
+    @property
     def index(self) -> slice:
         """The part of the full dimension that exists (padding excluded)."""
         return slice(self.start, min(self.start + self.size, self.full))
@@ -70,7 +74,10 @@ class LinearShard:
         return self.outputs[i].full, self.input.full
 
     def lora(self, i: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of slice i's full A [r, in] and B [out, r]."""
+        """This rank's part of slice i's full A [r, in] and B [out, r] (themselves when whole: no torch call,
+        as a host image is built beside the engine's threads and each call is a wait for the GIL)."""
+        if self.input.is_whole and self.outputs[i].is_whole:
+            return lora_a, lora_b
         return lora_a[:, self.input.index], lora_b[self.outputs[i].index]
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from multilora.lora.lora_linear import LoRALinear, LoRATarget
-from multilora.tensor_parallel import LinearShard
 
 _ALIGN = 64  # bytes: every typed view starts aligned, for any dtype and vectorised loads
 
@@ -54,14 +53,25 @@ class AdapterSlotWeights:
         self.dtype, self.device = dtype, device
         layers: list[LoRALinear] = list(dict.fromkeys(t.layer for t in targets.values()))
         self.layouts: dict[LoRALinear, _LayerLayout] = {}
+        # A rank row cut into columns (elements of the model dtype) in layout order: each slice's A row,
+        # padding, each slice's B column, padding; so one split of an image's rows gives every module's
+        # destination (`_fill_image`), not a few view calls per module.
+        self._row_widths: list[int] = []
+        self._columns: dict[tuple[LoRALinear, int], tuple[int, int]] = {}   # (layer, slice) -> (A, B) column
         header = row = 0
         for layer in layers:
             n = len(layer.slices)
-            self.layouts[layer] = _LayerLayout(header, row, row + _aligned(n * layer.in_features * dtype.itemsize))
+            a_bytes = _aligned(n * layer.in_features * dtype.itemsize)
+            b_bytes = _aligned(layer.out_features * dtype.itemsize)
+            self.layouts[layer] = _LayerLayout(header, row, row + a_bytes)
             header += _aligned(4 * n)
-            row += _aligned(n * layer.in_features * dtype.itemsize) + _aligned(layer.out_features * dtype.itemsize)
+            row += a_bytes + b_bytes
+            first_a = len(self._row_widths)
+            self._row_widths += [layer.in_features] * n + [a_bytes // dtype.itemsize - n * layer.in_features]
+            first_b = len(self._row_widths)
+            self._row_widths += [*layer.slices, b_bytes // dtype.itemsize - layer.out_features]
+            self._columns.update({(layer, i): (first_a + i, first_b + i) for i in range(n)})
         self.header_bytes, self.row_bytes = header, row
-        self._plan_rows(layers)
         self.slot_bytes = header + max_rank * row
         self.buffer = torch.zeros(num_slots, self.slot_bytes, dtype=torch.uint8, device=device)
         for layer in layers:
@@ -72,25 +82,6 @@ class AdapterSlotWeights:
         self._unawaited: dict[int, torch.cuda.Event] = {}   # slot -> its last copy, not yet waited for
         # (adapter name, start event, end event) of copies in stream order; on the CPU (name, seconds).
         self._timing: list[tuple] = []
-
-    def _plan_rows(self, layers: list[LoRALinear]) -> None:
-        """A rank row cut into columns (elements of the model dtype) in layout order: each slice's A
-        row, padding, each slice's B column, padding; so one split of an image's rows gives every
-        module's destination (`host_image`), not a few view calls per module."""
-        item = self.dtype.itemsize
-        self._row_widths: list[int] = []
-        self._columns: dict[tuple[LoRALinear, int], tuple[int, int]] = {}   # (layer, slice) -> (A, B) column
-        for layer in layers:
-            n = len(layer.slices)
-            a_columns = range(len(self._row_widths), len(self._row_widths) + n)
-            self._row_widths += [layer.in_features] * n + [_aligned(n * layer.in_features * item) // item
-                                                           - n * layer.in_features]
-            b_columns = range(len(self._row_widths), len(self._row_widths) + n)
-            self._row_widths += list(layer.slices) + [_aligned(layer.out_features * item) // item - layer.out_features]
-            for i in range(n):
-                self._columns[(layer, i)] = (a_columns[i], b_columns[i])
-        assert sum(self._row_widths) * item == self.row_bytes, (sum(self._row_widths), self.row_bytes)
-        self._whole = {layer: layer.shard == LinearShard.whole(layer.in_features, layer.slices) for layer in layers}
 
     def _views(self, buffer: torch.Tensor, layer: LoRALinear, rank: int):
         """(lora_a [.., n, rank, in], lora_b [.., out, rank], lora_scales [.., n]) of `layer` in `buffer`."""
@@ -140,8 +131,7 @@ class AdapterSlotWeights:
             if target is None:
                 continue  # a module this model serves without LoRA; the adapter loader validated the rest
             layer = target.layer
-            if not self._whole[layer]:
-                a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
+            a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
             a_column, b_column = self._columns[(layer, target.index)]
             r = a.shape[0]
             a_dsts.append(columns[a_column] if r == rank else columns[a_column][:r])
