@@ -55,7 +55,7 @@ class Size:
     output_len: int = 128           # closed batch
     warmup_steps: int = 5
     steps: int = 30                 # timed decode steps per case (and as many again synchronised)
-    chunk_pairs: int = 12           # timed (chunk + decode) step pairs
+    chunk_windows: int = 12         # timed windows holding a chunk (and as many plain ones)
     prefill_reps: int = 3
     adapter_counts: tuple[int, int] = (8, 32)
     rank: int = 16
@@ -66,11 +66,11 @@ class Size:
     @property
     def decode_tokens(self) -> int:
         """max_tokens of the rows kept decoding: enough that none ends during a case."""
-        return self.warmup_steps + max(2 * self.steps, 2 * CHUNK_WINDOW * (self.chunk_pairs + 2)) + 8
+        return self.warmup_steps + max(2 * self.steps, 2 * CHUNK_WINDOW * (self.chunk_windows + 2)) + 8
 
 
-SIZES = {"full": Size(), "quick": Size(output_len=64, steps=15, chunk_pairs=5, prefill_reps=1, layers=8),
-         "tiny": Size(batch=32, prompt_len=16, output_len=4, warmup_steps=1, steps=3, chunk_pairs=2, prefill_reps=1,
+SIZES = {"full": Size(), "quick": Size(output_len=64, steps=15, chunk_windows=5, prefill_reps=1, layers=8),
+         "tiny": Size(batch=32, prompt_len=16, output_len=4, warmup_steps=1, steps=3, chunk_windows=2, prefill_reps=1,
                       matmul_n=128, profile_steps=2)}
 TINY_MODEL = dict(LLAMA3_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256, torch_dtype="float32")
@@ -205,7 +205,7 @@ def chunk_case(driver: EngineDriver) -> dict:
     driver.intervals(size.warmup_steps)
     preemptions = driver.engine.stats().num_preemptions
     chunk, decode, late = [], [], 0
-    for i in range(size.chunk_pairs + 2):              # the first two compile and warm the chunk's path
+    for i in range(size.chunk_windows + 2):              # the first two compile and warm the chunk's path
         plain = driver.intervals(CHUNK_WINDOW, drain=False)
         request_id = driver.add(dict(max_tokens=1, temperature=0.0, ignore_eos=True))
         window = driver.intervals(CHUNK_WINDOW, drain=False)

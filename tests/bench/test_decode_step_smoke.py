@@ -93,7 +93,7 @@ def test_decode_step_tiny_runs_every_case(tmp_path):
     assert cases["decode_sampled"]["sampled"] is True
     assert (cases[f"decode_{few}_adapters"]["adapters"], cases[f"decode_{many}_adapters"]["adapters"]) == (few, many)
     chunk = cases["chunk_plus_decode"]
-    assert chunk["windows"] == size.chunk_pairs and chunk["decode_rows"] == size.batch - 1
+    assert chunk["windows"] == size.chunk_windows and chunk["decode_rows"] == size.batch - 1
     assert chunk["chunk_tokens"] == size.prompt_len and math.isfinite(chunk["step_ms"])
     assert chunk["decode_step_ms"] > 0
     assert chunk["chunk_requests_unfinished_after_window"] == 0
