@@ -35,23 +35,14 @@ def _spin(stop: threading.Event) -> None:
 
 
 def slot_weights(config: dict, max_rank: int):
-    """An AdapterSlotWeights (one slot, CPU) laid out as the model's for `config`, with its layers'
-    base weights on the meta device: the host image needs the layout, not the model."""
-    from multilora.lora.adapter_slot_weights import AdapterSlotWeights
-    from multilora.lora.lora_linear import LoRALinear, LoRATarget
+    """The AdapterSlotWeights (one slot) of the model of `config` as shapes only (meta device), as the
+    tensor-parallel runner cuts adapters: the host image needs the layout, not the model."""
+    from transformers import LlamaConfig
 
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * (hidden // config["num_attention_heads"])
-    fused = {("q_proj", "k_proj", "v_proj"): (hidden, (hidden, kv, kv)), ("o_proj",): (hidden, (hidden,)),
-             ("gate_proj", "up_proj"): (hidden, (inter, inter)), ("down_proj",): (inter, (hidden,))}
-    targets = {}
-    with torch.device("meta"):
-        for layer in range(config["num_hidden_layers"]):
-            for names, (fan_in, slices) in fused.items():
-                linear = LoRALinear(fan_in, slices, names, bias=False)
-                for i, module in enumerate(names):
-                    targets[(layer, module)] = LoRATarget(linear, i, lambda *_: None)
-    return AdapterSlotWeights(targets, 1, max_rank, torch.bfloat16, torch.device("cpu"))
+    from multilora.model.loader import build_skeleton
+
+    model = build_skeleton(LlamaConfig(**config), torch.bfloat16, torch.device("meta"))
+    return model.enable_lora(1, max_rank)
 
 
 def main(argv=None) -> dict:
