@@ -419,6 +419,12 @@ def test_prefill_never_reads_stale_slots(prefill, triton_on_cpu, fill):
     assert torch.equal(outs[0], outs[1]) and outs[1].isfinite().all()
 
 
+def _new_token_slots(tables, query_lens, context_lens, block_size) -> torch.Tensor:
+    """The cache slots of each sequence's new tokens (its last query_len positions), in token order."""
+    return torch.cat([tables[n, p // block_size] * block_size + p % block_size
+                      for n, (ql, cl) in enumerate(zip(query_lens, context_lens)) for p in [torch.arange(cl - ql, cl)]])
+
+
 def test_model_attention_never_reads_stale_slots():
     """The model's own path on CPU: SDPA over gathered blocks for prefill chunks, the torch twin for decode."""
     from multilora.model.attention import AttentionMetadata, paged_attention
@@ -428,8 +434,7 @@ def test_model_attention_never_reads_stale_slots():
     query_lens, context_lens = [3, 6, 1, 1, 1], [10, 6, 5, 17, 2]
     q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, (4, 2, 16, 4), torch.float32, gen)
     block_size = kv.shape[2]
-    slots = torch.cat([tables[n, p // block_size] * block_size + p % block_size
-                       for n, (ql, cl) in enumerate(zip(query_lens, context_lens)) for p in [torch.arange(cl - ql, cl)]])
+    slots = _new_token_slots(tables, query_lens, context_lens, block_size)
     outs = []
     for cache in (_stale(kv, tables, lens, 0.0), _stale(kv, tables, lens, float("nan"))):
         k_new, v_new = (cache[i].flatten(0, 1)[slots] for i in (0, 1))
@@ -449,8 +454,7 @@ def test_model_attention_batches_runs_of_equal_whole_prompts():
     query_lens, context_lens = [4, 4, 4, 4, 4, 4, 6], [4, 4, 4, 9, 4, 4, 6]
     q, kv, tables, query_start, lens = _prefill_case(query_lens, context_lens, (4, 2, 16, 4), torch.float32, gen)
     block_size = kv.shape[2]
-    slots = torch.cat([tables[n, p // block_size] * block_size + p % block_size
-                       for n, (ql, cl) in enumerate(zip(query_lens, context_lens)) for p in [torch.arange(cl - ql, cl)]])
+    slots = _new_token_slots(tables, query_lens, context_lens, block_size)
     k_new, v_new = (kv[i].flatten(0, 1)[slots] for i in (0, 1))
     widths = [math.ceil(c / block_size) for c in context_lens]
     meta = AttentionMetadata(slots, query_lens, context_lens, [tables[n, :w] for n, w in enumerate(widths)],
