@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers import previous_sampler
+from helpers.interpreted_sampling import use_interpreted_sampling_kernels
 from helpers.previous_sampler import PreviousSampler
 from multilora.sampler import (
     FAILED, SampleRow, Sampler, SamplingTensors, _kept_from_window, _kept_over_rows, _ranked, _scales, derive_step_seed,
@@ -103,6 +104,21 @@ def test_half_precision_logits_draw_the_previous_tokens(dtype, all_top_k):
     for _ in range(12):
         logits = make_logits(rng, rng.choice(["randn", "ties"]), 6, 2000).to(dtype)
         assert_same_tokens(logits, make_rows(rng, 6, 2000, all_top_k))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("all_top_k", [True, False])
+def test_the_triton_kernels_draw_the_previous_tokens(monkeypatch, kind, all_top_k):
+    """The CUDA path (kernels/sampling.py, interpreted on CPU) against the previous sampler: the window's
+    softmax input, top-p's ranking and the draw, with greedy rows, bans, ties and near-constant rows."""
+    use_interpreted_sampling_kernels(monkeypatch)
+    rng = random.Random(f"triton-{kind}-{all_top_k}")
+    compared = 0
+    for _ in range(3):
+        vocab = rng.choice([300, 5000])
+        logits = make_logits(rng, kind, 6, vocab).to(rng.choice([torch.float32, torch.float16]))
+        compared += assert_same_tokens(logits, make_rows(rng, 6, vocab, all_top_k))
+    assert compared >= 6
 
 
 @pytest.mark.parametrize("kind", KINDS)

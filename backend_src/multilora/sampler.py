@@ -11,10 +11,13 @@ drawn on a side stream, under the forward that makes them.
 
 Ranking is one `torch.topk` of the logits in their own dtype, as wide as the
 batch's widest top_k plus a margin for ties. When every random row has a top_k
-(the common case), only that window is scaled and cut, and the softmax input is
-rebuilt from it (the full-row path's input, bit for bit); top-p then cuts inside
-the window. A batch with a row without top-k scales whole rows; only top-p
-without top-k sorts them. Either way one softmax and one draw read whole rows.
+(the common case), the softmax input is built in one pass from the logits and the
+window's k-th and last values (the full-row path's input, bit for bit); top-p then
+cuts inside the window, ranked by one counting sort. A batch with a row without
+top-k scales whole rows; only top-p without top-k sorts them. Either way one softmax
+and one draw read whole rows. The passes that read whole rows or rank a window are
+Triton kernels on a GPU (kernels/sampling.py, each with its torch twin): at decode,
+a sampled step's cost over a greedy one is mostly a count of launches.
 Nothing here waits for the device: the result stays on it, and a row that cannot
 be sampled (logits not finite, every token banned) gets FAILED (-1) instead of
 failing the batch.
@@ -26,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from multilora_kernels.sampling import argmax_probs_over_noise, rank_window, window_softmax_input
 
 from multilora.sampling_params import SamplingParams
 
@@ -159,19 +163,24 @@ class Sampler:
         if params.num_random:      # first: it needs no logits
             noise, drawn = self._noise(params, logits.shape[1], logits.device)
         low, high = torch.aminmax(logits, dim=-1)
-        valid = low.isfinite() & high.isfinite()
+        # Finite rows (NaN fails both compares): three launches, where isfinite takes four a call.
+        valid = (low > float("-inf")) & (high < float("inf"))
         if params.banned is not None:
             minus_inf = torch.full(params.banned[0].shape, float("-inf"), dtype=logits.dtype, device=logits.device)
             logits = logits.index_put((params.banned[0], params.banned[1]), minus_inf)
-        # torch.max breaks ties towards the lowest id; casting bf16/fp16 to
-        # float32 is exact, so the native dtype gives the ids float32 would.
-        best, token_ids = logits.max(dim=-1)
-        valid &= best > float("-inf")      # finite logits, yet every token banned
+        if params.num_random == params.num_rows > 0 and params.banned is None:
+            best = high     # every row is drawn and nothing banned: no argmax, aminmax has the row max
+        else:
+            # torch.max breaks ties towards the lowest id; casting bf16/fp16 to
+            # float32 is exact, so the native dtype gives the ids float32 would.
+            best, token_ids = logits.max(dim=-1)
+            if params.banned is not None:
+                valid &= best > float("-inf")      # finite logits, yet every token banned
         if params.num_random:
             rows = params.random_rows
             probs = _probabilities(logits if rows is None else logits.index_select(0, rows),
                                    best if rows is None else best.index_select(0, rows), params)
-            picked = probs.div_(_ready(noise, drawn)).argmax(dim=-1)
+            picked = argmax_probs_over_noise(probs, _ready(noise, drawn))
             token_ids = picked if rows is None else token_ids.index_copy(0, rows, picked)
         return torch.where(valid, token_ids, FAILED)
 
@@ -241,18 +250,15 @@ def _kept_over_rows(logits: torch.Tensor, best: torch.Tensor, ranked, params: Sa
 
 
 def _kept_from_window(logits: torch.Tensor, best: torch.Tensor, ranked, params: SamplingTensors) -> torch.Tensor:
-    """_kept_over_rows, bit for bit, scaling only the window, for rows that each have a top_k.
+    """_kept_over_rows, bit for bit, in one pass over the logits, for rows that each have a top_k.
 
     A row's kept ids are its top_k and their ties, so the window holds them all, except in a
     near-constant row whose window ends inside the k-th value's ties: those past it share the
-    window's last logit and get the k-th value too. (The one miss: ids past such a window whose
-    logits are lower yet scale to the same float32, which takes a row max 2^15 times their size.)
+    window's last logit and get the k-th value too (see window_softmax_input). (The one miss: ids
+    past such a window whose logits are lower yet scale to the same float32, which takes a row
+    max 2^15 times their size.)
     """
-    x = _scaled(ranked.values, best, params)             # descending
-    kth = x.gather(1, params.kth_index)
-    past = torch.where(x[:, -1:] >= kth, ranked.values[:, -1:], float("inf"))
-    rows = torch.where(logits >= past, kth, float("-inf"))
-    return rows.scatter_(1, ranked.indices, torch.where(x >= kth, x, float("-inf")))
+    return window_softmax_input(logits, best, ranked.values, params.kth_index, params.scale)
 
 
 def _ranked(logits: torch.Tensor, window: int):
@@ -277,23 +283,15 @@ def _keep_top_p(probs: torch.Tensor, candidates: Optional[torch.Tensor], top_p: 
     kept (see _TIE_MARGIN); None ranks whole rows. Ordered by probability, then by id (as a
     stable sort orders equal probabilities), they are that sort's first W places.
     """
-    if candidates is None:
-        _cut_top_p(probs, top_p)
-        return
-    ids = candidates.sort(dim=1).values
-    kept = probs.gather(1, ids)
-    _cut_top_p(kept, top_p)
-    probs.scatter_(1, ids, kept)
-
-
-def _cut_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
-    """_keep_top_p over the ids of `probs` [M, W] alone, which are in id order (so equal
-    probabilities rank by id, as a stable sort of the whole row ranks them)."""
-    ranked, order = probs.sort(dim=1, descending=True, stable=True)
-    mass = torch.cumsum(ranked, dim=1)
+    if candidates is None or candidates.shape[1] == probs.shape[1]:
+        # whole rows (a "window" of every id, which a top_k past _WINDOW_LIMIT takes, is one)
+        ranked, ids = probs.sort(dim=1, descending=True, stable=True)
+    else:
+        ranked, ids = rank_window(probs, candidates)     # at most _WINDOW_LIMIT + _TIE_MARGIN ids
     # A place is dropped once the mass ranked above it reaches top_p; place 0 (none above) stays.
+    mass = torch.cumsum(ranked, dim=1)
     ranked[:, 1:].masked_fill_(mass[:, :-1] >= top_p[:, None], 0.0)
-    probs.scatter_(1, order, ranked)
+    probs.scatter_(1, ids, ranked)
 
 
 def derive_step_seed(seed: int, position: int) -> int:

@@ -74,7 +74,7 @@ def kernels():
     saved_env = {k: os.environ.pop(k) for k in INTERPRET_ENVS if k in os.environ}
     try:
         mods = {n: importlib.import_module(f"multilora_kernels.{n}")
-                for n in ("lora", "attention", "prefill_attention", "norm", "rotary", "activation")}
+                for n in ("lora", "attention", "prefill_attention", "norm", "rotary", "activation", "sampling")}
         if saved_env.get("TRITON_INTERPRET") == "1" or triton.knobs.runtime.interpret:
             pytest.skip("TRITON_INTERPRET=1 makes every @triton.jit interpreted in this process")
         yield mods
@@ -290,3 +290,32 @@ def test_silu_and_mul_compiles(kernels, dtype):
     _check_compiled(_compile(act._silu_and_mul_kernel, dict(
         x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", I=INTER, stride_x=2 * INTER, stride_o=INTER,
     ), dict(BLOCK=act._BLOCK), num_warps=4), dtype)
+
+
+def test_sampling_draw_compiles(kernels):
+    sampling = kernels["sampling"]
+    vocab = 128256                           # Llama 3
+    _check_compiled(_compile(sampling._block_argmax_kernel, dict(
+        probs_ptr="*fp32", noise_ptr="*fp32", best_ptr="*fp32", best_id_ptr="*i64",
+        V=vocab, stride_p=vocab, stride_n=vocab, num_blocks=-(-vocab // sampling._BLOCK),
+    ), dict(BLOCK=sampling._BLOCK), num_warps=8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampling_window_softmax_input_compiles(kernels, dtype):
+    sampling = kernels["sampling"]
+    vocab, window = 128256, 50 + 256                     # Llama 3, top_k 50 and the tie margin
+    _check_compiled(_compile(sampling._window_softmax_input_kernel, dict(
+        logits_ptr=f"*{dtype}", best_ptr=f"*{dtype}", ranked_ptr=f"*{dtype}", kth_index_ptr="*i64",
+        scale_ptr="*fp32", out_ptr="*fp32", V=vocab, W=window, stride_l=vocab, stride_r=window, stride_o=vocab,
+    ), dict(DIVIDE=False, BLOCK=sampling._BLOCK), num_warps=8), dtype)
+
+
+@pytest.mark.parametrize("window", [1 + 256, 50 + 256, 500 + 256, 1024 + 256])     # top_k 1 ... the window limit
+def test_sampling_rank_window_compiles(kernels, window):
+    sampling = kernels["sampling"]
+    vocab, block_w = 128256, triton.next_power_of_2(window)
+    _check_compiled(_compile(sampling._rank_window_kernel, dict(
+        probs_ptr="*fp32", ids_ptr="*i64", ranked_ptr="*fp32", ranked_ids_ptr="*i64",
+        W=window, stride_p=vocab, stride_i=window, stride_r=window,
+    ), dict(BLOCK_W=block_w, CHUNK=sampling._rank_chunk(block_w)), num_warps=8))

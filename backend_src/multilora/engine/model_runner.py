@@ -23,6 +23,7 @@ from multilora.lora.mapping import lora_step
 from multilora.model.attention import AttentionMetadata
 from multilora.model.loader import build_model
 from multilora.sampler import Sampler, SampleRow
+from multilora.sampling_params import SamplingParams
 from multilora.tensor_parallel import SINGLE, TensorParallel
 from multilora_kernels.lora import build_lora_meta
 
@@ -70,6 +71,8 @@ class ModelRunner:
         self.num_kv_blocks = tp.min(self._measure_kv_blocks(hf_config, max_model_len), self.device)
         self.kv_caches = self._allocate_kv_caches(hf_config)
         self.sampler = Sampler()
+        if self.on_gpu and self.tp.is_first:
+            self._warm_up_sampler(hf_config.vocab_size)
         self.inputs = StepInputBuilder(
             max_decode_rows=config.max_num_seqs, max_prefill_tokens=config.max_num_batched_tokens,
             max_seqs=config.max_num_seqs, max_blocks_per_seq=-(-max_model_len // config.block_size),
@@ -95,6 +98,12 @@ class ModelRunner:
         """Nothing to stop on one device: the memory goes with the runner."""
 
     # ---- start-up -------------------------------------------------------
+    def _warm_up_sampler(self, vocab_size: int) -> None:
+        """Compiles the sampler's Triton kernels now rather than in the first sampled step. One seeded
+        row: torch's default generator, which unseeded rows draw from, is left as it was."""
+        logits = torch.zeros(1, vocab_size, dtype=self.dtype, device=self.device)
+        self.sampler(logits, [SampleRow(SamplingParams(temperature=1.0, top_k=50, top_p=0.9), step_seed=0)])
+
     def _kv_shape(self, hf_config, num_blocks: int) -> tuple[int, ...]:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         kv_heads = self.tp.kv_heads(hf_config.num_key_value_heads).size     # this rank's
