@@ -122,20 +122,24 @@ def _check_window(logits, best, ranked, kth_index, scale) -> None:
 @_launch.jit
 def _rank_window_kernel(probs_ptr, ids_ptr, ranked_ptr, ranked_ids_ptr, W, stride_p, stride_i, stride_r,
                         BLOCK_W: tl.constexpr, CHUNK: tl.constexpr):
-    # grid: (row,); an id's place = how many of the window rank before it (a counting sort)
+    # grid: (row,); an id's place = how many of the window rank before it (a counting sort).
+    # Probabilities are compared as their int32 bits: for floats >= 0 that is their order, exact for
+    # subnormals (a GPU's float compare may flush them to 0, and a sort does not), and a total order
+    # even with NaN, so the places are always a permutation and every output gets written.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_W)
     in_window = offs < W
     ids = tl.load(ids_ptr + row * stride_i + offs, mask=in_window, other=0)
     p = tl.load(probs_ptr + row * stride_p + ids, mask=in_window, other=0.0)
+    p_bits = p.to(tl.int32, bitcast=True)
     place = offs * 0    # int32 zeros (tl.zeros is a @triton.jit helper: see _launch.jit)
     for start in range(0, W, CHUNK):
         others = start + tl.arange(0, CHUNK)
         in_chunk = others < W
         other_ids = tl.load(ids_ptr + row * stride_i + others, mask=in_chunk, other=0)
-        other_p = tl.load(probs_ptr + row * stride_p + other_ids, mask=in_chunk, other=0.0)
-        higher = other_p[:, None] > p[None, :]
-        tied_lower_id = (other_p[:, None] == p[None, :]) & (other_ids[:, None] < ids[None, :])
+        other_bits = tl.load(probs_ptr + row * stride_p + other_ids, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
+        higher = other_bits[:, None] > p_bits[None, :]
+        tied_lower_id = (other_bits[:, None] == p_bits[None, :]) & (other_ids[:, None] < ids[None, :])
         place += _sum(((higher | tied_lower_id) & in_chunk[:, None]).to(tl.int32), 0)
     tl.store(ranked_ptr + row * stride_r + place, p, mask=in_window)
     tl.store(ranked_ids_ptr + row * stride_r + place, ids, mask=in_window)
@@ -149,7 +153,7 @@ def rank_window(probs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, t
     id gives (so top-p cuts a window as a sort of the whole row would), without either sort: an
     id's place is how many ids of its window rank before it. One Triton launch on CUDA tensors (or
     with MULTILORA_TRITON_INTERPRET_KERNELS=1), else `rank_window_ref`. A row holding NaN (the
-    sampler fails it) gets some of its ids in some order.
+    sampler fails it) gets all of its ids, in some order.
     """
     _check_rank(probs, ids)
     if not _launch.use_triton(probs) or ids.numel() == 0:

@@ -158,6 +158,24 @@ def test_rank_window_breaks_ties_by_id(sampling, triton_on_cpu):
     assert ranked[0].tolist() == pytest.approx([0.3, 0.3, 0.3, 0.1, 0.0])
 
 
+def test_rank_window_orders_subnormal_probabilities_as_the_sorts(sampling, triton_on_cpu):
+    """Distinct subnormals (a row of a very peaked softmax) keep their order: a GPU's float compare
+    may flush them to 0 and rank them by id, where the sorts do not."""
+    tiny = torch.finfo(torch.float32).tiny
+    probs = torch.tensor([[0.5, tiny / 4, tiny / 2, tiny / 8, 0.0, 0.5 - tiny]])
+    ids = torch.tensor([[3, 1, 5, 4, 2, 0]])
+    ranked, ranked_ids = sampling.rank_window(probs, ids)
+    assert ranked_ids.tolist() == sampling.rank_window_ref(probs, ids)[1].tolist() == [[0, 5, 2, 1, 3, 4]]
+
+
+def test_rank_window_places_every_id_of_a_row_holding_nan(sampling, triton_on_cpu):
+    probs = torch.tensor([[0.2, float("nan"), 0.3, 0.1, float("nan"), 0.4], [0.1, 0.2, 0.3, 0.4, 0.0, 0.0]])
+    ids = torch.tensor([[5, 0, 1, 4, 2, 3], [0, 1, 2, 3, 4, 5]])
+    _, ranked_ids = sampling.rank_window(probs, ids)
+    assert sorted(ranked_ids[0].tolist()) == list(range(6))       # a permutation: no place left unwritten
+    assert ranked_ids[1].tolist() == [3, 2, 1, 0, 4, 5]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernels_equal_their_twins_at_llama3_shapes():
     """Compiled, on bf16 logits [64, 128256] with top_k 50 (window 306), as issue 7's batch runs them."""
