@@ -53,7 +53,7 @@ _SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
 _DECODE_EXPAND_BLOCK_N = 256
 _MAX_BLOCK_R = 64
-_PLANES_LOAD_ELEMENTS = 4096     # fp32 partial sums per expand load: 16 planes x 16 rows x rank 16
+_MAX_PLANES_BLOCK = 16
 # The expand adds the planes in a runtime loop: unrolled (all loads in flight at once) it measured slower
 # (78 vs 61 us per layer at decode, 32 adapters, same tiles). One expand program covers one column
 # block: a loop over 16 blocks per program at decode (1024 columns, the planes summed once) made the
@@ -315,11 +315,10 @@ class ExpandConfig:
     num_warps: int
 
 
-def _planes_block(planes: int, block_m: int, block_r: int) -> int:
-    """The shrink planes one expand load reads: all of a rank-16 decode step's (<= 15 at 64 tokens);
-    fewer at higher ranks or taller tiles, whose [BLOCK_P, BLOCK_M, BLOCK_R] loads would spill
-    registers (rank 64 with 16 planes did, at sm_90)."""
-    return max(1, min(triton.next_power_of_2(planes), _PLANES_LOAD_ELEMENTS // (block_m * block_r)))
+def _planes_block(planes: int) -> int:
+    # The planes read by one load: all of a decode step's (<= 15 at 64 tokens); more would hold
+    # [16, BLOCK_M, BLOCK_R] fp32 in registers per load.
+    return min(_MAX_PLANES_BLOCK, triton.next_power_of_2(planes))
 
 
 def expand_config(block_m: int, rank: int) -> ExpandConfig:
@@ -348,7 +347,7 @@ def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, sca
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         rank, buf.shape[0],
         *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
-        BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_P=_planes_block(buf.shape[0], meta.block_m, cfg.block_r),
+        BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_P=_planes_block(buf.shape[0]),
         PRECISION=_launch.precision(lora_b.dtype), num_warps=cfg.num_warps,
     )
 

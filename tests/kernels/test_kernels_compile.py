@@ -208,7 +208,7 @@ def test_lora_kernels_compile(kernels, dtype, tokens, layer, rank):
         # Slot layout: B's columns contiguous, its rank stride spans every layer's rank row.
         stride_bs=SLOT_STRIDE, stride_bn=1, stride_bk=2_800_000,
         stride_yt=QKV if layer == "qkv" else width, stride_yn=1, stride_ss=n, stride_si=1,
-    ), dict(BLOCK_M=block_m, BLOCK_N=expand.block_n, BLOCK_R=expand.block_r, BLOCK_P=lora._planes_block(shrink.planes, block_m, expand.block_r),
+    ), dict(BLOCK_M=block_m, BLOCK_N=expand.block_n, BLOCK_R=expand.block_r,
             PRECISION=precision), num_warps=expand.num_warps), dtype)
 
 
