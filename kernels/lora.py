@@ -53,7 +53,6 @@ _SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
 _DECODE_EXPAND_BLOCK_N = 256
 _MAX_BLOCK_R = 64
-_MAX_PLANES_BLOCK = 16
 # The expand adds the planes in a runtime loop: unrolled (all loads in flight at once) it measured slower
 # (78 vs 61 us per layer at decode, 32 adapters, same tiles). One expand program covers one column
 # block: a loop over 16 blocks per program at decode (1024 columns, the planes summed once) made the
@@ -196,26 +195,15 @@ def _lora_shrink_kernel(
 
 
 @_launch.jit
-def _sum_axis0(x):
-    # tl.sum is a @triton.jit helper that an interpreted kernel cannot call: see _launch.jit.
-    return tl.reduce(x, 0, tl.standard._sum_combine)
-
-
-@_launch.jit
 def _lora_expand_kernel(
     buf_ptr, b_ptr, y_ptr, scales_ptr, slice_starts_ptr,
     sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
     R, P,
     stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # grid: (tile, column block within a slice, slice); narrower slices' surplus blocks exit.
-    # BLOCK_R >= R: the whole rank in one tile. At decode a program is a chain of dependent
-    # loads (2 rows per tile at 32 adapters), so every load that does not wait on another is
-    # issued first: B and the scale need only the slot, y's old values only the rows, and the
-    # shrink's planes are read BLOCK_P at a time (one [BLOCK_P, BLOCK_M, BLOCK_R] load, not
-    # a chain of one load per plane).
+    # BLOCK_R >= R: the whole rank in one tile.
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
     if slot < 0:
@@ -225,31 +213,28 @@ def _lora_expand_kernel(
     col = tl.load(slice_starts_ptr + part) + tl.program_id(1) * BLOCK_N
     if col >= col_end:
         return
+    tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
+    # The shrink's split-K partial sums.
+    buf_rows = buf_ptr + tokens[:, None] * stride_bt + ((part * R).to(tl.int64) + offs_r[None, :]) * stride_br
+    h_mask = m_mask[:, None] & r_mask[None, :]
+    h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
+    for p in range(0, P):
+        h += tl.load(buf_rows + p * stride_bp, mask=h_mask, other=0.0)
+    # Half-precision B: feed the tensor cores in B's dtype (PEFT rounds this
+    # intermediate to the model dtype too); fp32 B: keep full fp32.
+    h = h.to(b_ptr.dtype.element_ty)
+    scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
     offs_n = col + tl.arange(0, BLOCK_N)
     n_mask = offs_n < col_end
     # int64: in the slot layout B's rank stride spans every layer's rank row.
     b = tl.load(b_ptr + slot * stride_bs + offs_r[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
-    tokens, m_mask = _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M)
+    acc = tl.dot(h, b, input_precision=PRECISION) * scale
     y = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yn
     mask = m_mask[:, None] & n_mask[None, :]
     old = tl.load(y, mask=mask, other=0.0).to(tl.float32)
-    # The shrink's split-K partial sums.
-    offs_p = tl.arange(0, BLOCK_P)
-    buf_rows = (buf_ptr + tokens[None, :, None] * stride_bt
-                + ((part * R).to(tl.int64) + offs_r[None, None, :]) * stride_br)
-    h_mask = m_mask[None, :, None] & r_mask[None, None, :]
-    h = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
-    for p in range(0, P, BLOCK_P):
-        planes = p + offs_p
-        h += _sum_axis0(tl.load(buf_rows + planes[:, None, None].to(tl.int64) * stride_bp,
-                                mask=h_mask & (planes < P)[:, None, None], other=0.0))
-    # Half-precision B: feed the tensor cores in B's dtype (PEFT rounds this
-    # intermediate to the model dtype too); fp32 B: keep full fp32.
-    acc = tl.dot(h.to(b_ptr.dtype.element_ty), b, input_precision=PRECISION) * scale
     tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -315,12 +300,6 @@ class ExpandConfig:
     num_warps: int
 
 
-def _planes_block(planes: int) -> int:
-    # The planes read by one load: all of a decode step's (<= 15 at 64 tokens); more would hold
-    # [16, BLOCK_M, BLOCK_R] fp32 in registers per load.
-    return min(_MAX_PLANES_BLOCK, triton.next_power_of_2(planes))
-
-
 def expand_config(block_m: int, rank: int) -> ExpandConfig:
     """The expand's tiling for tiles of `block_m` tokens (16 at decode) and rank R."""
     # Wider at decode, where a launch is latency-bound (2 rows per tile at 32 adapters): 256 columns per
@@ -347,7 +326,7 @@ def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, sca
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         rank, buf.shape[0],
         *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
-        BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_P=_planes_block(buf.shape[0]),
+        BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         PRECISION=_launch.precision(lora_b.dtype), num_warps=cfg.num_warps,
     )
 
