@@ -46,6 +46,12 @@ from multilora_kernels._launch import INTERPRET_ENV  # noqa: F401  (tests and be
 # Shrink splits its reduction over H_in until roughly this many programs are in flight:
 # decode batches have only a few tiles, and one program per tile would idle an H200.
 _SHRINK_TARGET_PROGRAMS = 512
+# ...but at most this many splits: each is a plane that every expand program reads back. Measured on
+# the H200 at decode (64 tokens, rank 16, per layer; bench/RESULTS.md, 2026-12-02): 8 splits instead
+# of 32-38 at 8 adapters took the expand from 32.3 to 24.8 us and the shrink from 13.9 to 17.8; instead
+# of 13-15 at 32 adapters, 61.1 -> 56.4 and 22.7 -> 24.8. Fewer (4, 2) cost the shrink more than they
+# save the expand.
+_MAX_SHRINK_SPLITS = 8
 # H_in per shrink loop step. Measured on the H200 (bench/RESULTS.md, 2026-12-02): K tiles of up to 512
 # for narrow rank tiles (16 KB loads) made the decode shrink slower (0.97 vs 0.91 ms per step at 32
 # adapters), so the tile stays 64.
@@ -54,7 +60,9 @@ _EXPAND_BLOCK_N = 128
 _DECODE_EXPAND_BLOCK_N = 256
 _MAX_BLOCK_R = 64
 # The expand adds the planes in a runtime loop: unrolled (all loads in flight at once) it measured slower
-# (78 vs 61 us per layer at decode, 32 adapters, same tiles). One expand program covers one column
+# (78 vs 61 us per layer at decode, 32 adapters, same tiles), and so did one [planes, rows, rank] load
+# per program (88.7 vs 61.1 us; 2 planes instead of 13 save only 8 us: the plane loop is not the chain
+# that binds it). One expand program covers one column
 # block: a loop over 16 blocks per program at decode (1024 columns, the planes summed once) made the
 # 8-adapter step slower (+3.5 vs +2.3 ms over base), the blocks running one after another.
 
@@ -259,7 +267,7 @@ def shrink_config(block_m: int, max_tiles: int, k: int, stacked_rank: int, split
     block_k = _SHRINK_BLOCK_K
     k_blocks = triton.cdiv(k, block_k)
     # Keep >= 2 K blocks per split: each split adds a plane the expand reads back.
-    split_k = split_k or max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2))
+    split_k = split_k or max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2, _MAX_SHRINK_SPLITS))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     return ShrinkConfig(block_n, block_k, k_per_split, triton.cdiv(k, k_per_split))
 
