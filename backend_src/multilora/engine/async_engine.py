@@ -48,6 +48,15 @@ _IDLE_CHECK_S = 1.0       # idle, the engine thread still checks this often that
 # 30 ms at 5 ms, 62-80 ms at 0.2 ms (bench/bench_adapter_load.py). The engine thread pays the same
 # wait at each launch while the output thread detokenizes.
 _SWITCH_INTERVAL_S = 0.0002
+# On a GPU, each torch op of a preparing thread (an adapter's read, checks and host image copy ~100 MB)
+# would start a team of intra-op threads as wide as the machine, beside engine, output and client
+# threads that keep cores busy, and wait for its slowest member to be scheduled. On the H200 host (16
+# cores), beside an engine-like thread and a Python thread, a rank-16 load took 568 ms and its host
+# image 1175 ms, against 85 and 28 ms idle, and the engine's step grew from 6.5 to 8.0 ms meanwhile
+# (bench/RESULTS.md, 2026-12-02). One intra-op thread each, as vLLM runs its GPU workers. torch keeps
+# it as the default of threads whose first parallel op comes later; on a GPU the engine's own CPU math
+# is small.
+_PREPARE_INTRA_OP_THREADS = 1
 
 
 def error_output(request_id: str, error: MultiLoRAError, lora_request=None) -> RequestOutput:
@@ -76,7 +85,9 @@ class AsyncLLMEngine:
         self._stopped = False
         self.failure: Optional[str] = None      # why the engine thread died, if it did (servers report it)
         self._stats = self.engine.stats()
-        self._prepare_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="multilora-prepare")
+        self._prepare_pool = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="multilora-prepare",
+            initializer=_limit_intra_op_threads if self.engine.runner.on_gpu else None)
         self._processor = OutputProcessor(self.tokenizer)
         self._outbox: queue.Queue = queue.Queue()     # engine thread -> output thread, in order
         self._output_thread = threading.Thread(target=self._run_outputs, name="multilora-outputs", daemon=True)
@@ -318,3 +329,7 @@ def _deliver(callback: Optional[OutputCallback], out: RequestOutput) -> None:
         callback(out)
     except Exception:
         logger.exception("Output callback for request %s failed", out.request_id)
+
+
+def _limit_intra_op_threads() -> None:
+    torch.set_num_threads(_PREPARE_INTRA_OP_THREADS)
