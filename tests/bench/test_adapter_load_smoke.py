@@ -3,16 +3,23 @@
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import bench_adapter_load  # noqa: E402
 
 
-def test_reports_each_interval_idle_and_beside_a_busy_thread(tmp_path):
-    before = sys.getswitchinterval()
-    report = bench_adapter_load.main(["--intervals", "0.0002", "--reps", "1", "--out", str(tmp_path)])
+def test_reports_each_interval_and_thread_count_idle_and_beside_a_busy_thread(tmp_path):
+    before, threads = sys.getswitchinterval(), torch.get_num_threads()
+    report = bench_adapter_load.main(["--intervals", "0.0002", "--threads", "0,2", "--reps", "1",
+                                      "--beside", "python", "--out", str(tmp_path)])
     assert (tmp_path / "adapter_load.json").is_file()
-    assert [(r["switch_interval_s"], r["busy_thread"]) for r in report["rows"]] == [(0.0002, False), (0.0002, True)]
-    assert all(r["max_ms"] >= r["median_ms"] > 0 for r in report["rows"])
-    # The process's setting is given back (Python keeps it in whole microseconds).
+    assert [(r["intra_op_threads"], r["beside"]) for r in report["rows"]] == [
+        (threads, "nothing"), (threads, "python"), (2, "nothing"), (2, "python")]
+    assert all(r["max_ms"] >= r["median_ms"] > 0 and r["image_max_ms"] >= r["image_median_ms"] > 0
+               for r in report["rows"])
+    assert all(r["engine_step_alone_ms"] is None for r in report["rows"])     # no GPU engine beside
+    # The process's settings are given back (Python keeps the interval in whole microseconds).
     assert abs(sys.getswitchinterval() - before) <= 1e-6
+    assert torch.get_num_threads() == threads
