@@ -26,6 +26,25 @@ def test_threads_get_the_gil_back_quickly(engine):
     assert sys.getswitchinterval() <= 0.0002
 
 
+def test_preparing_threads_run_torch_on_one_thread_only_on_a_gpu(tiny_zoo):
+    """On a GPU an adapter load's copies would each start an intra-op team as wide as the machine beside
+    the busy engine threads (bench/RESULTS.md, issue 8); on a CPU the engine keeps torch's setting."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = AsyncLLMEngine(async_engine_config(tiny_zoo))
+        try:
+            threads = engine._prepare_pool.submit(torch.get_num_threads).result()
+            on_gpu = engine.engine.runner.on_gpu
+        finally:
+            engine.shutdown()
+    finally:
+        torch.set_num_threads(saved)
+    assert threads == (1 if on_gpu else 2)
+
+
 def test_streams_deltas_that_add_up_to_the_reference(tiny_zoo, engine):
     requests = [(SHORT_PROMPTS[0], "sql"), (SHORT_PROMPTS[2], None), (SHORT_PROMPTS[1], "code")]
     collectors = []
