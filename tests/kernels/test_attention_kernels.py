@@ -5,7 +5,6 @@ plain SDPA per sequence."""
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -13,51 +12,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+from helpers.interpreted_kernels import INTERPRET_ENV, load_interpreted
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
 SHARED = "multilora_kernels.attention"  # prefill_attention.py imports its launch helpers from it
 # bfloat16 only on a GPU (test at the end): the interpreter mis-reads it.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 NUM_BLOCKS = 40
 
 
-def _load_interpreted(name: str, filename: str, attention=None):
-    """Executes a private copy of kernels/`filename` with its Triton kernels interpreted.
-
-    A copy, because `multilora_kernels.attention` may already be imported by other
-    tests with compiled kernels, and Triton picks the mode at decoration time.
-    `attention`: the copy that `from multilora_kernels.attention import ...` gets meanwhile.
-    """
-    saved = os.environ.get(INTERPRET_ENV), sys.modules.get(SHARED)
-    os.environ[INTERPRET_ENV] = "1"
-    if attention is not None:
-        sys.modules[SHARED] = attention
-    try:
-        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        for key, mapping, value in ((INTERPRET_ENV, os.environ, saved[0]), (SHARED, sys.modules, saved[1])):
-            if value is None:
-                mapping.pop(key, None)
-            else:
-                mapping[key] = value
-    return module
-
-
 @pytest.fixture(scope="module")
 def attn():
     """kernels/attention.py (decode), interpreted."""
-    yield _load_interpreted("_attention_interpreted", "attention.py")
+    yield load_interpreted("attention.py", "_attention_interpreted")
     sys.modules.pop("_attention_interpreted", None)
 
 
 @pytest.fixture(scope="module")
 def prefill(attn):
     """kernels/prefill_attention.py, interpreted, over the interpreted attention.py's helpers."""
-    yield _load_interpreted("_prefill_attention_interpreted", "prefill_attention.py", attention=attn)
+    yield load_interpreted("prefill_attention.py", "_prefill_attention_interpreted", {SHARED: attn})
     sys.modules.pop("_prefill_attention_interpreted", None)
 
 

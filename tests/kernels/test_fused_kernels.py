@@ -2,38 +2,22 @@
 kernels (interpreted, on CPU) against their torch twins, and the twins against transformers'
 own Llama code in float32 (bit for bit: the engine's greedy tokens must equal HF's)."""
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+from helpers.interpreted_kernels import INTERPRET_ENV, load_interpreted
+
 DTYPES = [torch.float32, torch.float16]  # the interpreter mis-reads bfloat16
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
-def _interpreted(filename: str):
-    saved = os.environ.get(INTERPRET_ENV)
-    os.environ[INTERPRET_ENV] = "1"
-    try:
-        name = f"_fused_{filename[:-3]}_interpreted"
-        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.pop(INTERPRET_ENV) if saved is None else os.environ.__setitem__(INTERPRET_ENV, saved)
-    return module
-
-
 @pytest.fixture(scope="module")
 def kernels():
-    mods = {f: _interpreted(f"{f}.py") for f in ("norm", "rotary", "activation")}
+    mods = {f: load_interpreted(f"{f}.py", f"_fused_{f}_interpreted") for f in ("norm", "rotary", "activation")}
     yield mods
     for f in mods:
         sys.modules.pop(f"_fused_{f}_interpreted", None)

@@ -2,49 +2,25 @@
 and the twins against a naive per-token loop."""
 
 import ast
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+from helpers.interpreted_kernels import INTERPRET_ENV, KERNELS_DIR, load_interpreted
+
 NUM_SLOTS, RANK, H_IN, H_OUT = 4, 16, 96, 80  # H_IN, H_OUT: not multiples of the kernel blocks
 DTYPES = [torch.float32, torch.float16]  # the interpreter mis-reads bfloat16: GPU test below
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
-
-
 @pytest.fixture(scope="module")
 def lora():
-    """A private copy of kernels/lora.py whose Triton kernels are interpreted.
-
-    A copy, because `multilora_kernels.lora` may already be imported by other
-    tests with compiled kernels, and Triton picks the mode at decoration time.
-    """
-    module = _load_interpreted("_lora_interpreted")
+    """A private copy of kernels/lora.py whose Triton kernels are interpreted."""
+    module = load_interpreted("lora.py", "_lora_interpreted")
     yield module
     sys.modules.pop(module.__name__, None)
-
-
-def _load_interpreted(name: str):
-    saved = os.environ.get(INTERPRET_ENV)
-    os.environ[INTERPRET_ENV] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / "lora.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            os.environ.pop(INTERPRET_ENV)
-        else:
-            os.environ[INTERPRET_ENV] = saved
-    return module
 
 
 @pytest.fixture
@@ -58,7 +34,7 @@ def test_interpreted_by_our_variable_alone():
     import triton
 
     before = os.environ.get("TRITON_INTERPRET")
-    module = _load_interpreted("_lora_interpreted_probe")
+    module = load_interpreted("lora.py", "_lora_interpreted_probe")
     sys.modules.pop(module.__name__)
     assert os.environ.get("TRITON_INTERPRET") == before
     assert not isinstance(module._lora_shrink_kernel, triton.runtime.JITFunction)

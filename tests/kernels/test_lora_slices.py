@@ -2,16 +2,13 @@
 Triton kernels (interpreted, on CPU) against the torch twins, and the twins against
 separate per-module LoRA, at several adapter mixes, mixed ranks and partial targets."""
 
-import importlib.util
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+from helpers.interpreted_kernels import INTERPRET_ENV, load_interpreted
+
 NUM_SLOTS, RANK, H_IN = 4, 8, 72  # H_IN: not a power of 2 nor a multiple of the K block
 QKV = (48, 24, 24)  # q wider than k/v, as with grouped-query attention
 GATE_UP = (40, 40)
@@ -20,16 +17,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2,
 
 @pytest.fixture(scope="module")
 def lora():
-    saved = os.environ.get(INTERPRET_ENV)
-    os.environ[INTERPRET_ENV] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_lora_slices_interpreted", KERNELS_DIR / "lora.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.pop(INTERPRET_ENV) if saved is None else os.environ.__setitem__(INTERPRET_ENV, saved)
-    yield module
+    yield load_interpreted("lora.py", "_lora_slices_interpreted")
     sys.modules.pop("_lora_slices_interpreted", None)
 
 

@@ -1,30 +1,17 @@
 """The sampler's draw kernel (kernels/sampling.py), interpreted on CPU, against its torch twin: the same
 ids bit for bit, the lowest id among equal quotients (inside a block and across blocks), zeros' noise unread."""
 
-import importlib.util
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+from helpers.interpreted_kernels import INTERPRET_ENV, load_interpreted
 
 
 @pytest.fixture(scope="module")
 def sampling():
-    saved = os.environ.get(INTERPRET_ENV)
-    os.environ[INTERPRET_ENV] = "1"
-    try:
-        name = "_sampling_interpreted"
-        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / "sampling.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.pop(INTERPRET_ENV) if saved is None else os.environ.__setitem__(INTERPRET_ENV, saved)
+    module = load_interpreted("sampling.py", "_sampling_interpreted")
     yield module
     sys.modules.pop("_sampling_interpreted", None)
 
