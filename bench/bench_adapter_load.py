@@ -7,8 +7,10 @@ large tensors starts a team of intra-op threads as wide as the machine that wait
 member to be scheduled beside the busy threads. Llama-3-8B shapes, one rank-16 PEFT adapter in bf16
 (84 MB), loaded as the engine loads it (`load_adapter(..., dtype=bfloat16)`), then its host image
 built (`ModelRunner.stage_adapter`: pinned on a GPU), idle and beside busy threads, for each switch
-interval (--intervals) and each count of the loading thread's intra-op threads (--threads; the
-engine's preparing threads use 1 on a GPU):
+interval (--intervals), each count of the loading thread's intra-op threads (--threads; the
+engine's preparing threads use 1 on a GPU), and host images from torch's pinned cache (each rep's
+image freed before the next) or fresh (kept, so each is a new page-locked allocation, as in a
+server whose host cache holds up to max_cpu_loras adapters; --images):
 
 - `--beside python` (the default on a CPU): one thread spinning in pure Python;
 - `--beside engine` (the default on a GPU): that thread and one replaying a CUDA graph of ~6 ms of
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -116,9 +119,8 @@ def slot_weights(config: dict, max_rank: int, device: str = "meta"):
     from multilora.model.loader import build_skeleton
 
     model = build_skeleton(LlamaConfig(**config), torch.bfloat16, torch.device("meta"))
-    slots = model.enable_lora(1, max_rank)
     if device == "meta":
-        return slots
+        return model.enable_lora(1, max_rank)
     return AdapterSlotWeights(model.lora_layers(), 1, max_rank, torch.bfloat16, torch.device(device))
 
 
@@ -145,6 +147,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--intervals", default="0.0002", help="switch intervals in seconds (the engine sets 0.0002)")
     parser.add_argument("--threads", default="0,1", help="the loading thread's intra-op threads (0: torch's default)")
     parser.add_argument("--beside", choices=["python", "engine"], default="engine" if on_gpu else "python")
+    parser.add_argument("--images", default="cached,fresh", help="cached: each image freed before the next; fresh: kept")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -162,30 +165,33 @@ def main(argv=None) -> dict:
         try:
             for interval in (float(x) for x in args.intervals.split(",")):
                 sys.setswitchinterval(interval)
-                for threads in (int(x) for x in args.threads.split(",")):
-                    for beside in (None, args.beside):
-                        with busy_threads(beside) as engine, intra_op_threads(threads):
-                            times, image_times, spans = [], [], []
-                            for _ in range(args.reps):
-                                start = time.perf_counter()
-                                adapter = load_adapter(request, spec, args.rank, dtype=torch.bfloat16)
-                                loaded = time.perf_counter()
-                                slots.host_image(adapter)
-                                end = time.perf_counter()
-                                times.append(loaded - start)
-                                image_times.append(end - loaded)
-                                spans.append((start, end))
-                                del adapter     # its host image goes with it (back to torch's pinned cache)
-                                time.sleep(0.03)
-                        rows.append({
-                            "switch_interval_s": interval, "intra_op_threads": threads or torch.get_num_threads(),
-                            "beside": beside or "nothing", "busy_thread": beside is not None,
-                            "median_ms": 1e3 * statistics.median(times), "max_ms": 1e3 * max(times),
-                            "image_median_ms": 1e3 * statistics.median(image_times),
-                            "image_max_ms": 1e3 * max(image_times),
-                            "engine_step_alone_ms": engine.median_step_ms() if engine else None,
-                            "engine_step_during_loads_ms": engine.median_step_ms(spans) if engine else None,
-                        })
+                for threads, images, beside in itertools.product(
+                        [int(x) for x in args.threads.split(",")], args.images.split(","), (None, args.beside)):
+                    with busy_threads(beside) as engine, intra_op_threads(threads):
+                        times, image_times, spans, kept = [], [], [], []
+                        for _ in range(args.reps):
+                            start = time.perf_counter()
+                            adapter = load_adapter(request, spec, args.rank, dtype=torch.bfloat16)
+                            loaded = time.perf_counter()
+                            slots.host_image(adapter)
+                            end = time.perf_counter()
+                            times.append(loaded - start)
+                            image_times.append(end - loaded)
+                            spans.append((start, end))
+                            if images == "fresh":
+                                kept.append(adapter)
+                            del adapter     # unless kept, its host image goes (back to torch's pinned cache)
+                            time.sleep(0.03)
+                        kept.clear()
+                    rows.append({
+                        "switch_interval_s": interval, "intra_op_threads": threads or torch.get_num_threads(),
+                        "images": images, "beside": beside or "nothing",
+                        "median_ms": 1e3 * statistics.median(times), "max_ms": 1e3 * max(times),
+                        "image_median_ms": 1e3 * statistics.median(image_times),
+                        "image_max_ms": 1e3 * max(image_times),
+                        "engine_step_alone_ms": engine.median_step_ms() if engine else None,
+                        "engine_step_during_loads_ms": engine.median_step_ms(spans) if engine else None,
+                    })
         finally:
             sys.setswitchinterval(original)
     report = {"rank": args.rank, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -196,13 +202,13 @@ def main(argv=None) -> dict:
     (out / "adapter_load.json").write_text(json.dumps(report, indent=2))
     print(f"\nrank-{args.rank} adapter at Llama-3-8B shapes; {report['device']}, {report['cpus']} CPUs, "
           f"torch's default {report['torch_threads']} intra-op threads")
-    print(f"{'':>31} {'load_adapter':>19} {'host image':>19} {'engine-like step ms':>21}")
-    print(f"{'interval':>8} {'threads':>7} {'beside':>14} {'median ms':>10} {'max ms':>8} {'median ms':>10} "
-          f"{'max ms':>8} {'alone':>10} {'loading':>10}")
+    print(f"{'':>38} {'load_adapter':>19} {'host image':>19} {'engine-like step ms':>21}")
+    print(f"{'interval':>8} {'threads':>7} {'images':>6} {'beside':>14} {'median ms':>10} {'max ms':>8} "
+          f"{'median ms':>10} {'max ms':>8} {'alone':>10} {'loading':>10}")
     for r in rows:
         alone, during = (f"{v:.2f}" if v is not None else "-"
                          for v in (r["engine_step_alone_ms"], r["engine_step_during_loads_ms"]))
-        print(f"{r['switch_interval_s'] * 1e3:>5.1f} ms {r['intra_op_threads']:>7} {r['beside']:>14} "
+        print(f"{r['switch_interval_s'] * 1e3:>5.1f} ms {r['intra_op_threads']:>7} {r['images']:>6} {r['beside']:>14} "
               f"{r['median_ms']:>10.0f} {r['max_ms']:>8.0f} {r['image_median_ms']:>10.0f} "
               f"{r['image_max_ms']:>8.0f} {alone:>10} {during:>10}")
     return report

@@ -10,13 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import bench_adapter_load  # noqa: E402
 
 
-def test_reports_each_interval_and_thread_count_idle_and_beside_a_busy_thread(tmp_path):
+def test_reports_each_thread_count_idle_and_beside_a_busy_thread(tmp_path):
     before, threads = sys.getswitchinterval(), torch.get_num_threads()
-    report = bench_adapter_load.main(["--intervals", "0.0002", "--threads", "0,2", "--reps", "1",
+    report = bench_adapter_load.main(["--intervals", "0.0002", "--threads", "0,2", "--images", "fresh", "--reps", "2",
                                       "--beside", "python", "--out", str(tmp_path)])
     assert (tmp_path / "adapter_load.json").is_file()
-    assert [(r["intra_op_threads"], r["beside"]) for r in report["rows"]] == [
-        (threads, "nothing"), (threads, "python"), (2, "nothing"), (2, "python")]
+    assert [(r["intra_op_threads"], r["images"], r["beside"]) for r in report["rows"]] == [
+        (threads, "fresh", "nothing"), (threads, "fresh", "python"), (2, "fresh", "nothing"), (2, "fresh", "python")]
     assert all(r["max_ms"] >= r["median_ms"] > 0 and r["image_max_ms"] >= r["image_median_ms"] > 0
                for r in report["rows"])
     assert all(r["engine_step_alone_ms"] is None for r in report["rows"])     # no GPU engine beside
