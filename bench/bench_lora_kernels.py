@@ -12,6 +12,8 @@ Prints the tables and writes JSON to $OUT/lora_kernels.json (else bench/lora_ker
 
     python bench/bench_lora_kernels.py                       # H200, both suites
     python bench/bench_lora_kernels.py --suite elementwise   # the fused elementwise kernels only
+    git show HEAD~1:kernels/lora.py > /tmp/lora_before.py    # a change to the LoRA kernels, A/B in one run:
+    python bench/bench_lora_kernels.py --suite lora --baseline /tmp/lora_before.py   # rows "op[baseline]"
     python bench/bench_lora_kernels.py --device cpu --dtype float32 --shape-div 64 \\
         --tokens 1,40 --iters 2 --warmup 1                   # smoke test, Triton interpreter
 """
@@ -61,13 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time the expand with these tilings, comma-separated COLUMNSxWARPS (e.g. 256x4,512x8)")
     p.add_argument("--shrink-splits", default="",
                    help="also time the shrink with these split-K counts, comma-separated (the default is automatic)")
+    p.add_argument("--baseline", default="",
+                   help="also time the LoRA kernels of this file (another version of kernels/lora.py) beside the tree's")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the floor (H200)")
     return p.parse_args(argv)
 
 
-def load_kernels(device: str, name: str = "lora"):
-    """kernels/<name>.py loaded by path as a private module, so `--device cpu` can interpret its
-    kernels even where `multilora_kernels` was imported compiled; needs only torch, triton, the repo."""
+def load_kernels(device: str, name: str = "lora", path: Path | None = None):
+    """kernels/<name>.py (or the file `path`) loaded by path as a private module, so `--device cpu` can
+    interpret its kernels even where `multilora_kernels` was imported compiled; needs only torch,
+    triton, the repo."""
     if device == "cpu":  # read when the kernels are decorated and when they run
         os.environ["MULTILORA_TRITON_INTERPRET_KERNELS"] = "1"
     if "multilora_kernels" not in sys.modules:  # the kernels' own `from multilora_kernels import`: this repo's
@@ -76,7 +81,7 @@ def load_kernels(device: str, name: str = "lora"):
         sys.modules["multilora_kernels"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["multilora_kernels"])
     module_name = f"multilora_kernels_{name}_bench"
-    spec = importlib.util.spec_from_file_location(module_name, REPO / "kernels" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, path or REPO / "kernels" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
@@ -260,13 +265,13 @@ def bench_elementwise(mods, timer: Timer, args, num_tokens: int) -> list[dict]:
 
 
 def print_table(rows: list[dict], meta_rows: list[dict]) -> None:
-    head = f"{'layer':15} {'op':14} {'T':>5} {'mix':9} {'graph_us':>9} {'eager_us':>9} {'ref_us':>9} " \
+    head = f"{'layer':15} {'op':16} {'T':>5} {'mix':9} {'graph_us':>9} {'eager_us':>9} {'ref_us':>9} " \
            f"{'floor_us':>9} {'%floor':>7} {'vs_ref':>7} ok"
     print(head)
     for row in rows:
         best = row["kernel_graph_us"] or row["kernel_eager_us"]
         graph = f"{row['kernel_graph_us']:9.1f}" if row["kernel_graph_us"] is not None else f"{'-':>9}"
-        print(f"{row['layer']:15} {row['op']:14} {row['tokens']:5d} {row['mix']:9} {graph} "
+        print(f"{row['layer']:15} {row['op']:16} {row['tokens']:5d} {row['mix']:9} {graph} "
               f"{row['kernel_eager_us']:9.1f} {row['ref_us']:9.1f} {row['floor_us']:9.2f} "
               f"{100 * row['floor_us'] / best:6.1f}% {row['ref_us'] / best:6.1f}x {'ok' if row['ok'] else 'FAIL'}")
     if meta_rows:
@@ -288,6 +293,9 @@ def main(argv=None) -> int:
     rows, meta_rows = [], []
     if args.suite in ("all", "lora"):
         k = load_kernels(args.device)
+        baseline = load_kernels(args.device, "baseline", Path(args.baseline)) if args.baseline else None
+        # The baseline's own tiling: the variants are the tree's.
+        baseline_args = argparse.Namespace(**{**vars(args), "expand_tiles": "", "shrink_splits": ""})
         mixes, layers = args.mixes.split(","), args.layers.split(",")
         for num_tokens in (int(t) for t in args.tokens.split(",")):
             for mix in mixes:
@@ -296,6 +304,9 @@ def main(argv=None) -> int:
                                       us=to_us(timer(lambda: k.build_lora_meta(slots, args.slots)))))
                 for layer in layers:
                     rows.extend(bench_case(k, timer, args, layer, num_tokens, mix))
+                    if baseline is not None:
+                        rows.extend({**r, "op": f"{r['op']}[baseline]"}
+                                    for r in bench_case(baseline, timer, baseline_args, layer, num_tokens, mix))
     if args.suite in ("all", "elementwise"):
         mods = {name: load_kernels(args.device, name) for name in ("norm", "rotary", "activation")}
         for num_tokens in (int(t) for t in args.elementwise_tokens.split(",")):

@@ -46,6 +46,23 @@ def test_bench_times_tiling_and_split_variants_each_checked(tmp_path, monkeypatc
     assert all(c["ok"] for c in result["cases"])
 
 
+def test_bench_times_a_baseline_kernel_file_beside_the_tree(tmp_path, monkeypatch):
+    """--baseline: another version of kernels/lora.py (here a copy), timed and checked on the same cases."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("MULTILORA_TRITON_INTERPRET_KERNELS", "1")
+    baseline = tmp_path / "lora_before.py"
+    baseline.write_text((BENCH.parents[1] / "kernels" / "lora.py").read_text())
+    bench = _load_bench()
+    rc = bench.main(["--device", "cpu", "--dtype", "float32", "--shape-div", "64", "--tokens", "6",
+                     "--mixes", "distinct", "--layers", "o", "--slots", "4", "--rank", "8", "--suite", "lora",
+                     "--shrink-splits", "2", "--baseline", str(baseline), "--warmup", "0", "--iters", "1"])
+    result = json.loads((tmp_path / "lora_kernels.json").read_text())
+    assert rc == 0
+    assert [c["op"] for c in result["cases"]] == ["shrink", "expand", "shrink[split2]", "expand[split2]",
+                                                  "shrink[baseline]", "expand[baseline]"]
+    assert all(c["ok"] for c in result["cases"])
+
+
 def test_bench_refuses_cuda_without_gpu_or_bf16_on_cpu(capsys):
     bench = _load_bench()
     assert bench.main(["--device", "cpu", "--dtype", "bfloat16"]) == 2
