@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from serving_driver import drive
-from serving_report import RequestRecord, timing_dists
+from serving_report import RequestRecord, step_stats, timing_dists
 from serving_workload import BenchRequest, adapter_name
 
 # How often the step sampler looks for a new EngineStats snapshot (the engine thread replaces
@@ -74,9 +74,7 @@ class InprocTarget:
         with self._lock:
             events = list(self._events)
         delta = {key: after[key] - self._before[key] for key in after}
-        steps = delta.pop("steps")
-        delta.update(mean_distinct_adapters_per_step=delta.pop("step_adapters") / steps if steps else None,
-                     engine_steps=steps, adapter_timings_s=timing_dists([(k, s) for k, s, _ in events]),
+        delta.update(**step_stats(delta), adapter_timings_s=timing_dists([(k, s) for k, s, _ in events]),
                      mean_running_per_step=self._sampler.mean_running, max_waiting=self._sampler.max_waiting)
         # Cold windows: an adapter read from disk, or copied to the GPU (reported when the device
         # finished it, so the window ends up to a step late).
@@ -101,7 +99,8 @@ def _counters(stats) -> dict:
             "adapter_prefetches": stats.adapter_prefetches, "adapter_evictions": stats.adapter_evictions,
             "adapter_host_evictions": stats.adapter_host_evictions, "adapter_pool_hits": stats.adapter_pool_hits,
             "adapter_pool_misses": stats.adapter_pool_misses, "preemptions": stats.num_preemptions,
-            "steps": stats.num_steps, "step_adapters": stats.num_step_adapters}
+            "steps": stats.num_steps, "step_adapters": stats.num_step_adapters,
+            "prefill_steps": stats.num_prefill_steps, "prefill_tokens": stats.num_prefill_tokens}
 
 
 class _StepSampler:

@@ -5,6 +5,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving_report import step_stats
+
 METRICS_POLL_S = 0.25
 
 
@@ -23,7 +25,8 @@ _POOL = {"adapter_loads": "multilora:adapter_loads_total", "adapter_uploads": "m
          "adapter_host_evictions": "multilora:adapter_host_evictions_total",
          "adapter_pool_hits": "multilora:adapter_pool_hits_total",
          "adapter_pool_misses": "multilora:adapter_pool_misses_total",
-         "steps": "multilora:engine_steps_total", "step_adapters": "multilora:step_adapters_total"}
+         "steps": "multilora:engine_steps_total", "step_adapters": "multilora:step_adapters_total",
+         "prefill_steps": "multilora:prefill_steps_total", "prefill_tokens": "multilora:prefill_tokens_total"}
 # The histograms the report summarizes: key -> (name, labels).
 _HISTOGRAMS = {"load": ("multilora:adapter_load_seconds", {}), "upload": ("multilora:adapter_upload_seconds", {}),
                "gpu_eviction": ("multilora:adapter_eviction_seconds", {"from": "gpu_slot"}),
@@ -97,10 +100,8 @@ class MetricsWatcher:
         text = self._server.metrics()
         after, histograms = self._pool(text), self._histograms(text)
         stats = {key: int(after[key] - self._before[key]) for key in after}
-        steps = stats.pop("steps")
         timings = {key: histogram_dist(self._before_histograms[key], h) for key, h in histograms.items()}
-        stats.update(mean_distinct_adapters_per_step=stats.pop("step_adapters") / steps if steps else None,
-                     engine_steps=steps, queue_wait_s=timings.pop("queue_wait"),
+        stats.update(**step_stats(stats), queue_wait_s=timings.pop("queue_wait"),
                      adapter_timings_s={k: v for k, v in timings.items() if v["count"]},
                      max_waiting=self.max_waiting)
         return {"stats": stats, "load_windows": self.windows}

@@ -72,6 +72,17 @@ def timing_dists(events: list[tuple[str, float]]) -> dict:
     return {kind: {**_dist(values), "sum": sum(values)} for kind, values in sorted(by_kind.items())}
 
 
+def step_stats(counts: dict) -> dict:
+    """Counter deltas over a run -> its steps' make-up; pops the step counters out of `counts`: the mean
+    distinct adapters per step, and the steps that held prompt chunks (which take longer than a decode
+    step) with their mean prompt tokens."""
+    steps, adapters = counts.pop("steps"), counts.pop("step_adapters")
+    prefill_steps, prefill_tokens = counts.pop("prefill_steps"), counts.pop("prefill_tokens")
+    return {"engine_steps": steps, "mean_distinct_adapters_per_step": adapters / steps if steps else None,
+            "prefill_step_share": prefill_steps / steps if steps else None,
+            "mean_prefill_tokens_per_prefill_step": prefill_tokens / prefill_steps if prefill_steps else None}
+
+
 def _tpot(r: RequestRecord) -> float:
     return (r.token_times[-1][0] - r.first_token_s) / (r.tokens - r.token_times[0][1])
 

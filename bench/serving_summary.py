@@ -72,8 +72,11 @@ def checks(runs: list[dict]) -> list[str]:
                 continue
             e = r["engine"]
             dist = e.get("mean_distinct_adapters_per_step")
+            share, chunk = e.get("prefill_step_share"), e.get("mean_prefill_tokens_per_prefill_step")
+            mix = "" if share is None else (f" ({100 * share:.0f}% of them with prompt chunks"
+                                            + ("" if chunk is None else f", {chunk:.0f} prompt tokens each") + ")")
             lines.append(f"[{prefix} N={n} {r['target']}] mean distinct adapters per step "
-                         f"{'-' if dist is None else f'{dist:.1f}'} over {e.get('engine_steps')} steps; "
+                         f"{'-' if dist is None else f'{dist:.1f}'} over {e.get('engine_steps')} steps{mix}; "
                          + adapter_line(r))
         for r in group.values():
             if r["workload"]["rate"] is None:

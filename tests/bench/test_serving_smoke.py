@@ -18,8 +18,9 @@ SUMMARY_KEYS = {"requests", "finished", "errors", "unfinished", "short", "second
 DIST_KEYS = {"p50", "p90", "p99", "max", "mean", "count"}
 ENGINE_KEYS = {"adapter_loads", "adapter_uploads", "adapter_prefetches", "adapter_evictions", "adapter_host_evictions",
                "adapter_pool_hits", "adapter_pool_misses", "mean_distinct_adapters_per_step", "engine_steps",
-               "adapter_timings_s", "max_waiting"}
-COUNT_KEYS = ENGINE_KEYS - {"mean_distinct_adapters_per_step", "adapter_timings_s"}
+               "adapter_timings_s", "max_waiting", "prefill_step_share", "mean_prefill_tokens_per_prefill_step"}
+COUNT_KEYS = ENGINE_KEYS - {"mean_distinct_adapters_per_step", "adapter_timings_s", "prefill_step_share",
+                            "mean_prefill_tokens_per_prefill_step"}
 
 
 def _serving():
@@ -52,6 +53,8 @@ def _check_run(run: dict, requests: int) -> None:
     assert all(engine[key] >= 0 for key in COUNT_KEYS), engine
     assert engine["adapter_loads"] >= 1 and engine["engine_steps"] >= 1
     assert 0 < engine["mean_distinct_adapters_per_step"] <= 4      # never more than max_loras
+    # Every prompt (8-24 tokens) was prefilled in some step, in rows of several tokens.
+    assert 0 < engine["prefill_step_share"] <= 1 and engine["mean_prefill_tokens_per_prefill_step"] > 1
     for kind, timing in engine["adapter_timings_s"].items():
         assert kind in ("load", "upload", "gpu_eviction", "host_eviction")
         assert timing["count"] >= 1 and timing["p50"] <= timing["p99"] <= timing["max"]

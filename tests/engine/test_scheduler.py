@@ -283,3 +283,14 @@ def test_no_request_waits_beyond_the_bound_under_skewed_popularity(seed):
     for request_id, (arrived, admitted, ahead) in record.items():
         assert admitted is not None, request_id
         assert admitted - arrived <= (ahead + 1) * REQUEST_STEPS, (request_id, arrived, admitted, ahead)
+
+
+def test_prefill_steps_and_tokens_are_counted_apart_from_decode():
+    """Steps holding rows of several tokens (prompt chunks) and their tokens: the counters behind
+    multilora:prefill_steps_total and prefill_tokens_total."""
+    scheduler = make_scheduler(budget=8)
+    scheduler.add(make_seq("a", prompt_len=6))
+    scheduler.add(make_seq("b", prompt_len=6))
+    batches = [run_step(scheduler).num_new_tokens for _ in range(3)]
+    assert batches == [[6, 2], [1, 4], [1, 1]]      # b's prompt in two chunks beside a's decode
+    assert (scheduler.num_steps, scheduler.num_prefill_steps, scheduler.num_prefill_tokens) == (3, 2, 12)

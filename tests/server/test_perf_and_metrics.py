@@ -71,6 +71,9 @@ def test_metrics_follow_requests_per_adapter(server):
     assert sample(text, "multilora:adapter_upload_seconds_count") >= 2          # each slot write, timed
     assert sample(text, "multilora:engine_steps_total") >= 5
     assert 0 < sample(text, "multilora:step_adapters_total") <= 2 * sample(text, "multilora:engine_steps_total")
+    # Each of the 4 prompts ("Hello, world!": several tokens) was prefilled in some step.
+    assert 1 <= sample(text, "multilora:prefill_steps_total") <= sample(text, "multilora:engine_steps_total")
+    assert sample(text, "multilora:prefill_tokens_total") >= 4 * 2
     # vLLM's lora_requests_info: running and waiting adapters as labels, and max_lora.
     # The current label set holds when it became current; earlier ones hold 0.
     current = [labels for labels, value in samples(text, "multilora:lora_requests_info") if value > 0]

@@ -29,7 +29,8 @@ def stats(**overrides):
                 running_adapters=[], waiting_adapters=[], resident_adapters=[], adapter_holds=0,
                 adapter_pool_hits=0, adapter_pool_misses=0, adapter_loads=0, adapter_evictions=0,
                 adapter_failed_loads=0, adapter_remembered_failures=0, adapter_failed_writes=0, adapter_prefetches=0,
-                adapter_host_evictions=0, num_steps=0, num_step_adapters=0)
+                adapter_host_evictions=0, num_steps=0, num_step_adapters=0, num_prefill_steps=0,
+                num_prefill_tokens=0)
     return SimpleNamespace(**(base | overrides))
 
 
@@ -74,8 +75,10 @@ def test_stats_set_gauges_and_advance_pool_counters_by_the_difference(metrics):
     assert values("adapter_remembered_failures_total")[()].value == 3
     assert values("adapter_failed_writes_total")[()].value == 0
     metrics.update(stats(num_running=3, kv_blocks_used=25, adapter_pool_hits=7, num_steps=10, num_step_adapters=25,
-                         adapter_prefetches=2, adapter_host_evictions=1))
+                         adapter_prefetches=2, adapter_host_evictions=1, num_prefill_steps=4, num_prefill_tokens=300))
     assert values("engine_steps_total")[()].value == 10
+    assert values("prefill_steps_total")[()].value == 4
+    assert values("prefill_tokens_total")[()].value == 300
     assert values("step_adapters_total")[()].value == 25
     assert values("adapter_prefetches_total")[()].value == 2
     assert values("adapter_host_evictions_total")[()].value == 1

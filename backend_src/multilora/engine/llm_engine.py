@@ -60,6 +60,8 @@ class EngineStats:
     num_preemptions: int = 0
     num_steps: int = 0
     num_step_adapters: int = 0              # distinct adapters per step, summed over num_steps
+    num_prefill_steps: int = 0              # steps holding prompt chunks (rows of several tokens)
+    num_prefill_tokens: int = 0             # those rows' tokens, summed
 
     @property
     def kv_cache_usage(self) -> float:
@@ -366,4 +368,5 @@ class LLMEngine:
             adapter_host_eviction_seconds=counters.host_eviction_seconds,
             adapter_failed_loads=counters.failed_loads, adapter_remembered_failures=counters.remembered_failures,
             adapter_failed_writes=counters.failed_writes, num_preemptions=self.scheduler.num_preemptions,
-            num_steps=self.scheduler.num_steps, num_step_adapters=self.scheduler.num_step_adapters)
+            num_steps=self.scheduler.num_steps, num_step_adapters=self.scheduler.num_step_adapters,
+            num_prefill_steps=self.scheduler.num_prefill_steps, num_prefill_tokens=self.scheduler.num_prefill_tokens)

@@ -71,6 +71,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_steps = 0                    # non-empty steps scheduled
         self.num_step_adapters = 0            # their distinct adapters, summed (/ num_steps: the mean)
+        # Of them, steps holding rows of several tokens (prompt chunks, or a preempted sequence's
+        # recompute: what the model runner runs beside its decode graph), and those rows' tokens.
+        self.num_prefill_steps = 0
+        self.num_prefill_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         """Queues a new request; raises QueueFullError when max_waiting_requests are already waiting."""
@@ -89,6 +93,9 @@ class Scheduler:
         if batch:
             self.num_steps += 1
             self.num_step_adapters += len({s.adapter_id for s in batch.seqs if s.adapter_id})
+            prefill_tokens = sum(n for n in batch.num_new_tokens if n > 1)
+            self.num_prefill_steps += prefill_tokens > 0
+            self.num_prefill_tokens += prefill_tokens
         self._prefetch()
         return batch
 

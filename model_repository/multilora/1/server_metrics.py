@@ -38,6 +38,10 @@ _POOL_COUNTERS = {
     "num_steps": ("engine_steps", "engine steps that ran a batch"),
     "num_step_adapters": ("step_adapters", "distinct adapters in each engine step, summed over steps: divided by "
                           "engine_steps_total, the mean number of adapters batched together"),
+    "num_prefill_steps": ("prefill_steps", "engine steps that held prompt chunks (rows of several tokens) beside "
+                          "their decode rows: such a step takes longer than a decode step"),
+    "num_prefill_tokens": ("prefill_tokens", "tokens of prompt chunks computed, recomputed ones after a "
+                           "preemption included"),
 }
 # AdapterEvent.kind -> (histogram attribute, extra labels, buckets).
 _ADAPTER_EVENTS = {
