@@ -51,9 +51,10 @@ _SWITCH_INTERVAL_S = 0.0002
 # On a GPU, each torch op of a preparing thread (an adapter's read, checks and host image copy ~100 MB)
 # would start a team of intra-op threads as wide as the machine, beside engine, output and client
 # threads that keep cores busy, and wait for its slowest member to be scheduled. On the H200 host (16
-# cores), beside an engine-like thread and a Python thread, a rank-16 load took 568 ms and its host
-# image 1175 ms, against 85 and 28 ms idle, and the engine's step grew from 6.5 to 8.0 ms meanwhile
-# (bench/RESULTS.md, 2026-12-02). One intra-op thread each, as vLLM runs its GPU workers. torch keeps
+# cores), beside an engine-like thread and a Python thread, a rank-16 load took 474 ms and its host
+# image 705 ms, against 82 and 27 ms idle, and the engine-like step grew from 6.5 to 8.0 ms meanwhile;
+# with one intra-op thread 138 and 107 ms, the step 6.4 (bench/RESULTS.md, 2026-12-02). One intra-op
+# thread each, as vLLM runs its GPU workers. torch keeps
 # it as the default of threads whose first parallel op comes later; on a GPU the engine's own CPU math
 # is small.
 _PREPARE_INTRA_OP_THREADS = 1
