@@ -54,9 +54,8 @@ _SWITCH_INTERVAL_S = 0.0002
 # cores), beside an engine-like thread and a Python thread, a rank-16 load took 474 ms and its host
 # image 705 ms, against 82 and 27 ms idle, and the engine-like step grew from 6.5 to 8.0 ms meanwhile;
 # with one intra-op thread 138 and 107 ms, the step 6.4 (bench/RESULTS.md, 2026-12-02). One intra-op
-# thread each, as vLLM runs its GPU workers. torch keeps
-# it as the default of threads whose first parallel op comes later; on a GPU the engine's own CPU math
-# is small.
+# thread each, as vLLM runs its GPU workers. torch keeps it as the default of threads whose first
+# parallel op comes later; on a GPU the engine's own CPU math is small.
 _PREPARE_INTRA_OP_THREADS = 1
 
 
