@@ -249,7 +249,8 @@ def plot(runs: list[dict], path: Path) -> Optional[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("ms")
         ax.set_title(title)
-        ax.legend(fontsize=6)
+        if ax.get_lines():      # HF baselines have no per-token times: nothing to plot or name
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

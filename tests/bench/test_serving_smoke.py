@@ -97,3 +97,15 @@ def test_triton_smoke_run_finishes_every_request(tmp_path):
     assert runs[0]["target"] == "triton"
     _check_run(runs[0], 24)
     assert runs[0]["engine"]["stream_errors"] == 0
+
+
+def test_hf_and_hf_peft_baselines_finish_one_batch(tmp_path):
+    """Part B's references: transformers generate, and PEFT with mixed adapter_names (base rows too)."""
+    runs = _smoke(tmp_path, "hf,hf-peft")
+    assert [r["target"] for r in runs] == ["hf", "hf-peft"]
+    for run in runs:
+        s = run["summary"]
+        assert (s["requests"], s["finished"], s["errors"], s["unfinished"]) == (4, 4, 0, 0)   # one batch
+        assert s["output_tokens"] > 0
+    assert runs[0]["engine"]["adapters_loaded_in_peft"] == 0
+    assert runs[1]["engine"]["adapters_loaded_in_peft"] >= 1
