@@ -82,7 +82,8 @@ class EngineLikeThread:
         self._thread.join()
 
     def median_step_ms(self, spans: list[tuple[float, float]] | None = None) -> float | None:
-        """Median interval of the steps that ended inside one of `spans` (all steps but the first few: None)."""
+        """Median interval of the steps that ended inside one of `spans`; without spans, of every step but the
+        first few (when no load has started yet: its step alone)."""
         steps = [d for end, d in (self.steps[5:] if spans is None else self.steps)
                  if spans is None or any(s <= end <= e for s, e in spans)]
         return 1e3 * statistics.median(steps) if steps else None
