@@ -48,18 +48,12 @@ def _spin(stop: threading.Event) -> None:
 
 
 class EngineLikeThread:
-    """Replays a CUDA graph of ~6 ms (64-row matmuls at Llama-3-8B's MLP width) with ~0.5 ms of host
-    Python a step, and records when each step ended and how long it took."""
+    """Launches a step, runs ~0.5 ms of host Python while it runs, then waits for it, like the engine
+    thread; records when each step ended and how long it took. `step`: (launch, wait), by default
+    `cuda_graph_step()`."""
 
-    def __init__(self):
-        x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
-        x @ w                                   # cuBLAS initialised before capture
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            for _ in range(200):
-                x @ w
+    def __init__(self, step=None):
+        self._launch, self._wait = step or cuda_graph_step()
         self.steps: list[tuple[float, float]] = []     # (end, interval) in perf_counter seconds
         self.alone_ms: float | None = None             # its median step before any load
         self._stop = threading.Event()
@@ -68,9 +62,9 @@ class EngineLikeThread:
     def _run(self) -> None:
         last = time.perf_counter()
         while not self._stop.is_set():
-            self.graph.replay()
+            self._launch()
             sum(range(20000))
-            torch.cuda.current_stream().synchronize()
+            self._wait()
             now = time.perf_counter()
             self.steps.append((now, now - last))
             last = now
@@ -88,6 +82,21 @@ class EngineLikeThread:
         steps = [d for end, d in (self.steps[5:] if spans is None else self.steps)
                  if spans is None or any(s <= end <= e for s, e in spans)]
         return 1e3 * statistics.median(steps) if steps else None
+
+
+def cuda_graph_step():
+    """(launch, wait) of a ~6 ms step on the GPU: a CUDA graph of 64-row matmuls at Llama-3-8B's MLP
+    width, and a wait for the stream."""
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    x @ w                                   # cuBLAS initialised before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(200):
+            x @ w
+
+    return graph.replay, torch.cuda.current_stream().synchronize
 
 
 @contextlib.contextmanager

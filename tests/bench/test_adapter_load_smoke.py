@@ -23,3 +23,19 @@ def test_reports_each_thread_count_idle_and_beside_a_busy_thread(tmp_path):
     # The process's settings are given back (Python keeps the interval in whole microseconds).
     assert abs(sys.getswitchinterval() - before) <= 1e-6
     assert torch.get_num_threads() == threads
+
+
+def test_engine_like_thread_reports_its_step_alone_and_during_spans():
+    import time
+
+    engine = bench_adapter_load.EngineLikeThread((lambda: time.sleep(0.004), lambda: None))
+    engine.start()
+    time.sleep(0.3)
+    engine.alone_ms = engine.median_step_ms()
+    start = time.perf_counter()
+    time.sleep(0.1)
+    spans = [(start, time.perf_counter())]
+    engine.stop()
+    assert engine.alone_ms >= 4                                  # each step sleeps 4 ms
+    assert engine.median_step_ms(spans) >= 4
+    assert engine.median_step_ms([(0.0, 1e-9)]) is None           # no step ended in that span
