@@ -2,7 +2,7 @@
 
 A private copy, because `multilora_kernels.<file>` may already be imported by other tests with
 compiled kernels, and Triton picks compiled or interpreted as each kernel is decorated
-(`multilora_kernels._launch.jit` reads MULTILORA_TRITON_INTERPRET_KERNELS then).
+(`multilora_kernels._launch.jit` reads INTERPRET_ENV then).
 """
 
 import importlib.util
@@ -10,8 +10,16 @@ import os
 import sys
 from pathlib import Path
 
+from multilora_kernels._launch import INTERPRET_ENV
+
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+
+
+def _restore(mapping, key: str, value) -> None:
+    if value is None:
+        mapping.pop(key, None)
+    else:
+        mapping[key] = value
 
 
 def load_interpreted(filename: str, name: str, imports: dict | None = None):
@@ -19,7 +27,7 @@ def load_interpreted(filename: str, name: str, imports: dict | None = None):
     module up there), its kernels interpreted. `imports`: module name -> module that its own imports
     get meanwhile (a private copy of another kernel file it imports from)."""
     imports = imports or {}
-    saved = {key: sys.modules.get(key) for key in imports}
+    saved_modules = {key: sys.modules.get(key) for key in imports}
     saved_env = os.environ.get(INTERPRET_ENV)
     os.environ[INTERPRET_ENV] = "1"
     sys.modules.update(imports)
@@ -29,10 +37,7 @@ def load_interpreted(filename: str, name: str, imports: dict | None = None):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     finally:
-        for key, value in [*saved.items(), (INTERPRET_ENV, saved_env)]:
-            mapping = os.environ if key == INTERPRET_ENV else sys.modules
-            if value is None:
-                mapping.pop(key, None)
-            else:
-                mapping[key] = value
+        _restore(os.environ, INTERPRET_ENV, saved_env)
+        for key, value in saved_modules.items():
+            _restore(sys.modules, key, value)
     return module
