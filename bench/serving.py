@@ -68,6 +68,8 @@ def parse_args(argv=None):
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     e.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    e.add_argument("--switch-interval", type=float, default=None,
+                   help="inproc: Python's thread switch interval in seconds (default: the engine's own, 0.0002)")
     e.add_argument("--engine-arg", action="append", default=[], help="KEY=VALUE, any other EngineConfig field")
     o = p.add_argument_group("targets and output")
     o.add_argument("--client-procs", type=int, default=4, help="triton: client processes sharing the load")
@@ -157,6 +159,8 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
     if target == "inproc":
         from serving_inproc import InprocTarget
 
+        if args.switch_interval:    # before the engine starts: it only ever shortens the interval
+            sys.setswitchinterval(args.switch_interval)
         session = InprocTarget(model_dir, root, settings)
     else:
         from serving_triton import TritonTarget

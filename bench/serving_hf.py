@@ -38,9 +38,12 @@ def run_hf(model_dir: Path, adapter_root: Path, requests: list[BenchRequest], ba
         # the loads took most of part B's time limit.
         model = PeftModel.from_pretrained(model, str(adapter_root / names[0]), adapter_name=names[0],
                                           autocast_adapter_dtype=False, low_cpu_mem_usage=True)
-        for name in names[1:]:
+        for k, name in enumerate(names[1:], start=2):
             model.load_adapter(str(adapter_root / name), adapter_name=name, autocast_adapter_dtype=False,
                                low_cpu_mem_usage=True)
+            if k % 8 == 0 or k == len(names):   # the loads can take minutes: say how far they are
+                print(f"hf-peft: {k}/{len(names)} adapters loaded into PEFT in {time.perf_counter() - start:.1f} s",
+                      flush=True)
         model = model.to(torch_dtype).eval()
         load_s = time.perf_counter() - start
     records, done, tokens = [], 0, 0
