@@ -6,6 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
+from serving_device import thread_cpu_seconds
 from serving_driver import drive
 from serving_report import RequestRecord, step_stats, timing_dists
 from serving_workload import BenchRequest, adapter_name
@@ -64,6 +65,7 @@ class InprocTarget:
     # ---- measurements ----------------------------------------------------------------
     def begin(self) -> None:
         self._before = _counters(self.engine.stats())
+        self._cpu_before, self._began = thread_cpu_seconds(), time.monotonic()
         with self._lock:
             self._events.clear()
         self._sampler.start()
@@ -74,6 +76,9 @@ class InprocTarget:
         with self._lock:
             events = list(self._events)
         delta = {key: after[key] - self._before[key] for key in after}
+        cpu = thread_cpu_seconds()
+        delta["thread_cpu_s"] = {name: round(sec - self._cpu_before.get(name, 0.0), 3) for name, sec in cpu.items()}
+        delta["wall_s"] = round(time.monotonic() - self._began, 3)
         delta.update(**step_stats(delta), adapter_timings_s=timing_dists([(k, s) for k, s, _ in events]),
                      mean_running_per_step=self._sampler.mean_running, max_waiting=self._sampler.max_waiting)
         # Cold windows: an adapter read from disk, or copied to the GPU (reported when the device

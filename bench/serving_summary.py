@@ -4,6 +4,7 @@ beside its figure, and one plot of every run.
     python bench/serving_summary.py $OUT/A-compare.json $OUT/B-128x16.json $OUT/C-1024.json
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,16 @@ def _ms(v) -> str:
     if v is None:
         return "-"
     return f"{v:.2f} s" if v >= 1 else f"{v * 1e3:.1f} ms" if v >= 1e-3 else f"{v * 1e6:.0f} us"
+
+
+def thread_cpu_line(cpu: dict, wall_s: float) -> str:
+    """The process's CPU seconds over the measured part, by thread (a pool's numbered threads together)."""
+    groups: dict = {}
+    for name, seconds in cpu.items():
+        key = re.sub(r"_\d+$", "", name)
+        groups[key] = groups.get(key, 0.0) + seconds
+    shares = ", ".join(f"{name} {seconds:.2f}" for name, seconds in sorted(groups.items(), key=lambda kv: -kv[1]))
+    return f"CPU seconds over the {wall_s:.1f} s measured: {shares}"
 
 
 def adapter_line(run: dict) -> str:
@@ -78,6 +89,8 @@ def checks(runs: list[dict]) -> list[str]:
             lines.append(f"[{prefix} N={n} {r['target']}] mean distinct adapters per step "
                          f"{'-' if dist is None else f'{dist:.1f}'} over {e.get('engine_steps')} steps{mix}; "
                          + adapter_line(r))
+            if e.get("thread_cpu_s") and e.get("wall_s"):
+                lines.append(f"[{prefix} N={n} {r['target']}] " + thread_cpu_line(e["thread_cpu_s"], e["wall_s"]))
         for r in group.values():
             if r["workload"]["rate"] is None:
                 continue

@@ -68,6 +68,9 @@ def test_inproc_smoke_run_finishes_every_request(tmp_path):
     run = runs[0]
     assert run["target"] == "inproc" and run["workload"]["num_adapters"] == 20
     _check_run(run, 24)
+    cpu = run["engine"]["thread_cpu_s"]
+    if sys.platform == "linux":     # read from /proc: the engine thread did the steps, within the process's total
+        assert 0 < cpu["multilora-engine"] <= cpu["process"] and run["engine"]["wall_s"] > 0
     records = run["records"]
     assert all(r["tokens"] == r["output_len"] and r["error"] is None for r in records)
     # Zipf popularity and the base share reach the requests: some base, several adapters.
