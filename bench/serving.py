@@ -18,7 +18,13 @@ Targets: inproc (AsyncLLMEngine.generate), triton (scripts/serve.py + gRPC strea
 --client-procs processes; --perf-analyzer adds perf_analyzer --streaming at the same
 concurrency as a check on the client), hf (transformers generate), hf-peft (PEFT mixed
 adapter_names). Several targets run one after another, each in a process of its own so each
-starts with the whole GPU.
+starts with the whole GPU. The inproc report also gives the CPU seconds each of the process's threads
+used over the measured part (engine, outputs, preparing pool, client): a thread that waits for the
+GIL uses none, so beside the wall time they say which threads held the host.
+
+    # what the adapter loads cost the engine: the same run with every adapter read during warm-up
+    python bench/serving.py --target inproc --adapters 128 --ranks 16 --max-loras 64 --prompt-len 256 \
+        --output-len 128 --requests 192 --warmup 600 --max-cpu-loras 128
 """
 
 import argparse

@@ -1,13 +1,16 @@
-"""AdapterPool: remembered failures (negative cache with expiry) and failed slot writes, on the CPU with fakes."""
+"""AdapterPool: remembered failures (negative cache with expiry), failed slot writes and loads one at a time,
+on the CPU with fakes."""
 
 import json
 import shutil
+import threading
+import time
 
 import pytest
 
 from multilora.errors import AdapterFormatError, AdapterRangeError, AdapterScalingError, AdapterWriteError
 from multilora.lora.adapter import load_adapter
-from multilora.lora.adapter_pool import FAILURE_TTL_S, AdapterPool
+from multilora.lora.adapter_pool import FAILURE_TTL_S, MAX_CONCURRENT_LOADS, AdapterPool
 from multilora.lora.request import LoRARequest
 from multilora.lora.resolver import AdapterResolver
 
@@ -198,3 +201,63 @@ def test_prefetch_fills_free_and_unwanted_slots_and_never_a_held_one():
     # Admission finds the prefetched adapter resident: a hit, no second write.
     pool.acquire(D, pool.get(D))
     assert pool.counters.hits == 1 and pool.take_pending_writes() == [(1, "adapter-d")]
+
+
+def _overlap_loader(fail_for=()):
+    """load(request) that sleeps a little and records the most loads it saw running at once."""
+    lock, state = threading.Lock(), {"running": 0, "most": 0}
+
+    def load(request):
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        time.sleep(0.02)
+        with lock:
+            state["running"] -= 1
+        if request.lora_name in fail_for:
+            raise AdapterRangeError(f"adapter '{request.lora_name}': weights too large")
+        return f"adapter-{request.lora_name}"
+
+    load.state = state
+    return load
+
+
+def _get_all(pool, requests):
+    errors = []
+
+    def get(request):
+        try:
+            pool.get(request)
+        except AdapterRangeError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=get, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    return errors
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_loads_of_different_adapters_run_at_most_the_limit_at_once(limit):
+    load = _overlap_loader()
+    kwargs = {} if limit is None else {"max_concurrent_loads": limit}
+    pool = AdapterPool(2, 16, load, **kwargs)
+    requests = [LoRARequest(f"x{i}", 10 + i, f"/adapters/x{i}") for i in range(6)]
+    assert _get_all(pool, requests) == []
+    assert load.state["most"] == (MAX_CONCURRENT_LOADS if limit is None else limit) and MAX_CONCURRENT_LOADS == 1
+    assert pool.counters.loads == 6
+    # Each load's time is its own, not its wait behind the others: 6 loads of ~20 ms, one at a time.
+    assert pool.counters.load_seconds < 6 * 0.02 * 3
+
+
+def test_a_failed_load_lets_the_next_one_run():
+    load = _overlap_loader(fail_for=("x0",))
+    pool = AdapterPool(2, 16, load)
+    requests = [LoRARequest(f"x{i}", 10 + i, f"/adapters/x{i}") for i in range(3)]
+    errors = _get_all(pool, requests)
+    assert len(errors) == 1 and "x0" in str(errors[0])
+    assert pool.counters.loads == 2 and pool.counters.failed_loads == 1
+    assert pool.get(requests[1]) == "adapter-x1"    # from host memory, no load

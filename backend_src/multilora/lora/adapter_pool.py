@@ -17,6 +17,11 @@ unservable) or a failed slot write is kept for `failure_ttl_s`, keyed by
 adapter id, and later requests for that id get the same error at once instead
 of another load. The resolver derives the id from the adapter's files, so a
 fixed (changed) adapter has a new id and is loaded at once.
+
+Loads of different adapters run one at a time (`max_concurrent_loads`): a load is
+CPU work in the engine's process (parse, check, copy into a pinned image) that
+holds the GIL for part of its time, and beside the engine thread several at once
+read no faster than one while slowing every step they overlap.
 """
 
 import logging
@@ -69,6 +74,13 @@ class AdapterEvent:
 # adapter costs one load, short enough that an operator's fix under the same id is picked up soon.
 FAILURE_TTL_S = 60.0
 MAX_REMEMBERED_FAILURES = 1024
+# Adapter reads at once. `python bench/bench_concurrent_loads.py` (bench/RESULTS.md, 2026-12-02, this project's
+# 2-core development machine): beside a thread doing a decode step's host work, 1, 2 and 4 loaders of
+# rank-16 Llama-3-8B adapters read 8.3, 11.3 and 11.6 adapters/s while that thread's step took 1.31x, 2.25x
+# and 3.51x its time alone. On the H200 host, issue 8's part B ran ~1.5 loads at a time, each ~380 ms
+# (~100 ms alone), at a TPOT p50 of 19.5 ms against 14.0 with the adapters read beforehand; part C's
+# time per token while adapters load is 2.3-2.6x the warm one.
+MAX_CONCURRENT_LOADS = 1
 # Failures worth remembering: the adapter itself is unservable, or its slot write failed. Others
 # (an adapter directory that vanished, a bug) are retried by the next request.
 _REMEMBERED = (AdapterError, AdapterWriteError)
@@ -77,7 +89,9 @@ _REMEMBERED = (AdapterError, AdapterWriteError)
 class AdapterPool:
     def __init__(self, num_slots: int, host_capacity: int, load: Callable[[LoRARequest], object],
                  on_event: Optional[Callable[[AdapterEvent], None]] = None, *,
-                 failure_ttl_s: float = FAILURE_TTL_S, clock: Callable[[], float] = time.monotonic):
+                 failure_ttl_s: float = FAILURE_TTL_S, clock: Callable[[], float] = time.monotonic,
+                 max_concurrent_loads: int = MAX_CONCURRENT_LOADS):
+        assert max_concurrent_loads >= 1, max_concurrent_loads
         self.num_slots = num_slots
         self.host_capacity = host_capacity
         self._load = load
@@ -89,6 +103,7 @@ class AdapterPool:
         self._lock = threading.Lock()
         self._host: OrderedDict[int, tuple[str, object]] = OrderedDict()   # id -> (name, adapter), LRU first
         self._loading: dict[int, Future] = {}
+        self._reading = threading.BoundedSemaphore(max_concurrent_loads)   # taken for each load, outside _lock
         self._failed: OrderedDict[int, tuple[float, MultiLoRAError]] = OrderedDict()   # id -> (expiry, error)
         # GPU side (touched by the engine thread only).
         self._slot_adapter: list[Optional[int]] = [None] * num_slots
@@ -117,9 +132,10 @@ class AdapterPool:
         if not owner:
             return future.result()
         try:
-            start = time.perf_counter()
-            adapter = self._load(lora_request)
-            seconds = time.perf_counter() - start
+            with self._reading:             # a load's own time, without its wait for an earlier one
+                start = time.perf_counter()
+                adapter = self._load(lora_request)
+                seconds = time.perf_counter() - start
         except BaseException as error:
             with self._lock:
                 del self._loading[adapter_id]
