@@ -13,6 +13,8 @@
 #      B  128 rank-16 adapters, Zipf popularity, 64 streams, fixed lengths: the engine (and its
 #         bound: 64 rows decoding together over the distinct adapters it batched), HF transformers
 #         generate and HF + PEFT mixed adapter_names at the same batch and lengths;
+#      W  part B's engine run again with every adapter read into host memory during warm-up (600
+#         warm-up requests, max_cpu_loras 128): beside B, what the adapter loads cost the steps;
 #      C  1024 adapters (ranks 8/16/64), max_loras 32, max_cpu_loras 128, Poisson arrivals at
 #         80% of the closed-loop req/s: every request finishes, TTFT p99, longest wait, ITL
 #         while adapters load vs warm, GPU memory from warm-up to end;
@@ -44,7 +46,7 @@ OUTPUT_LEN="${OUTPUT_LEN:-128}"
 REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${REQUESTS_C:-320}"
 # Each part's limit, and in A and B each target's (a target past its limit is stopped, its run missing).
 # C: engine start, warm-up and closed-loop calibration take ~60 s before its Poisson run (~90 s for 200 requests).
-TIMEOUT_A="${TIMEOUT_A:-210}" TIMEOUT_B="${TIMEOUT_B:-190}" TIMEOUT_C="${TIMEOUT_C:-200}"
+TIMEOUT_A="${TIMEOUT_A:-210}" TIMEOUT_B="${TIMEOUT_B:-190}" TIMEOUT_C="${TIMEOUT_C:-200}" TIMEOUT_W="${TIMEOUT_W:-100}"
 TARGETS_A="${TARGETS_A:-95,110}" TARGETS_B="${TARGETS_B:-60,35,95}"
 B_TARGETS="${B_TARGETS:-inproc,hf,hf-peft}"   # part B's targets (TARGETS_B: their limits, in this order)
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
@@ -148,11 +150,14 @@ for p in $PARTS; do
     B) part B "$TIMEOUT_B" --target "$B_TARGETS" --adapters 128 --ranks 16 --alpha 1.0 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
          --max-loras 64 --hf-batch "$CONCURRENCY" --decode-bound --target-timeout "$TARGETS_B" ;;
+    W) part W "$TIMEOUT_W" --target inproc --adapters 128 --ranks 16 --alpha 1.0 \
+         --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
+         --max-loras 64 --max-cpu-loras 128 --warmup 600 ;;
     C) part C "$TIMEOUT_C" --target inproc --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
          --concurrency "$CONCURRENCY" --rate-fraction 0.8 --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
          --output-len "$OUTPUT_LEN" \
          --save-records ;;
-    *) log "unknown part $p (A, B or C)" ;;
+    *) log "unknown part $p (A, B, W or C)" ;;
   esac
 done
 

@@ -159,11 +159,14 @@ class Supervisor:
         ready_at, engine_dead_at = time.time(), None
         while not self._stop_signals:
             code = proc.poll()
-            if code is not None:
-                return f"tritonserver exited unexpectedly with code {code}"
             health = read_health(self.config.control_dir)
+            stub_died = health is not None and not process_alive(health.pid)
+            if code is not None:
+                # A killed stub can take tritonserver down before this loop sees either: name both.
+                both = f", and the Python backend stub (pid {health.pid}) died too" if stub_died else ""
+                return f"tritonserver exited unexpectedly with code {code}{both}"
             age = time.time() - (health.time if health else ready_at)
-            if health is not None and not process_alive(health.pid):
+            if stub_died:
                 return f"the Python backend stub (pid {health.pid}) died"
             if health is not None and not health.engine_alive and not health.draining:
                 # The engine ended its requests as it died: let the model send those answers first.
