@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_adapter_load import slot_weights  # noqa: E402
+from bench_adapter_load import intra_op_threads, slot_weights  # noqa: E402
 from bench_engine import LLAMA3_8B, write_adapter  # noqa: E402
 
 SWITCH_INTERVAL_S = 0.0002      # what AsyncLLMEngine sets
@@ -45,7 +45,6 @@ def measure(loaders: int, load_one, seconds: float) -> dict:
     stop, done = threading.Event(), [0]
 
     def loader(index: int) -> None:
-        torch.set_num_threads(1)
         while not stop.is_set():
             load_one(index)
             done[0] += 1
@@ -80,11 +79,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     counts = [int(n) for n in args.loaders.split(",")]
-    original, threads = sys.getswitchinterval(), torch.get_num_threads()
+    original = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    torch.set_num_threads(1)
     try:
-        with tempfile.TemporaryDirectory() as work:
+        with tempfile.TemporaryDirectory() as work, intra_op_threads(1):   # one each, as on a GPU
             spec = LoRAModelSpec.from_hf_config(LlamaConfig(**LLAMA3_8B))
             slots = slot_weights(LLAMA3_8B, args.rank)
             requests = []
@@ -94,15 +92,12 @@ def main(argv=None) -> list[dict]:
                 requests.append(LoRARequest(f"adapter{i}", i + 1, str(directory)))
 
             def load_one(index: int) -> None:
-                adapter = load_adapter(requests[index], spec, args.rank, dtype=torch.bfloat16)
-                slots._images.pop(id(adapter), None)
-                slots.host_image(adapter)
+                slots.host_image(load_adapter(requests[index], spec, args.rank, dtype=torch.bfloat16))
 
             load_one(0)                         # imports and one-time caches outside the timing
             rows = [measure(n, load_one, args.seconds) for n in counts]
     finally:
         sys.setswitchinterval(original)
-        torch.set_num_threads(threads)
     alone = next((r["step_ms"] for r in rows if r["loaders"] == 0), None)
     for r in rows:
         r["step_over_alone"] = r["step_ms"] / alone if alone else None
