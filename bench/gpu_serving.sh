@@ -152,7 +152,7 @@ for p in $PARTS; do
          --max-loras 64 --hf-batch "$CONCURRENCY" --decode-bound --target-timeout "$TARGETS_B" ;;
     W) part W "$TIMEOUT_W" --target inproc --adapters 128 --ranks 16 --alpha 1.0 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
-         --max-loras 64 --max-cpu-loras 128 --warmup 600 ;;
+         --max-loras 64 --max-cpu-loras 128 --warmup 600 --decode-bound ;;
     C) part C "$TIMEOUT_C" --target inproc --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
          --concurrency "$CONCURRENCY" --rate-fraction 0.8 --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
          --output-len "$OUTPUT_LEN" \

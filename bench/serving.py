@@ -215,10 +215,13 @@ def run_target(args, target: str, model_dir: Path, root: Path, counts: list[int]
 
 def _decode_bound(session, wl: Workload, engine: dict, vocab: int, args) -> dict:
     """A closed batch of `concurrency` requests at the workload's mean lengths, over D distinct adapters
-    (D = the run's mean distinct per step, rounded), decoding together: its tok/s is the bound."""
+    (D = the run's mean distinct per step, rounded), their adapters resident from the run: its tok/s while
+    every row decodes is the decode bound; over the whole batch (the prompts' prefill, then the decode
+    steps, all rows together) the batch bound, which a workload whose prompts must be prefilled too can
+    reach at best."""
     import random
 
-    from serving_report import decode_rate
+    from serving_report import batch_rate, decode_rate
     from serving_workload import BenchRequest
 
     mean = engine.get("stats", {}).get("mean_distinct_adapters_per_step") or 0
@@ -231,7 +234,7 @@ def _decode_bound(session, wl: Workload, engine: dict, vocab: int, args) -> dict
           f"{distinct} distinct adapters", flush=True)
     records, _ = session.load(requests, args.concurrency, None)
     return {"distinct_adapters": distinct, "rows": args.concurrency, "prompt_len": prompt,
-            "output_len": wl.output_len[1], "decode_tok_s": decode_rate(records)}
+            "output_len": wl.output_len[1], "decode_tok_s": decode_rate(records), "batch_tok_s": batch_rate(records)}
 
 
 def _run_record(args, target, label, wl, records, engine, memory, settings, phase="measured") -> dict:

@@ -159,6 +159,14 @@ def decode_rate(records: list[RequestRecord]) -> Optional[float]:
     return sum(n for r in records for t, n in r.token_times if t0 < t <= t1) / (t1 - t0)
 
 
+def batch_rate(records: list[RequestRecord]) -> Optional[float]:
+    """Output tokens per second of a closed batch over its whole span, first send to last end."""
+    ends = [r.end_s for r in records if r.end_s is not None]
+    if len(ends) < len(records) or not records:
+        return None
+    return sum(r.tokens for r in records) / (max(ends) - min(r.send_s for r in records))
+
+
 def cdf_points(records: list[RequestRecord], limit: int = 400) -> dict:
     """Sorted TTFT and TPOT values, thinned to at most `limit` points, for the CDF plot."""
     done = [r for r in records if r.finished and r.first_token_s is not None]

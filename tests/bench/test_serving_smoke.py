@@ -82,6 +82,7 @@ def test_inproc_smoke_run_finishes_every_request(tmp_path):
     assert bound["checked"] == 24 and bound["violations"] >= 0 and bound["longest_request_s"] > 0
     bound = run["decode_bound"]
     assert bound["rows"] == 4 and 1 <= bound["distinct_adapters"] <= 4 and bound["decode_tok_s"] is not None
+    assert bound["batch_tok_s"] > 0
 
 
 def test_poisson_run_at_a_fraction_of_the_closed_loop_rate(tmp_path):
