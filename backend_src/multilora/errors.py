@@ -115,6 +115,13 @@ class AdapterWriteError(MultiLoRAError):
     code = "INTERNAL"
 
 
+class AdapterLoadFailedError(MultiLoRAError):
+    """The process loading an adapter died while reading it (a server-side fault, not the adapter's: the next
+    request for it loads it again)."""
+
+    code = "INTERNAL"
+
+
 class WorkerFailedError(MultiLoRAError):
     """A tensor-parallel worker process died or stopped answering: every request in flight ends with this,
     and the engine stops (the server reports not ready and its launcher restarts it)."""

@@ -22,7 +22,8 @@ from multilora.engine.tp_runner import TensorParallelRunner
 from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestError, MultiLoRAError,
                              NonFiniteLogitsError, PromptTooLongError, WorkerFailedError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
-from multilora.lora.adapter_pool import AdapterEvent, AdapterPool
+from multilora.lora.adapter_pool import MAX_CONCURRENT_LOADS, AdapterEvent, AdapterPool
+from multilora.engine.load_workers import DEFAULT_GPU_WORKERS, AdapterLoadWorkers
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import RequestOutput
@@ -95,8 +96,10 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
         # A sequence never grows past what the model or, alone, the KV cache holds.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * config.block_size)
+        self.load_workers = self._start_load_workers()
         self.adapter_pool = AdapterPool(config.max_loras, config.host_lora_capacity, self._load_adapter,
-                                        on_adapter_event)
+                                        on_adapter_event, max_concurrent_loads=self.load_workers.num_workers
+                                        if self.load_workers is not None else MAX_CONCURRENT_LOADS)
         self.scheduler = Scheduler(config, self.block_manager, self.adapter_pool)
         self.requests: dict[str, Sequence] = {}
         self.output_processor = OutputProcessor(self.tokenizer)     # used inline by step(); see AsyncLLMEngine
@@ -116,9 +119,24 @@ class LLMEngine:
         ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         return frozenset(ids)
 
+    def _start_load_workers(self) -> Optional[AdapterLoadWorkers]:
+        workers = self.config.adapter_load_workers
+        if workers is None:
+            workers = DEFAULT_GPU_WORKERS if self.runner.on_gpu else 0
+        if not workers or not self.config.enable_lora or not isinstance(self.runner, ModelRunner):
+            return None
+        return AdapterLoadWorkers(self.hf_config, self.runner.dtype, self.config.max_lora_rank, workers,
+                                  self.runner.adapter_slot_layout)
+
     def _load_adapter(self, lora_request: LoRARequest):
         # Runs on the thread that asked for the adapter, never the engine thread: it also builds the
         # adapter's pinned host image, so that placing it in a GPU slot later is one queued copy.
+        if self.load_workers is not None:
+            adapter, image = self.load_workers.load(lora_request)
+            self.runner.adopt_image(adapter, image)
+            logger.info("loaded LoRA adapter '%s' (id %d) in a load worker: rank %d, %.2f MiB", adapter.name,
+                        adapter.adapter_id, adapter.rank, image.numel() / 2**20)
+            return adapter
         adapter = load_adapter(lora_request, self.lora_spec, self.config.max_lora_rank, dtype=self.runner.dtype)
         self.runner.stage_adapter(adapter)
         return adapter
@@ -205,8 +223,10 @@ class LLMEngine:
         self.runner.check_health()
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers, if any (on one device there is nothing to stop)."""
+        """Stops the tensor-parallel workers and the adapter load workers, if any."""
         self.runner.shutdown()
+        if self.load_workers is not None:
+            self.load_workers.shutdown()
 
     # ---- one step -------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -146,6 +146,16 @@ class ModelRunner:
         if self.lora_layers:
             self.model.adapter_slot_weights.host_image(adapter)
 
+    def adopt_image(self, adapter, image) -> None:
+        """Takes `adapter`'s host image as a load worker built it (AdapterLoadWorkers), on the calling thread."""
+        self.model.adapter_slot_weights.adopt_image(adapter, image)
+
+    @property
+    def adapter_slot_layout(self) -> tuple[int, int]:
+        """(header bytes, bytes per rank row) of an adapter slot: what a load worker's images must match."""
+        slots = self.model.adapter_slot_weights
+        return slots.header_bytes, slots.row_bytes
+
     def finished_adapter_uploads(self) -> list[tuple[str, float]]:
         """(adapter name, seconds on the device) of each write completed since the last call; never waits."""
         return self.model.adapter_slot_weights.take_finished_uploads() if self.lora_layers else []

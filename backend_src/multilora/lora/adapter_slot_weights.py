@@ -109,6 +109,21 @@ class AdapterSlotWeights:
             image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
                                 pin_memory=self.device.type == "cuda")
         self._fill_image(image, adapter, rank)
+        return self._cache(adapter, image)
+
+    def adopt_image(self, adapter, image: torch.Tensor) -> torch.Tensor:
+        """Takes `image`, the host image of `adapter` built elsewhere (a load worker's, in shared memory,
+        laid out by a copy of this layout), as its host image: copied into pinned memory on GPUs (one
+        copy, so the upload stays a DMA that never blocks the host), and kept with the adapter."""
+        assert image.dtype == torch.uint8 and image.numel() == self.header_bytes + adapter.rank * self.row_bytes, (
+            f"the image of adapter '{adapter.name}' does not match this slot layout")
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                pinned = torch.empty(image.numel(), dtype=torch.uint8, pin_memory=True)
+            image = pinned.copy_(image)
+        return self._cache(adapter, image)
+
+    def _cache(self, adapter, image: torch.Tensor) -> torch.Tensor:
         try:
             ref = weakref.ref(adapter)
         except TypeError:  # a record without weak references: rebuilt at each upload
