@@ -8,7 +8,9 @@ the host image), one intra-op thread each as on a GPU, beside a thread doing a d
 (100 small torch ops and Python bookkeeping for 64 rows, the switch interval the engine sets), and
 reports that thread's step time against its time alone and the loads finished. On a machine with fewer
 cores than N + 1 the loaders also compete for cores. Why the engine loads one adapter at a time
-(multilora.lora.adapter_pool.MAX_CONCURRENT_LOADS). Prints a table; writes $OUT/concurrent_loads.json.
+(multilora.lora.adapter_pool.MAX_CONCURRENT_LOADS). `--workers W`: each run also once with the loads
+read in W load worker processes (multilora.engine.load_workers, `adapter_load_workers`), the loader
+threads only waiting for them and taking their images. Prints a table; writes $OUT/concurrent_loads.json.
 
     PYTHONPATH=$PWD/backend_src:<dir with multilora_kernels -> kernels> python bench/bench_concurrent_loads.py
 """
@@ -66,6 +68,24 @@ def measure(loaders: int, load_one, seconds: float) -> dict:
     return {"loaders": loaders, "step_ms": wall / steps * 1e3, "loads": loads, "loads_per_s": loads / wall}
 
 
+def worker_rows(args, counts: list[int], requests, slots) -> list[dict]:
+    """The runs of `counts` loader threads whose loads run in `args.workers` load worker processes."""
+    from transformers import LlamaConfig
+
+    from multilora.engine.load_workers import AdapterLoadWorkers
+
+    workers = AdapterLoadWorkers(LlamaConfig(**LLAMA3_8B), torch.bfloat16, args.rank, args.workers,
+                                 (slots.header_bytes, slots.row_bytes))
+    try:
+        def load_one(index: int) -> None:
+            slots.adopt_image(*workers.load(requests[index]))
+
+        load_one(0)                             # the workers started and warm
+        return [{**measure(n, load_one, args.seconds), "workers": args.workers} for n in counts]
+    finally:
+        workers.shutdown()
+
+
 def main(argv=None) -> list[dict]:
     from transformers import LlamaConfig
 
@@ -76,6 +96,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--loaders", default="0,1,2,4", help="loader threads beside the step thread, one run each")
     p.add_argument("--seconds", type=float, default=3.0, help="each run's measured time")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="also load through this many load worker processes")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     counts = [int(n) for n in args.loaders.split(",")]
@@ -95,7 +116,9 @@ def main(argv=None) -> list[dict]:
                 slots.host_image(load_adapter(requests[index], spec, args.rank, dtype=torch.bfloat16))
 
             load_one(0)                         # imports and one-time caches outside the timing
-            rows = [measure(n, load_one, args.seconds) for n in counts]
+            rows = [{**measure(n, load_one, args.seconds), "workers": 0} for n in counts]
+            if args.workers:
+                rows += worker_rows(args, [n for n in counts if n], requests, slots)
     finally:
         sys.setswitchinterval(original)
     alone = next((r["step_ms"] for r in rows if r["loaders"] == 0), None)
@@ -105,10 +128,11 @@ def main(argv=None) -> list[dict]:
     (Path(args.out) / "concurrent_loads.json").write_text(json.dumps(
         {"cpus": os.cpu_count(), "rank": args.rank, "seconds": args.seconds, "rows": rows}, indent=1))
     print(f"rank-{args.rank} adapters at Llama-3-8B shapes, {os.cpu_count()} CPUs, {args.seconds:.0f} s a row")
-    print(f"{'loaders':>7} {'host step ms':>12} {'x alone':>8} {'loads':>6} {'loads/s':>8}")
+    print(f"{'loaders':>7} {'workers':>7} {'host step ms':>12} {'x alone':>8} {'loads':>6} {'loads/s':>8}")
     for r in rows:
         ratio = f"{r['step_over_alone']:.2f}" if r["step_over_alone"] else "-"
-        print(f"{r['loaders']:>7} {r['step_ms']:>12.2f} {ratio:>8} {r['loads']:>6} {r['loads_per_s']:>8.1f}")
+        print(f"{r['loaders']:>7} {r['workers']:>7} {r['step_ms']:>12.2f} {ratio:>8} {r['loads']:>6} "
+              f"{r['loads_per_s']:>8.1f}")
     return rows
 
 

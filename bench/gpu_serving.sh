@@ -18,6 +18,8 @@
 #      C  1024 adapters (ranks 8/16/64), max_loras 32, max_cpu_loras 128, Poisson arrivals at
 #         80% of the closed-loop req/s: every request finishes, TTFT p99, longest wait, ITL
 #         while adapters load vs warm, GPU memory from warm-up to end;
+#      BL, CL  parts B and C (the engine only) with adapters read in $LOAD_WORKERS load worker processes
+#         (adapter_load_workers; default 2), to set beside B and C;
 #   3. prints the table and the issue's checks (bench/serving_summary.py) last.
 #
 #   bash bench/gpu_serving.sh                        # on the device: carry .carry/ (see below)
@@ -48,6 +50,7 @@ REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${RE
 # C: engine start, warm-up and closed-loop calibration take ~60 s before its Poisson run (~90 s for 200 requests).
 TIMEOUT_A="${TIMEOUT_A:-210}" TIMEOUT_B="${TIMEOUT_B:-190}" TIMEOUT_C="${TIMEOUT_C:-200}" TIMEOUT_W="${TIMEOUT_W:-100}"
 TARGETS_A="${TARGETS_A:-95,110}" TARGETS_B="${TARGETS_B:-60,35,95}"
+LOAD_WORKERS="${LOAD_WORKERS:-2}"   # parts BL and CL
 B_TARGETS="${B_TARGETS:-inproc,hf,hf-peft}"   # part B's targets (TARGETS_B: their limits, in this order)
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
 rm -rf "$RAW" && mkdir -p "$OUT" "$WORK" "$RAW"
@@ -147,17 +150,19 @@ for p in $PARTS; do
     A) part A "$TIMEOUT_A" --target inproc,triton --adapters 16 --ranks 8,16,64 --base-share 0.25 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_A" --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --max-loras 16 \
          --perf-analyzer --client-procs 4 --target-timeout "$TARGETS_A" ;;
-    B) part B "$TIMEOUT_B" --target "$B_TARGETS" --adapters 128 --ranks 16 --alpha 1.0 \
+    B|BL) part "$p" "$TIMEOUT_B" --target "$([ "$p" = BL ] && echo inproc || echo "$B_TARGETS")" \
+         $([ "$p" = BL ] && echo --engine-arg adapter_load_workers="$LOAD_WORKERS") --adapters 128 --ranks 16 --alpha 1.0 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
          --max-loras 64 --hf-batch "$CONCURRENCY" --decode-bound --target-timeout "$TARGETS_B" ;;
     W) part W "$TIMEOUT_W" --target inproc --adapters 128 --ranks 16 --alpha 1.0 \
          --concurrency "$CONCURRENCY" --requests "$REQUESTS_B" --prompt-len "$PROMPT_LEN_B" --output-len "$OUTPUT_LEN" \
          --max-loras 64 --max-cpu-loras 128 --warmup 600 --decode-bound ;;
-    C) part C "$TIMEOUT_C" --target inproc --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
+    C|CL) part "$p" "$TIMEOUT_C" --target inproc $([ "$p" = CL ] && echo --engine-arg adapter_load_workers="$LOAD_WORKERS") \
+         --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
          --concurrency "$CONCURRENCY" --rate-fraction 0.8 --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
          --output-len "$OUTPUT_LEN" \
          --save-records ;;
-    *) log "unknown part $p (A, B, W or C)" ;;
+    *) log "unknown part $p (A, B, BL, W, C or CL)" ;;
   esac
 done
 

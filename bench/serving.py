@@ -217,8 +217,8 @@ def _decode_bound(session, wl: Workload, engine: dict, vocab: int, args) -> dict
     """A closed batch of `concurrency` requests at the workload's mean lengths, over D distinct adapters
     (D = the run's mean distinct per step, rounded), their adapters resident from the run: its tok/s while
     every row decodes is the decode bound; over the whole batch (the prompts' prefill, then the decode
-    steps, all rows together) the batch bound, which a workload whose prompts must be prefilled too can
-    reach at best."""
+    steps, all rows together) `batch_tok_s`, a reference for a workload whose prompts are prefilled too
+    (not a bound: a closed loop overlaps its refills' prefill with other rows' decoding)."""
     import random
 
     from serving_report import batch_rate, decode_rate

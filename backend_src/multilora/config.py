@@ -129,8 +129,8 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None    # host LRU of loaded adapters; defaults to max(32, max_loras)
     # Processes that read adapters (engine/load_workers.py), so their Python never slows the engine's threads;
-    # None: 2 on one GPU, else 0 (the preparing threads read them). Under tensor parallelism: always 0.
-    adapter_load_workers: Optional[int] = None
+    # 0: the preparing threads read them, one at a time. One device only (tensor parallelism: always 0).
+    adapter_load_workers: int = 0
     # Request limits (RequestLimits; docs/limits.md)
     max_prompt_bytes: Optional[int] = None        # None: PROMPT_BYTES_PER_TOKEN per token of max_model_len
     max_stop_strings: int = _LIMITS.max_stop_strings
@@ -162,8 +162,7 @@ class EngineConfig:
         check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
               f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        check(self.adapter_load_workers is None or self.adapter_load_workers >= 0,
-              f"adapter_load_workers must be >= 0 or null (automatic), got {self.adapter_load_workers}")
+        check(self.adapter_load_workers >= 0, f"adapter_load_workers must be >= 0, got {self.adapter_load_workers}")
         check(self.max_waiting_requests is None or self.max_waiting_requests >= 1,
               f"max_waiting_requests must be >= 1 or null (unbounded), got {self.max_waiting_requests}")
         check(self.max_queue_wait_s is None or self.max_queue_wait_s > 0,

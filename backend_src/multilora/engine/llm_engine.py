@@ -23,7 +23,7 @@ from multilora.errors import (AdapterError, AdapterWriteError, InvalidRequestErr
                              NonFiniteLogitsError, PromptTooLongError, WorkerFailedError)
 from multilora.lora.adapter import LoRAModelSpec, load_adapter
 from multilora.lora.adapter_pool import MAX_CONCURRENT_LOADS, AdapterEvent, AdapterPool
-from multilora.engine.load_workers import DEFAULT_GPU_WORKERS, AdapterLoadWorkers
+from multilora.engine.load_workers import AdapterLoadWorkers
 from multilora.lora.request import LoRARequest
 from multilora.model.loader import load_hf_config
 from multilora.outputs import RequestOutput
@@ -121,8 +121,6 @@ class LLMEngine:
 
     def _start_load_workers(self) -> Optional[AdapterLoadWorkers]:
         workers = self.config.adapter_load_workers
-        if workers is None:
-            workers = DEFAULT_GPU_WORKERS if self.runner.on_gpu else 0
         if not workers or not self.config.enable_lora or not isinstance(self.runner, ModelRunner):
             return None
         return AdapterLoadWorkers(self.hf_config, self.runner.dtype, self.config.max_lora_rank, workers,

@@ -8,8 +8,12 @@ adapters load was 1.7-2.6x the warm one) and lets only one load run at a time. H
 each load runs in a worker process (torch.multiprocessing "spawn", like the
 tensor-parallel workers) with its own interpreter: it returns the adapter's host
 image, laid out like the slot by a shapes-only ("meta") copy of the model, through
-shared memory, and an adapter record without weights. The engine's process then only
-copies the image into pinned memory (one copy, without the GIL): `ModelRunner.adopt_image`.
+shared memory (built there: no copy), and an adapter record without weights. The engine's
+process then only copies the image into pinned memory (one copy, without the GIL):
+`ModelRunner.adopt_image`. Opt-in (`adapter_load_workers`, default 0): on the H200 host, part C
+of issue 8 ran at 1.55x the warm time per token while adapters loaded with 2 workers against
+1.73x on the preparing threads, but each load took ~2x as long, and part B's throughput fell
+(bench/RESULTS.md, 2026-12-02); that run's workers still copied each image into shared memory.
 
 A worker's errors cross back as they are raised (the typed `multilora.errors`, whose
 messages never show paths). A worker that dies (killed, out of memory) breaks the
@@ -24,7 +28,6 @@ import logging
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -35,9 +38,6 @@ from multilora.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
-# Worker processes on a GPU host: loads of different adapters then run side by side, each on
-# its own core, while the engine's process does none of their Python.
-DEFAULT_GPU_WORKERS = 2
 _ATTEMPTS = 2     # a load whose worker died is tried once more, in fresh workers
 
 _worker = None      # in a worker process: (model spec, max rank, dtype, the slot layout)
@@ -100,8 +100,8 @@ def _ready() -> None:
     """Nothing: submitted once per worker at start, so each imports and builds its layout before a load."""
 
 
-def _load(lora_request: LoRARequest) -> tuple[LoRAAdapter, Optional[torch.Tensor]]:
+def _load(lora_request: LoRARequest) -> tuple[LoRAAdapter, torch.Tensor]:
     spec, max_lora_rank, dtype, slots = _worker
     adapter = load_adapter(lora_request, spec, max_lora_rank, dtype=dtype)
-    image = slots.host_image(adapter).share_memory_()      # sent as a handle to its shared memory, not as bytes
+    image = slots.shared_image(adapter)        # sent as a handle to its shared memory, not as bytes
     return LoRAAdapter(adapter.name, adapter.adapter_id, adapter.rank, {}), image

@@ -101,8 +101,7 @@ class AdapterSlotWeights:
         cached = self._images.get(id(adapter))
         if cached is not None and cached[0]() is adapter:
             return cached[1]
-        rank = max((a.shape[0] for a, _, _ in adapter.weights.values()), default=0)
-        assert rank <= self.max_rank, f"adapter '{adapter.name}' has rank {rank} > max_lora_rank {self.max_rank}"
+        rank = self._rank(adapter)
         # Any thread may build it (the engine does so as it loads the adapter); pinned memory is
         # allocated in the engine device's context, never a new one on the thread's default device.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
@@ -110,6 +109,20 @@ class AdapterSlotWeights:
                                 pin_memory=self.device.type == "cuda")
         self._fill_image(image, adapter, rank)
         return self._cache(adapter, image)
+
+    def shared_image(self, adapter) -> torch.Tensor:
+        """The adapter's host image in new shared memory (zero-filled by the system, so no copy and no
+        zeroing pass), for another process to take (`adopt_image`); not kept here."""
+        rank = self._rank(adapter)
+        storage = torch.UntypedStorage._new_shared(self.header_bytes + rank * self.row_bytes)
+        image = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self._fill_image(image, adapter, rank)
+        return image
+
+    def _rank(self, adapter) -> int:
+        rank = max((a.shape[0] for a, _, _ in adapter.weights.values()), default=0)
+        assert rank <= self.max_rank, f"adapter '{adapter.name}' has rank {rank} > max_lora_rank {self.max_rank}"
+        return rank
 
     def adopt_image(self, adapter, image: torch.Tensor) -> torch.Tensor:
         """Takes `image`, the host image of `adapter` built elsewhere (a load worker's, in shared memory,
