@@ -77,9 +77,9 @@ MAX_REMEMBERED_FAILURES = 1024
 # Adapter reads at once. `python bench/bench_concurrent_loads.py` (bench/RESULTS.md, 2026-12-02, this project's
 # 2-core development machine): beside a thread doing a decode step's host work, 1, 2 and 4 loaders of
 # rank-16 Llama-3-8B adapters read 8.3, 11.3 and 11.6 adapters/s while that thread's step took 1.31x, 2.25x
-# and 3.51x its time alone. On the H200 host, issue 8's part B ran ~1.5 loads at a time, each ~380 ms
-# (~100 ms alone), at a TPOT p50 of 19.5 ms against 14.0 with the adapters read beforehand; part C's
-# time per token while adapters load is 2.3-2.6x the warm one.
+# and 3.51x its time alone. On the H200 host, issue 8's part B with ~1.5 loads at a time took ~380 ms a
+# load, one at a time 186 ms (2324 -> 2569 tok/s), and part C's time per token while adapters load fell
+# from 2.3-2.6x the warm one to 1.73x. (engine/load_workers.py runs loads in processes instead.)
 MAX_CONCURRENT_LOADS = 1
 # Failures worth remembering: the adapter itself is unservable, or its slot write failed. Others
 # (an adapter directory that vanished, a bug) are retried by the next request.
