@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--graph-calls", type=int, default=20, help="kernel calls captured per CUDA graph")
     p.add_argument("--expand-tiles", default="",
-                   help="also time the expand with these tilings, comma-separated COLUMNSxWARPS (e.g. 256x4,512x8)")
+                   help="also time the expand with these tilings, comma-separated [KERNEL:]COLUMNSxWARPS, KERNEL = "
+                        "token (one program per token) or tile (per slot tile: the plain expand rows), "
+                        "e.g. 512x2,token:1024x4,tile:256x4")
     p.add_argument("--shrink-splits", default="",
                    help="also time the shrink with these split-K counts, comma-separated (the default is automatic)")
     p.add_argument("--baseline", default="",
@@ -188,13 +190,19 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
 
 @contextlib.contextmanager
 def tiling(k, variant: str | None):
-    """Within the block, the expand kernel runs with the tiling `variant` ("COLUMNSxWARPS"; None: its own)."""
+    """Within the block, the expand kernel runs with the tiling `variant` ("[KERNEL:]COLUMNSxWARPS"; None: its own)."""
     if variant is None:
         yield
         return
-    block_n, num_warps = (int(v) for v in variant.split("x"))
+    kernel, _, columns_warps = variant.rpartition(":")
+    block_n, num_warps = (int(v) for v in columns_warps.split("x"))
     own = k.expand_config
-    k.expand_config = lambda block_m, rank: k.ExpandConfig(block_n, own(block_m, rank).block_r, num_warps)
+
+    def config(block_m, rank, per_token=False):
+        per_token = per_token if not kernel else kernel == "token"
+        return k.ExpandConfig(block_n, own(block_m, rank, per_token).block_r, num_warps, per_token)
+
+    k.expand_config = config
     try:
         yield
     finally:

@@ -5,13 +5,18 @@ Definitions (client side, the same for every target):
 - TPOT: per request, (last token time - first token time) / (tokens after the first response).
 - ITL: every gap between two token-carrying responses of a stream, divided by the tokens of
   the later one; classed "cold" when the gap overlaps an adapter load (disk read + checks) or,
-  in-process, a copy to the GPU; "warm" otherwise.
+  in-process, a copy to the GPU; "warm" otherwise. Arrivals' prompts run in the same steps as the
+  running streams and lengthen their gaps whether or not an adapter loads, and a cold request's
+  prompt runs right after its load: so each class is also reported over its decode-only gaps, those
+  whose closing step finished no request's prompt (no first token of another stream within half a
+  gap of its end), which isolates what a load itself costs the running batch.
 - Output tok/s and req/s: over the measured window, first send to last final response; the
   steady_* figures stop at the last send, before the load drains (perf_analyzer's kind).
 - Queue wait, prefill, service (engine side, where the target reports it: inproc): arrival in the
   engine to first step (preparing + waiting), first step to first token, first step to the end.
 """
 
+import bisect
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -91,6 +96,15 @@ def _overlaps(a: float, b: float, windows: list[tuple[float, float]]) -> bool:
     return any(start < b and a < end for start, end in windows)
 
 
+def _any_within(sorted_times: list[float], t: float, half: float) -> bool:
+    i = bisect.bisect_left(sorted_times, t - half)
+    return i < len(sorted_times) and sorted_times[i] <= t + half
+
+
+def _mean_ratio(a: list[float], b: list[float]) -> Optional[float]:
+    return (sum(a) / len(a)) / (sum(b) / len(b)) if a and b else None
+
+
 def summarize(records: list[RequestRecord], load_windows: list[tuple[float, float]] = ()) -> dict:
     done = [r for r in records if r.finished]
     sends = [r.send_s for r in records]
@@ -99,10 +113,14 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
     tokens = sum(r.tokens for r in records)
     ttft = [r.first_token_s - r.send_s for r in done if r.first_token_s is not None]
     tpot = [_tpot(r) for r in done if len(r.token_times) > 1]
-    warm, cold = [], []
+    warm, cold, warm_decode, cold_decode = [], [], [], []
+    first_tokens = sorted(r.first_token_s for r in records if r.first_token_s is not None)
     for r in done:
         for (t0, _), (t1, n) in zip(r.token_times, r.token_times[1:]):
-            (cold if _overlaps(t0, t1, load_windows) else warm).append((t1 - t0) / n)
+            is_cold = _overlaps(t0, t1, load_windows)
+            (cold if is_cold else warm).append((t1 - t0) / n)
+            if not _any_within(first_tokens, t1, (t1 - t0) / 2):
+                (cold_decode if is_cold else warm_decode).append((t1 - t0) / n)
     # Steady state: until the last request is sent, a closed loop holds its full concurrency; after
     # it, the load drains. What finished by then, over that span, is the rate a long run converges to
     # (the figure perf_analyzer's measurement windows give).
@@ -123,7 +141,9 @@ def summarize(records: list[RequestRecord], load_windows: list[tuple[float, floa
         "steady_output_tok_s": steady_tokens / steady_span if steady_span > 0 else None,
         "steady_req_s": steady_done / steady_span if steady_span > 0 else None,
         "ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "itl_warm_s": _dist(warm), "itl_cold_s": _dist(cold),
-        "itl_cold_over_warm": (_dist(cold)["mean"] / _dist(warm)["mean"]) if cold and warm else None,
+        "itl_cold_over_warm": _mean_ratio(cold, warm),
+        "itl_warm_decode_s": _dist(warm_decode), "itl_cold_decode_s": _dist(cold_decode),
+        "itl_cold_over_warm_decode": _mean_ratio(cold_decode, warm_decode),
         "queue_wait_s": _dist([r.queue_s for r in done if r.queue_s is not None]),
         "prefill_s": _dist([r.prefill_s for r in done if r.prefill_s is not None]),
         "service_s": _dist([r.service_s for r in done if r.service_s is not None]),

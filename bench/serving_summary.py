@@ -100,6 +100,7 @@ def checks(runs: list[dict]) -> list[str]:
                 continue
             s, m = r["summary"], r.get("memory", {})
             cold, wait, bound = s["itl_cold_over_warm"], queue_wait(r), s.get("wait_bound")
+            cold_decode = s.get("itl_cold_over_warm_decode")
             verdict = ("not checked: no per-request engine times" if bound is None else
                        f"{bound['violations']} of {bound['checked']} requests over it, worst "
                        f"{bound['worst_wait_over_bound']:.2f}x it (target: none over), S "
@@ -111,7 +112,9 @@ def checks(runs: list[dict]) -> list[str]:
                          f"(docs/limits.md): {verdict}; preemptions {r['engine'].get('preemptions', '-')}; "
                          "ITL while adapters load / warm = "
                          f"{'-' if cold is None else f'{cold:.2f}x'} (target <= 1.2x; "
-                         f"{s['itl_cold_s']['count']} cold gaps); GPU memory at warm-up {m.get('warmup_start_gib')}, "
+                         f"{s['itl_cold_s']['count']} cold gaps), over decode-only gaps (no prompt finished in "
+                         f"the gap's closing step) {'-' if cold_decode is None else f'{cold_decode:.2f}x'} "
+                         f"({s.get('itl_cold_decode_s', {}).get('count', 0)} cold); GPU memory at warm-up {m.get('warmup_start_gib')}, "
                          f"run start {m.get('first_gib')}, end {m.get('last_gib')} GiB, peak {m.get('peak_gib')} "
                          "(target: flat)")
     return lines

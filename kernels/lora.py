@@ -58,6 +58,10 @@ _MAX_SHRINK_SPLITS = 8
 _SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
 _DECODE_EXPAND_BLOCK_N = 256
+# The per-token expand: 512 columns x 4 warps, 96 registers a thread at ranks 16-64 on sm_90, no spills
+# (bench/RESULTS.md: the fastest of 128-1024 columns x 2-8 warps at 64 tokens over 32 adapters).
+_TOKEN_EXPAND_BLOCK_N = 512
+_TOKEN_EXPAND_WARPS = 4
 _MAX_BLOCK_R = 64
 # The expand adds the planes in a runtime loop: unrolled (all loads in flight at once) it measured slower
 # (78 vs 61 us per layer at decode, 32 adapters, same tiles), and so did one [planes, rows, rank] load
@@ -86,6 +90,8 @@ class LoRAMeta:
     tile_slots: torch.Tensor  # [G] int32, slot of each tile, -1 = unused tile
     tile_starts: torch.Tensor  # [G] int32, first sorted position of each tile
     tile_ends: torch.Tensor  # [G] int32, end of the tile's slot run (exclusive)
+    # The expand runs one program per token (a few tokens per adapter), not per slot tile.
+    per_token_expand: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -107,10 +113,12 @@ def _block_m_for(num_tokens: int) -> int:
     return 64
 
 
-def build_lora_meta(token_slots: torch.Tensor, num_slots: int) -> LoRAMeta:
+def build_lora_meta(token_slots: torch.Tensor, num_slots: int, per_token_expand: bool = False) -> LoRAMeta:
     """Build the kernel mapping for one step from `token_slots` [T] (int, -1 = base model).
 
     Torch ops only, no host sync; all output shapes depend only on (T, num_slots).
+    `per_token_expand`: the caller knows the tokens are spread over many adapters (a few each), where
+    one expand program per token beats one per slot tile (bench/RESULTS.md).
     """
     assert token_slots.dim() == 1, f"token_slots must be 1-D, got {tuple(token_slots.shape)}"
     assert num_slots >= 1, f"num_slots must be >= 1, got {num_slots}"
@@ -151,6 +159,7 @@ def build_lora_meta(token_slots: torch.Tensor, num_slots: int) -> LoRAMeta:
         tile_slots=torch.where(used, tile_slot, -1).to(torch.int32),
         tile_starts=torch.where(used, tile_start, 0).to(torch.int32),
         tile_ends=torch.where(used, tile_end, 0).to(torch.int32),
+        per_token_expand=per_token_expand,
     )
 
 
@@ -246,6 +255,58 @@ def _lora_expand_kernel(
     tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@_launch.jit
+def _lora_expand_token_kernel(
+    buf_ptr, b_ptr, y_ptr, scales_ptr, slice_starts_ptr, token_slots_ptr,
+    R,
+    stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
+    P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # grid: (token in batch order, column block within a slice, slice). The decode expand: one token's
+    # row, so no tile of 16 rows of which a few are real (tl.dot's smallest M, in registers and 64-bit
+    # pointers), and the rank sum as FMAs. Tokens of one slot read the same B rows, mostly from L2.
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(token_slots_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    part = tl.program_id(2)
+    col_end = tl.load(slice_starts_ptr + part + 1)
+    col = tl.load(slice_starts_ptr + part) + tl.program_id(1) * BLOCK_N
+    if col >= col_end:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    buf_row = buf_ptr + token * stride_bt + ((part * R).to(tl.int64) + offs_r) * stride_br
+    # The planes unrolled: P independent loads in flight at once, not a chain of P round trips.
+    h = tl.load(buf_row, mask=r_mask, other=0.0)
+    for p in tl.static_range(1, P):
+        h += tl.load(buf_row + p * stride_bp, mask=r_mask, other=0.0)
+    # Rounded to B's dtype as the tile kernel feeds its tensor cores (and PEFT rounds it).
+    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)
+    scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
+    offs_n = col + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
+    # B one rank row at a time: [BLOCK_N] pointers, where a [BLOCK_R, BLOCK_N] tile's 64-bit pointers
+    # alone would take most of a thread's registers; the rows' loads are independent, all in flight.
+    b_row = b_ptr + slot * stride_bs + offs_n * stride_bn
+    acc = tl.full((BLOCK_N,), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
+    # 16 rank rows at a time, their loads all in flight (a branch around rows past R would make them
+    # one round trip each); a group's 16 x BLOCK_N values bound the registers. Rows past R (R not a
+    # multiple of 16) read row R - 1 again, times h[r] = 0: a row mask instead costs registers (sm_90:
+    # 96 a thread instead of 40 at 512 columns x 4 warps, and fp16 spills).
+    for r0 in range(0, R, 16):
+        for j in tl.static_range(16):
+            r = r0 + j
+            # h[r] as a scalar (tl.reduce, not tl.sum: an interpreted kernel cannot call it, see _launch.jit).
+            h_r = tl.reduce(tl.where(offs_r == r, h, 0.0), 0, tl.standard._sum_combine)
+            b = tl.load(b_row + tl.minimum(r, R - 1) * stride_bk, mask=n_mask, other=0.0)
+            acc += h_r * b.to(tl.float32)
+    acc = acc * scale
+    y = y_ptr + token * stride_yt + offs_n * stride_yn
+    old = tl.load(y, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -306,18 +367,23 @@ class ExpandConfig:
     block_n: int        # columns per block
     block_r: int        # the whole rank, padded to a power of two (>= 16 for tl.dot)
     num_warps: int
+    per_token: bool     # one program per token (`_lora_expand_token_kernel`), else per slot tile
 
 
-def expand_config(block_m: int, rank: int) -> ExpandConfig:
-    """The expand's tiling for tiles of `block_m` tokens (16 at decode) and rank R."""
-    # Wider at decode, where a launch is latency-bound (2 rows per tile at 32 adapters): 256 columns per
-    # program took the four projections' expands from 88 to 61 us per layer on the H200 (64 columns: 4x
-    # the programs, so more waves of the same chain of loads; bench/RESULTS.md, 2026-12-02).
+def expand_config(block_m: int, rank: int, per_token: bool = False) -> ExpandConfig:
+    """The expand's tiling for tiles of `block_m` tokens (16 at decode) and rank R; `per_token`: one
+    program per token (`LoRAMeta.per_token_expand`)."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    if per_token:
+        return ExpandConfig(_TOKEN_EXPAND_BLOCK_N, block_r, _TOKEN_EXPAND_WARPS, per_token=True)
+    # Wider at decode, where a launch is latency-bound: 256 columns per program took the four
+    # projections' expands from 88 to 61 us per layer on the H200 (64 columns: 4x the programs, so
+    # more waves of the same chain of loads; bench/RESULTS.md, 2026-12-02).
     block_n = _DECODE_EXPAND_BLOCK_N if block_m <= 16 else _EXPAND_BLOCK_N
     # A 64 x 128 fp32 tile plus its y tile over 4 warps needs > 255 registers: an sm_90 compile
     # spills 72-176 bytes per thread to local memory (rank 16/64, bf16); 8 warps fit (~245, no spill).
     num_warps = 8 if block_m * block_n >= 64 * 128 else 4
-    return ExpandConfig(block_n, max(16, triton.next_power_of_2(rank)), num_warps)
+    return ExpandConfig(block_n, block_r, num_warps, per_token=False)
 
 
 def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
@@ -326,14 +392,21 @@ def _expand_triton(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, sca
     rank = lora_b.shape[2]
     if num_tokens == 0 or rank == 0 or y.shape[1] == 0:
         return
-    cfg = expand_config(meta.block_m, rank)
+    cfg = expand_config(meta.block_m, rank, meta.per_token_expand)
+    strides = (*buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride())
+    if cfg.per_token:
+        _launch.launch(
+            _lora_expand_token_kernel, (num_tokens, triton.cdiv(max(slices), cfg.block_n), len(slices)), y.device,
+            buf, lora_b, y, scales, _slice_starts(slices, y.device), meta.token_slots, rank, *strides,
+            P=buf.shape[0], BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, num_warps=cfg.num_warps,
+        )
+        return
     grid = (meta.max_tiles, triton.cdiv(max(slices), cfg.block_n), len(slices))
     _launch.launch(
         _lora_expand_kernel, grid, y.device,
         buf, lora_b, y, scales, _slice_starts(slices, y.device),
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
-        rank, buf.shape[0],
-        *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *scales.stride(),
+        rank, buf.shape[0], *strides,
         BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         PRECISION=_launch.precision(lora_b.dtype), num_warps=cfg.num_warps,
     )

@@ -14,6 +14,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SUMMARY_KEYS = {"requests", "finished", "errors", "unfinished", "short", "seconds", "output_tokens", "output_tok_s",
                 "req_s", "steady_output_tok_s", "steady_req_s", "ttft_s", "tpot_s", "itl_warm_s", "itl_cold_s", "itl_cold_over_warm",
+                "itl_warm_decode_s", "itl_cold_decode_s", "itl_cold_over_warm_decode",
                 "distinct_adapters_requested", "queue_wait_s", "prefill_s", "service_s"}
 DIST_KEYS = {"p50", "p90", "p99", "max", "mean", "count"}
 ENGINE_KEYS = {"adapter_loads", "adapter_uploads", "adapter_prefetches", "adapter_evictions", "adapter_host_evictions",

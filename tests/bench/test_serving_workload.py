@@ -82,6 +82,18 @@ def test_summary_definitions_on_known_times():
     assert s["steady_output_tok_s"] == pytest.approx(3.0) and s["steady_req_s"] == pytest.approx(1.0)
 
 
+def test_decode_only_gaps_leave_out_steps_that_finished_a_prompt():
+    """A gap whose closing step also finished another stream's prompt (its first token lands there)
+    is slower for reasons a load does not cause: the decode-only figures leave it out."""
+    records = [_record(0, 0.0, [(0.5, 1), (0.7, 1), (0.9, 1), (1.1, 1)], 1.1),
+               _record(1, 0.55, [(0.7, 1), (0.9, 1)], 0.9)]          # its prompt ran in the step ending at 0.7
+    s = summarize(records, load_windows=[(0.95, 1.0)])
+    assert (s["itl_warm_s"]["count"], s["itl_cold_s"]["count"]) == (3, 1)
+    # 0.5 -> 0.7 (request 1's first token at its end) is out; 0.7 -> 0.9 twice warm, 0.9 -> 1.1 cold.
+    assert (s["itl_warm_decode_s"]["count"], s["itl_cold_decode_s"]["count"]) == (2, 1)
+    assert s["itl_cold_over_warm_decode"] == pytest.approx(1.0)
+
+
 def test_errors_and_unfinished_requests_are_counted():
     failed = _record(0, 0.0, [(0.2, 1)], 0.3, output_len=4)
     failed.error = "NOT_FOUND: unknown adapter"

@@ -14,22 +14,23 @@ from multilora.engine.cuda_graph import DecodeGraphs
 from multilora.engine.scheduler import ScheduledBatch
 from multilora.engine.sequence import Sequence, SequenceStatus
 from multilora.engine.step_inputs import StepInputBuilder
+from multilora.lora.mapping import PER_TOKEN_EXPAND_MAX_TOKENS, LoRAVariant, lora_variant
 from multilora.sampling_params import SamplingParams
 
 N = 6
 
 
 class EagerGraphs(DecodeGraphs):
-    """Replays run the captured forward eagerly; each replay's (size, use_lora) is recorded."""
+    """Replays run the captured forward eagerly; each replay's (size, LoRA variant) is recorded."""
 
     def __init__(self, *args, **kwargs):
-        self.replayed: list[tuple[int, bool]] = []
+        self.replayed: list[tuple[int, LoRAVariant | None]] = []
         super().__init__(*args, **kwargs)
 
-    def _capture(self, size, use_lora, pool):
+    def _capture(self, size, lora, pool):
         def replay():
-            self.replayed.append((size, use_lora))
-            return self.forward(size, use_lora)
+            self.replayed.append((size, lora))
+            return self.forward(size, lora)
 
         return replay, None
 
@@ -52,6 +53,30 @@ def test_padded_graph_batches_match_the_reference(tiny_zoo):
         assert [o.outputs[0].token_ids for o in outs] == [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
         assert {s for s, _ in graphs.replayed} == {graphs.size_for(size)}   # padded, never eager
         assert all(lora for _, lora in graphs.replayed)
+    assert_idle(llm.llm_engine)
+
+
+def test_lora_variant_follows_the_tokens_per_adapter():
+    limit = PER_TOKEN_EXPAND_MAX_TOKENS
+    assert lora_variant([(-1, 5), (-1, 1)]) is None
+    assert lora_variant([(0, 1), (1, 1), (-1, 9)]) is LoRAVariant.PER_TOKEN        # base tokens do not count
+    assert lora_variant([(0, limit), (1, limit)]) is LoRAVariant.PER_TOKEN
+    assert lora_variant([(0, limit), (1, limit + 1)]) is LoRAVariant.TILES
+    assert lora_variant([(3, 1)] * (limit + 1)) is LoRAVariant.TILES                # one adapter, many rows
+
+
+def test_both_lora_variants_replay_their_graphs_and_match_the_reference(tiny_zoo):
+    """Decode rows spread over adapters (one row each) replay the per-token graph; many rows of one
+    adapter the slot-tile graph; both give the reference tokens."""
+    llm, graphs = _llm_with_eager_graphs(tiny_zoo)
+    spread = [(SHORT_PROMPTS[i], name) for i, name in enumerate(["sql", "chat", "code", None])]
+    crowded = [(SHORT_PROMPTS[i % 4], "sql") for i in range(PER_TOKEN_EXPAND_MAX_TOKENS + 2)]
+    for requests, variant in ((spread, LoRAVariant.PER_TOKEN), (crowded, LoRAVariant.TILES)):
+        loras = [tiny_zoo.lora_request("llama", a) if a else None for _, a in requests]
+        graphs.replayed.clear()
+        outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
+        assert [o.outputs[0].token_ids for o in outs] == [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
+        assert {lora for _, lora in graphs.replayed} == {variant}
     assert_idle(llm.llm_engine)
 
 
@@ -96,7 +121,7 @@ def test_builder_writes_records_and_block_rows_incrementally():
     a.num_computed_tokens = 2          # a decodes position 2; b prefills positions 0..4
     step = builder.build(ScheduledBatch([a, b], [1, 5]), [-1, 1], [True, True], decode_size=2)
     assert (step.num_decode, step.num_prefill_tokens, step.sample_order) == (1, 5, [0, 1])
-    assert (step.decode_uses_lora, step.prefill_uses_lora) == (False, True)
+    assert (step.decode_lora, step.prefill_lora) == (None, LoRAVariant.TILES)   # 5 tokens of one adapter
     dec = builder.decode_tensors(2)
     assert dec.input_ids.tolist() == [102, 0] and dec.positions.tolist() == [2, 0]
     assert dec.slot_mapping.tolist() == [6 * 2 + 0, 9 * 2]          # padding row writes the scratch block

@@ -51,14 +51,14 @@ def _per_step_ms(step, steps: int) -> float:
     return 1e3 * (time.perf_counter() - start) / steps
 
 
-def _graph_ms(runner, batch: int, use_lora: bool) -> float:
+def _graph_ms(runner, batch: int, lora) -> float:
     graphs = runner.decode_graphs
     size = graphs.size_for(batch)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graphs.run(size, use_lora)
+    graphs.run(size, lora)
     begin.record()
     for _ in range(10):
-        graphs.run(size, use_lora)
+        graphs.run(size, lora)
     end.record()
     torch.cuda.synchronize()
     return begin.elapsed_time(end) / 10
@@ -79,6 +79,7 @@ def _mixed_step_ms(engine, prompt_len: int, loras) -> float:
 
 def measure(model_dir: Path, loras_all, args, async_scheduling: bool) -> list[dict]:
     from multilora import LLM
+    from multilora.lora.mapping import lora_variant
 
     blocks = args.requests * (-(-(args.context + args.steps * 4 + 64) // 16)) + 64
     llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", enable_lora=True, max_loras=8, max_lora_rank=16,
@@ -87,9 +88,10 @@ def measure(model_dir: Path, loras_all, args, async_scheduling: bool) -> list[di
     for mode, loras in (("base", [None] * args.requests), ("8 adapters", [loras_all[i % 8] for i in range(args.requests)])):
         decode = args.requests - 1
         _fill(engine, _prompts(decode, args.context, 1), loras[:decode], args.steps * 4 + 16, mode)
-        use_lora = loras[0] is not None
+        # The graph variant the engine picks for these rows (adapter i % 8 on row i).
+        lora = lora_variant((i % 8, 1) for i in range(decode)) if loras[0] is not None else None
         row = {"scheduling": "async" if async_scheduling else "sync", "mode": mode,
-               "gpu_graph_ms": _graph_ms(engine.runner, decode, use_lora),
+               "gpu_graph_ms": _graph_ms(engine.runner, decode, lora),
                "engine_thread_ms": _per_step_ms(engine.step_events, args.steps),
                "inline_outputs_ms": _per_step_ms(engine.step, args.steps),
                "mixed_step_ms": _mixed_step_ms(engine, 512, loras[-1:])}

@@ -9,6 +9,7 @@ import torch
 
 from helpers.engine_runs import assert_idle, check_staggered_generate, greedy, make_llm
 from helpers.zoo import ADAPTERS, SHORT_PROMPTS, long_prompt
+from multilora.lora.mapping import LoRAVariant
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,7 +55,7 @@ def test_chunked_prefill_beside_graph_decode_rows_on_gpu(tiny_zoo):
     outs = llm.generate([p for p, _ in requests], greedy(N), lora_request=loras)
     assert [o.outputs[0].token_ids for o in outs] == [tiny_zoo.reference("llama", a, p, N) for p, a in requests]
     runner = llm.llm_engine.runner
-    assert set(runner.decode_graphs.lora_variants) == {False, True}
+    assert set(runner.decode_graphs.lora_variants) == {None, *LoRAVariant}
     assert runner.inputs._decode_host.is_pinned() and runner.inputs._table_host.is_pinned()
     assert_idle(llm.llm_engine)
 

@@ -38,10 +38,10 @@ def test_bench_times_tiling_and_split_variants_each_checked(tmp_path, monkeypatc
     bench = _load_bench()
     rc = bench.main(["--device", "cpu", "--dtype", "float32", "--shape-div", "64", "--tokens", "6",
                      "--mixes", "distinct", "--layers", "o", "--slots", "4", "--rank", "8", "--suite", "lora",
-                     "--expand-tiles", "32x2", "--shrink-splits", "2", "--warmup", "0", "--iters", "1"])
+                     "--expand-tiles", "32x2,tile:32x4", "--shrink-splits", "2", "--warmup", "0", "--iters", "1"])
     result = json.loads((tmp_path / "lora_kernels.json").read_text())
     assert rc == 0
-    assert [c["op"] for c in result["cases"]] == ["shrink", "expand", "expand[32x2]", "shrink[split2]",
+    assert [c["op"] for c in result["cases"]] == ["shrink", "expand", "expand[32x2]", "expand[tile:32x4]", "shrink[split2]",
                                                   "expand[split2]"]
     assert all(c["ok"] for c in result["cases"])
 

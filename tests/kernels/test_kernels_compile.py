@@ -200,16 +200,21 @@ def test_lora_kernels_compile(kernels, dtype, tokens, layer, rank):
     ), dict(BLOCK_M=block_m, BLOCK_N=shrink.block_n, BLOCK_K=shrink.block_k, PRECISION=precision)), dtype)
     width = sum(slices)
     expand = lora.expand_config(block_m, rank)
-    _check_compiled(_compile(lora._lora_expand_kernel, dict(
-        buf_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", scales_ptr="*fp32", slice_starts_ptr=idx,
-        sorted_ids_ptr=idx, tile_slots_ptr=idx, tile_starts_ptr=idx, tile_ends_ptr=idx,
-        R=rank, P=shrink.planes,
+    strides = dict(
         stride_bp=tokens * nr, stride_bt=nr, stride_br=1,
         # Slot layout: B's columns contiguous, its rank stride spans every layer's rank row.
         stride_bs=SLOT_STRIDE, stride_bn=1, stride_bk=2_800_000,
-        stride_yt=QKV if layer == "qkv" else width, stride_yn=1, stride_ss=n, stride_si=1,
+        stride_yt=QKV if layer == "qkv" else width, stride_yn=1, stride_ss=n, stride_si=1)
+    pointers = dict(buf_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", scales_ptr="*fp32", slice_starts_ptr=idx)
+    _check_compiled(_compile(lora._lora_expand_kernel, dict(
+        **pointers, sorted_ids_ptr=idx, tile_slots_ptr=idx, tile_starts_ptr=idx, tile_ends_ptr=idx,
+        R=rank, P=shrink.planes, **strides,
     ), dict(BLOCK_M=block_m, BLOCK_N=expand.block_n, BLOCK_R=expand.block_r,
             PRECISION=precision), num_warps=expand.num_warps), dtype)
+    per_token = lora.expand_config(block_m, rank, per_token=True)   # tokens spread over many adapters
+    _check_compiled(_compile(lora._lora_expand_token_kernel, dict(**pointers, token_slots_ptr=idx, R=rank, **strides),
+                             dict(P=shrink.planes, BLOCK_N=per_token.block_n, BLOCK_R=per_token.block_r),
+                             num_warps=per_token.num_warps), dtype)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -68,15 +68,16 @@ def _weights(dtype, gen, num_tokens=37, ranks=(RANK,) * NUM_SLOTS):
     return x.to(dtype), a.to(dtype), b.to(dtype), scales
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["tiles", "per_token"])   # the expand's two kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mix,num_tokens", [
     ("distinct", 4), ("distinct", 37), ("uniform", 37), ("skewed", 200), ("random", 37),
     ("all_base", 19), ("random", 1), ("random", 0),
 ])
-def test_kernels_match_ref(lora, triton_on_cpu, mix, num_tokens, dtype):
+def test_kernels_match_ref(lora, triton_on_cpu, mix, num_tokens, dtype, per_token):
     gen = torch.Generator().manual_seed(num_tokens)
     x, a, b, scales = _weights(dtype, gen, num_tokens)
-    meta = lora.build_lora_meta(_slots(mix, num_tokens, gen), NUM_SLOTS)
+    meta = lora.build_lora_meta(_slots(mix, num_tokens, gen), NUM_SLOTS, per_token_expand=per_token)
 
     buf = lora.lora_shrink(x, a, meta)
     buf_ref = lora.lora_shrink_ref(x, a, meta)
@@ -96,19 +97,20 @@ def test_kernels_match_ref(lora, triton_on_cpu, mix, num_tokens, dtype):
         assert not torch.allclose(y, y0)  # the delta is really applied
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["tiles", "per_token"])   # the expand's two kernels
 @pytest.mark.parametrize("num_tokens", [37, 150])   # decode and larger tilings (block_m 16 / 32)
-def test_fused_slices_span_several_column_blocks(lora, triton_on_cpu, num_tokens):
+def test_fused_slices_span_several_column_blocks(lora, triton_on_cpu, num_tokens, per_token):
     """Slices wider than one column block and not multiples of it, split-K planes
     added: each slice gets exactly its own B and scale, columns past a slice's end stay its neighbour's."""
-    slices = (300, 72, 72)
+    slices = (1100, 72, 72)
     gen = torch.Generator().manual_seed(3)
-    meta = lora.build_lora_meta(_slots("random", num_tokens, gen), NUM_SLOTS)
+    meta = lora.build_lora_meta(_slots("random", num_tokens, gen), NUM_SLOTS, per_token_expand=per_token)
     k = 2 * lora.shrink_config(meta.block_m, meta.max_tiles, 1, len(slices) * RANK).block_k   # two K splits
     x = torch.randn(num_tokens, k, generator=gen)
     a = torch.randn(NUM_SLOTS, len(slices), RANK, k, generator=gen) / k**0.5
     b = torch.randn(NUM_SLOTS, sum(slices), RANK, generator=gen) / RANK**0.5
     scales = torch.rand(NUM_SLOTS, len(slices), generator=gen) + 0.5
-    cfg = lora.expand_config(meta.block_m, RANK)
+    cfg = lora.expand_config(meta.block_m, RANK, per_token)
     assert slices[0] > cfg.block_n and slices[0] % cfg.block_n  # the cases this test is for
     planes = lora._shrink_triton(x, a, meta, split_k=2)
     assert planes.shape[0] == 2
@@ -136,14 +138,15 @@ def test_split_k_accumulates(lora, triton_on_cpu):
         torch.testing.assert_close(planes.sum(0)[used], expected[0][used])
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["tiles", "per_token"])   # the expand's two kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixed_ranks_padded(lora, triton_on_cpu, dtype):
+def test_mixed_ranks_padded(lora, triton_on_cpu, dtype, per_token):
     """Ranks 1/8/16 zero-padded to 16 give each adapter's own unpadded product."""
     ranks = (1, 8, 16, 8)
     gen = torch.Generator().manual_seed(2)
     x, a, b, scales = _weights(dtype, gen, 29, ranks)
     slots = _slots("random", 29, gen)
-    meta = lora.build_lora_meta(slots, NUM_SLOTS)
+    meta = lora.build_lora_meta(slots, NUM_SLOTS, per_token_expand=per_token)
     y = torch.zeros(29, H_OUT, dtype=dtype)
     lora.lora_expand(y, lora.lora_shrink(x, a, meta), b, scales, meta)
 
@@ -155,13 +158,13 @@ def test_mixed_ranks_padded(lora, triton_on_cpu, dtype):
     torch.testing.assert_close(y.float(), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("use_triton", [True, False])
-def test_expand_into_strided_view(lora, monkeypatch, use_triton):
+@pytest.mark.parametrize("use_triton,per_token", [(True, False), (True, True), (False, False)])
+def test_expand_into_strided_view(lora, monkeypatch, use_triton, per_token):
     """y as the middle column slice of a fused output, buf as a column slice of a wider buffer."""
     monkeypatch.setenv(INTERPRET_ENV, "1" if use_triton else "0")
     gen = torch.Generator().manual_seed(3)
     _, _, b, scales = _weights(torch.float32, gen, 21)
-    meta = lora.build_lora_meta(_slots("random", 21, gen), NUM_SLOTS)
+    meta = lora.build_lora_meta(_slots("random", 21, gen), NUM_SLOTS, per_token_expand=per_token)
     wide_buf = torch.randn(21, 3 * RANK, generator=gen)
     buf = wide_buf[:, RANK:2 * RANK]
     fused = torch.randn(21, 3 * H_OUT, generator=gen)
@@ -252,8 +255,9 @@ def test_kernels_import_only_torch_triton_and_stdlib():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("per_token", [False, True], ids=["tiles", "per_token"])   # the expand's two kernels
 @pytest.mark.parametrize("num_tokens", [1, 64, 1000])
-def test_cuda_bf16_matches_ref(num_tokens):
+def test_cuda_bf16_matches_ref(num_tokens, per_token):
     from multilora_kernels import build_lora_meta, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
 
     gen = torch.Generator(device="cuda").manual_seed(6)
@@ -262,7 +266,7 @@ def test_cuda_bf16_matches_ref(num_tokens):
     a = (torch.randn(8, 64, 4096, **kw) / 64).bfloat16()
     b = (torch.randn(8, 6144, 64, **kw) / 8).bfloat16()
     scales = torch.rand(8, **kw)
-    meta = build_lora_meta(torch.randint(-1, 8, (num_tokens,), **kw), 8)
+    meta = build_lora_meta(torch.randint(-1, 8, (num_tokens,), **kw), 8, per_token_expand=per_token)
     buf = lora_shrink(x, a, meta)
     used = meta.token_slots >= 0
     torch.testing.assert_close(buf.sum(0)[used], lora_shrink_ref(x, a, meta)[0][used], rtol=2e-2, atol=2e-2)

@@ -1,23 +1,27 @@
-"""DecodeGraphs: CUDA graphs of the decode step, per batch size of a ladder, with and without LoRA.
+"""DecodeGraphs: CUDA graphs of the decode step, per batch size of a ladder and LoRA variant.
 
 A decode step (one new token per sequence) launches thousands of small kernels;
 replaying a captured graph removes the per-launch host cost. The graphs capture
-the model runner's `decode_forward(n, use_lora)`, which reads the step inputs'
+the model runner's `decode_forward(n, lora)`, which reads the step inputs'
 persistent device buffers; the StepInputBuilder pads a batch up to the captured
 size with rows that write their K/V into a scratch block and use no adapter.
 A step in which no row uses an adapter replays the graph captured without LoRA,
 so it launches no LoRA kernel; with adapters, the LoRA mapping is built inside
-the graph from the buffered adapter slots.
+the graph from the buffered adapter slots, and the variant (multilora.lora.mapping.
+LoRAVariant: the expand per slot tile or per token) is the step's own.
 """
 
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from multilora.lora.mapping import LoRAVariant
+
 logger = logging.getLogger(__name__)
 
-DecodeForward = Callable[[int, bool], torch.Tensor]    # (batch size, use_lora) -> hidden states [n, hidden]
+# (batch size, LoRA variant or None) -> hidden states [n, hidden]
+DecodeForward = Callable[[int, Optional[LoRAVariant]], torch.Tensor]
 
 
 def batch_size_ladder(max_batch: int) -> list[int]:
@@ -29,8 +33,8 @@ class DecodeGraphs:
     def __init__(self, forward: DecodeForward, max_batch: int, with_lora: bool):
         self.forward = forward
         self.sizes = batch_size_ladder(max_batch)
-        self.lora_variants = (False, True) if with_lora else (False,)
-        self.replays: dict[tuple[int, bool], Callable[[], torch.Tensor]] = {}
+        self.lora_variants: tuple[Optional[LoRAVariant], ...] = (None, *LoRAVariant) if with_lora else (None,)
+        self.replays: dict[tuple[int, Optional[LoRAVariant]], Callable[[], torch.Tensor]] = {}
         self._capture_all()
 
     @property
@@ -41,26 +45,26 @@ class DecodeGraphs:
         """The smallest captured batch size >= n."""
         return next(s for s in self.sizes if s >= n)
 
-    def run(self, size: int, use_lora: bool) -> torch.Tensor:
-        """Replays the graph of a captured `size`; returns its hidden states [size, hidden]."""
-        return self.replays[(size, use_lora)]()
+    def run(self, size: int, lora: Optional[LoRAVariant]) -> torch.Tensor:
+        """Replays the graph of a captured `size` and variant; returns its hidden states [size, hidden]."""
+        return self.replays[(size, lora)]()
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
         for size in reversed(self.sizes):            # largest first, so smaller graphs reuse its memory
-            for use_lora in self.lora_variants:
-                self.replays[(size, use_lora)], pool = self._capture(size, use_lora, pool)
-        logger.info("Captured CUDA graphs of the decode step for batch sizes %s (LoRA variants %s)",
-                    self.sizes, self.lora_variants)
+            for lora in self.lora_variants:
+                self.replays[(size, lora)], pool = self._capture(size, lora, pool)
+        logger.info("Captured CUDA graphs of the decode step for batch sizes %s (%s)", self.sizes,
+                    ", ".join("no LoRA" if v is None else f"LoRA {v.value}" for v in self.lora_variants))
 
-    def _capture(self, size: int, use_lora: bool, pool):
+    def _capture(self, size: int, lora: Optional[LoRAVariant], pool):
         """Returns (a replay returning the graph's output, the memory pool for the next capture)."""
-        self.forward(size, use_lora)            # warm-up: compiles Triton kernels outside the capture
+        self.forward(size, lora)                # warm-up: compiles Triton kernels outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.forward(size, use_lora)
+            hidden = self.forward(size, lora)
         torch.cuda.synchronize()
 
         def replay() -> torch.Tensor:

@@ -19,13 +19,13 @@ from multilora.engine.cuda_graph import DecodeGraphs
 from multilora.engine.scheduler import ScheduledBatch
 from multilora.engine.sequence import Sequence
 from multilora.engine.step_inputs import SampledTokens, StepInputBuilder, StepInputs
-from multilora.lora.mapping import lora_step
+from multilora.lora.mapping import LoRAVariant, lora_step
 from multilora.model.attention import AttentionMetadata
 from multilora.model.loader import build_model
 from multilora.sampler import Sampler, SampleRow
 from multilora.sampling_params import SamplingParams
 from multilora.tensor_parallel import SINGLE, TensorParallel
-from multilora_kernels.lora import build_lora_meta
+from multilora_kernels.lora import LoRAMeta, build_lora_meta
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +188,9 @@ class ModelRunner:
         hidden = []
         if step.num_decode:
             if use_graph:
-                decoded = graphs.run(step.decode_size, step.decode_uses_lora)
+                decoded = graphs.run(step.decode_size, step.decode_lora)
             else:
-                decoded = self.decode_forward(step.decode_size, step.decode_uses_lora)
+                decoded = self.decode_forward(step.decode_size, step.decode_lora)
             hidden.append(decoded.index_select(0, self.inputs.decode_sample_index(step)))
         if step.num_prefill_tokens:
             prefilled = self._prefill_forward(step)
@@ -207,18 +207,22 @@ class ModelRunner:
         tokens = self.tp.broadcast(tokens)      # every rank feeds rank 0's ids to the next step
         return self.inputs.record_sampled(tokens, step.sample_order, batch_size)
 
-    def decode_forward(self, n: int, use_lora: bool) -> torch.Tensor:
+    def decode_forward(self, n: int, lora: Optional[LoRAVariant]) -> torch.Tensor:
         """The model over the first n decode rows of the step inputs; what the CUDA graphs capture."""
         t = self.inputs.decode_tensors(n)
         meta = AttentionMetadata(t.slot_mapping, [], [], [], num_prefill_tokens=0,
                                  decode_block_tables=t.block_tables, decode_context_lens=t.context_lens)
-        with lora_step(build_lora_meta(t.adapter_slots, self.config.max_loras) if use_lora else None):
+        with lora_step(self._lora_meta(t.adapter_slots, lora)):
             return self.model(t.input_ids, t.positions, self.kv_caches, meta)
 
     def _prefill_forward(self, step: StepInputs) -> torch.Tensor:
         t = self.inputs.prefill_tensors(step)
         meta = AttentionMetadata(t.slot_mapping, step.query_lens, step.context_lens, t.block_tables,
                                  num_prefill_tokens=step.num_prefill_tokens)
-        use_lora = step.prefill_uses_lora and bool(self.lora_layers)
-        with lora_step(build_lora_meta(t.adapter_slots, self.config.max_loras) if use_lora else None):
+        with lora_step(self._lora_meta(t.adapter_slots, step.prefill_lora)):
             return self.model(t.input_ids, t.positions, self.kv_caches, meta)
+
+    def _lora_meta(self, adapter_slots: torch.Tensor, lora: Optional[LoRAVariant]) -> Optional[LoRAMeta]:
+        if lora is None or not self.lora_layers:
+            return None
+        return build_lora_meta(adapter_slots, self.config.max_loras, per_token_expand=lora is LoRAVariant.PER_TOKEN)

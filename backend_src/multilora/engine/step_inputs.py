@@ -35,6 +35,7 @@ import torch
 
 from multilora.engine.scheduler import ScheduledBatch
 from multilora.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from multilora.lora.mapping import LoRAVariant, lora_variant
 
 _DECODE_COLUMNS = 7      # token id, position, row, adapter_slot, context length, sample index, source
 _PREFILL_COLUMNS = 5     # token id, position, row, adapter_slot, sample index
@@ -46,9 +47,9 @@ class StepInputs:
 
     num_decode: int = 0                  # one-token rows, first in the sampled order
     decode_size: int = 0                 # num_decode padded up to the graph's batch size
-    decode_uses_lora: bool = False
+    decode_lora: Optional[LoRAVariant] = None       # None: no decode row uses an adapter
     num_prefill_tokens: int = 0
-    prefill_uses_lora: bool = False
+    prefill_lora: Optional[LoRAVariant] = None
     query_lens: list[int] = field(default_factory=list)        # per prefill sequence
     context_lens: list[int] = field(default_factory=list)
     prefill_table_rows: list[tuple[int, int]] = field(default_factory=list)   # (row, blocks in use)
@@ -187,7 +188,7 @@ class StepInputBuilder:
             rec[:len(sampled), 5] = sampled
             step.num_decode_samples = len(sampled)
             step.sample_order.extend(decode[j] for j in sampled)
-            step.decode_uses_lora = any(s >= 0 for s in row_adapter_slots)
+            step.decode_lora = lora_variant((s, 1) for s in row_adapter_slots)
         self.pad_decode(n, step.decode_size)
 
     def pad_decode(self, start: int, end: int) -> None:
@@ -216,8 +217,8 @@ class StepInputBuilder:
             step.query_lens.append(num_new)
             step.context_lens.append(end)
             step.prefill_table_rows.append((row, -(-end // bs)))
-            step.prefill_uses_lora |= adapter_slots[i] >= 0
         step.num_prefill_tokens = t
+        step.prefill_lora = lora_variant((adapter_slots[i], batch.num_new_tokens[i]) for i in prefill)
 
     def _table_row(self, seq: Sequence) -> int:
         """The sequence's block-table row, after writing the blocks it gained since the last step."""
