@@ -179,12 +179,15 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
         var_ok, var_err = close(split_planes.sum(0)[used], buf_ref[0][used], TOL[dtype])
         add_row("shrink", lambda: k._shrink_triton(x, a, meta, split_k=int(split)), ops["shrink"][1],
                 var_ok, var_err, f"split{split}")
-        # The expand reads as many planes as the shrink split: fewer planes, a shorter expand.
-        y_var = y0.clone()
-        k.lora_expand(y_var, split_planes, b, scales, meta, slices)
-        var_ok, var_err = close(y_var, y_expected, TOL[dtype])
-        add_row("expand", lambda: k.lora_expand(y_var, split_planes, b, scales, meta, slices), ops["expand"][1],
-                var_ok, var_err, f"split{split}")
+        # The expand reads as many planes as the shrink split: fewer planes, a shorter expand; timed
+        # with its own tiling and each --expand-tiles variant.
+        for tiles in [None, *filter(None, args.expand_tiles.split(","))]:
+            y_var = y0.clone()
+            with tiling(k, tiles):
+                k.lora_expand(y_var, split_planes, b, scales, meta, slices)
+            var_ok, var_err = close(y_var, y_expected, TOL[dtype])
+            add_row("expand", lambda: k.lora_expand(y_var, split_planes, b, scales, meta, slices), ops["expand"][1],
+                    var_ok, var_err, f"split{split}" + (f",{tiles}" if tiles else ""), tiles=tiles)
     return rows
 
 

@@ -42,7 +42,7 @@ def test_bench_times_tiling_and_split_variants_each_checked(tmp_path, monkeypatc
     result = json.loads((tmp_path / "lora_kernels.json").read_text())
     assert rc == 0
     assert [c["op"] for c in result["cases"]] == ["shrink", "expand", "expand[32x2]", "expand[tile:32x4]", "shrink[split2]",
-                                                  "expand[split2]"]
+                                                  "expand[split2]", "expand[split2,32x2]", "expand[split2,tile:32x4]"]
     assert all(c["ok"] for c in result["cases"])
 
 
