@@ -47,11 +47,11 @@ from multilora_kernels._launch import INTERPRET_ENV  # noqa: F401  (tests and be
 # decode batches have only a few tiles, and one program per tile would idle an H200.
 _SHRINK_TARGET_PROGRAMS = 512
 # ...but at most this many splits: each is a plane that every expand program reads back. Measured on
-# the H200 at decode (64 tokens, rank 16, per layer; bench/RESULTS.md, 2026-12-02): 8 splits instead
-# of 32-38 at 8 adapters took the expand from 32.3 to 24.8 us and the shrink from 13.9 to 17.8; instead
-# of 13-15 at 32 adapters, 61.1 -> 56.4 and 22.7 -> 24.8 (the decode step over base: +1.46 -> +1.41 ms
-# at 8 adapters, +3.12 -> +3.09 at 32). Fewer (4, 2) cost the shrink more than they save the expand.
-_MAX_SHRINK_SPLITS = 8
+# the H200 at decode (64 tokens, rank 16; bench/RESULTS.md): a cap of 8 instead of none (32-38 splits at
+# 8 adapters, 13-15 at 32) took the step over base from +1.46 to +1.41 ms at 8 adapters, +3.12 to +3.09
+# at 32 (2026-12-02); 12 instead of 8, once the per-token expand read the planes cheaply, +2.44 to +2.31
+# ms at 32 adapters and no change at 8 (2026-12-03). Fewer (4, 2) cost the shrink more than they save.
+_MAX_SHRINK_SPLITS = 12
 # H_in per shrink loop step. Measured on the H200 (bench/RESULTS.md, 2026-12-02): K tiles of up to 512
 # for narrow rank tiles (16 KB loads) made the decode shrink slower (0.97 vs 0.91 ms per step at 32
 # adapters), so the tile stays 64.
