@@ -8,7 +8,7 @@ path the engine runs today (gather + repeat_interleave + SDPA, copied from
 block tables, / bandwidth), and the kernel's error against `paged_decode_attention_ref`.
 Each timed call reads its own blocks of a cache cycled past the 50 MB L2, so small
 cases are not L2-resident. Then prefill cases (N sequences of Q new tokens after P cached
-ones): `paged_prefill_attention` against the torch path of today (per-sequence SDPA) and
+ones): `paged_prefill_attention` against a per-sequence SDPA baseline and
 its compute floor. Prints tables and writes $OUT/attention.json (else bench/attention.json).
 
     python bench/bench_attention.py                    # H200: D in 1,16,64,256 x C in 128,1024,4096
@@ -94,7 +94,7 @@ def _load_by_path(name: str, filename: str):
     return module
 
 
-# ----------------------------------------------------------------------------- the torch path today
+# ----------------------------------------------------------------------------- the torch baselines (the engine's paths before the kernels)
 
 
 def _expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
@@ -114,7 +114,8 @@ def torch_decode_attention(q, kv_cache, block_tables, context_lens, scale) -> to
 
 
 def torch_prefill_attention(q, k_new, v_new, kv_cache, query_lens, context_lens, block_tables, scale):
-    """`_prefill_attention` + `_attend` of backend_src/multilora/model/attention.py (same logic)."""
+    """A fixed torch baseline: one SDPA call per sequence with the K/V heads copied to every query head
+    (the engine's prefill path of 2026-11-28; it now batches whole prompts and uses SDPA's native GQA)."""
     out = torch.empty_like(q)
     start = 0
     for query_len, context_len, block_table in zip(query_lens, context_lens, block_tables):

@@ -22,6 +22,12 @@ tokens are never written nor read).
 `build_lora_meta` sorts the tokens by slot once per step and cuts each slot's run
 into tiles of `block_m` tokens, so each kernel program works on tokens of ONE slot
 and reads that slot's A/B tile once for the whole tile (Punica's SGMV).
+When a decode step spreads its tokens over many adapters (a few tokens each), a
+tile holds one or two real tokens and the per-tile expand is latency-bound; then
+the caller asks for the per-token expand (`per_token_expand`): one program per
+(token, column block, slice), each reading its token's slot's B rows directly.
+The choice is the caller's (multilora.lora.mapping.lora_variant), made on the
+host per step, so a CUDA graph can be captured for each variant.
 Everything here is built with torch ops only: no host sync, and every tensor's
 shape depends only on (T, S), so the model runner can copy a fresh `LoRAMeta`
 into static buffers and replay CUDA graphs over it.

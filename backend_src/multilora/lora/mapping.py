@@ -17,7 +17,7 @@ from multilora_kernels.lora import LoRAMeta
 _active = threading.local()
 
 # At most this many tokens per adapter on average, the expand runs one program per token. Measured on
-# the H200 at 64 decode tokens, rank 16 (bench/RESULTS.md, 2026-12-03): over 32 adapters (2 tokens each)
+# the H200 at 64 decode tokens, rank 16 (bench/RESULTS.md, 2026-12-02): over 32 adapters (2 tokens each)
 # the per-token expand took 31 us per layer where slot tiles took 57; over 8 (8 each) 31 vs 25, one
 # adapter 31 vs 22 (its tokens read an adapter's B over and over, where a tile reads it once).
 PER_TOKEN_EXPAND_MAX_TOKENS = 4
