@@ -94,7 +94,7 @@ def _load_by_path(name: str, filename: str):
     return module
 
 
-# ----------------------------------------------------------------------------- the torch baselines (the engine's paths before the kernels)
+# ----------------------------------------------------------------------------- torch baselines (earlier engine paths)
 
 
 def _expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:

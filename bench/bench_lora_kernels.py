@@ -165,29 +165,27 @@ def bench_case(k, timer: Timer, args, layer: str, num_tokens: int, mix: str) -> 
             ref_us=to_us(timer(ref)), floor_us=nbytes / args.bandwidth * 1e6, bytes=nbytes, ok=ok, max_abs_err=err,
         ))
 
+    def add_expand_rows(planes_in, variants, label=None):
+        """The expand over `planes_in` with each tiling of `variants` (None: its own), each checked."""
+        for tiles in variants:
+            y_var = y0.clone()
+            with tiling(k, tiles):
+                k.lora_expand(y_var, planes_in, b, scales, meta, slices)
+            var_ok, var_err = close(y_var, y_expected, TOL[dtype])
+            add_row("expand", lambda: k.lora_expand(y_var, planes_in, b, scales, meta, slices), ops["expand"][1],
+                    var_ok, var_err, ",".join(filter(None, [label, tiles])) or None, tiles=tiles)
+
+    tile_variants = list(filter(None, args.expand_tiles.split(",")))
     for op, (kernel, ref, ok, err) in ops.items():
         add_row(op, kernel, ref, ok, err)
-    for variant in filter(None, args.expand_tiles.split(",")):
-        y_var = y0.clone()
-        with tiling(k, variant):
-            k.lora_expand(y_var, planes, b, scales, meta, slices)
-        var_ok, var_err = close(y_var, y_expected, TOL[dtype])
-        add_row("expand", lambda: k.lora_expand(y_var, planes, b, scales, meta, slices),
-                ops["expand"][1], var_ok, var_err, variant, tiles=variant)
+    add_expand_rows(planes, tile_variants)
     for split in filter(None, args.shrink_splits.split(",")):
         split_planes = k._shrink_triton(x, a, meta, split_k=int(split)) if k._launch.use_triton(x) else planes
         var_ok, var_err = close(split_planes.sum(0)[used], buf_ref[0][used], TOL[dtype])
         add_row("shrink", lambda: k._shrink_triton(x, a, meta, split_k=int(split)), ops["shrink"][1],
                 var_ok, var_err, f"split{split}")
-        # The expand reads as many planes as the shrink split: fewer planes, a shorter expand; timed
-        # with its own tiling and each --expand-tiles variant.
-        for tiles in [None, *filter(None, args.expand_tiles.split(","))]:
-            y_var = y0.clone()
-            with tiling(k, tiles):
-                k.lora_expand(y_var, split_planes, b, scales, meta, slices)
-            var_ok, var_err = close(y_var, y_expected, TOL[dtype])
-            add_row("expand", lambda: k.lora_expand(y_var, split_planes, b, scales, meta, slices), ops["expand"][1],
-                    var_ok, var_err, f"split{split}" + (f",{tiles}" if tiles else ""), tiles=tiles)
+        # The expand reads as many planes as the shrink split: fewer planes, a shorter expand.
+        add_expand_rows(split_planes, [None, *tile_variants], f"split{split}")
     return rows
 
 
