@@ -75,6 +75,24 @@ def test_upload_writes_each_module_into_its_slice_and_zeroes_the_rest():
                 assert torch.all(a == 0) and torch.all(b == 0) and scale == 0, (key, slot)
 
 
+def test_an_image_built_over_old_bytes_equals_one_built_over_zeros():
+    # Host images come from torch.empty (a reused pinned block holds an older image's bytes): every byte
+    # the weights leave (untargeted modules, rows past a lower-ranked module's rank, padding) is written.
+    model = _model()
+    slots = model.adapter_slot_weights
+    adapter = _adapter(model, {(0, "q_proj"): 8, (0, "k_proj"): 4, (1, "up_proj"): 2, (1, "o_proj"): 8}, seed=4)
+    size = slots.header_bytes + 8 * slots.row_bytes
+    over_zeros, over_old = torch.zeros(size, dtype=torch.uint8), torch.full((size,), 0xFF, dtype=torch.uint8)
+    slots._fill_image(over_zeros, adapter, 8)
+    slots._fill_image(over_old, adapter, 8)
+    assert torch.equal(over_old, over_zeros)
+    assert over_zeros.view(torch.float32).isfinite().all()      # 0xFF bytes would be NaN where left
+    no_weights = LoRAAdapter("none", 9, 0, {})
+    header = torch.full((slots.header_bytes,), 0xFF, dtype=torch.uint8)
+    slots._fill_image(header, no_weights, 0)
+    assert torch.all(header == 0)
+
+
 class _CopyCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()

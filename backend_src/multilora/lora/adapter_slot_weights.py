@@ -105,7 +105,7 @@ class AdapterSlotWeights:
         # Any thread may build it (the engine does so as it loads the adapter); pinned memory is
         # allocated in the engine device's context, never a new one on the thread's default device.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
-            image = torch.zeros(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
+            image = torch.empty(self.header_bytes + rank * self.row_bytes, dtype=torch.uint8,
                                 pin_memory=self.device.type == "cuda")
         self._fill_image(image, adapter, rank)
         return self._cache(adapter, image)
@@ -146,35 +146,40 @@ class AdapterSlotWeights:
         return image
 
     def _fill_image(self, image: torch.Tensor, adapter, rank: int) -> None:
-        """Writes the adapter's weights and scales into the zeroed `image` of `rank` rows, in a few
-        torch calls whatever the number of modules (the image is built beside the engine's threads,
-        and each call is one more wait for the GIL)."""
-        if rank == 0:
-            return      # no weights: the zeroed image is the answer
-        columns = image[self.header_bytes:].view(self.dtype).view(rank, -1).split(self._row_widths, dim=1)
+        """Writes the adapter's weights and scales into `image` of `rank` rows and zeroes every byte they
+        leave (untargeted modules, rows past a lower-ranked module's rank, padding), in a few torch calls
+        whatever the number of modules: the image is built beside the engine's threads, and each call is
+        one more wait for the GIL. `image` may hold anything (a reused pinned block), so no zeroing pass
+        over it first: that pass and a stacked copy of every B made up most of an image's time."""
         scales = [0.0] * (self.header_bytes // 4)
-        a_dsts, a_srcs, b_dsts, b_by_shape = [], [], [], {}
-        for key, (a, b, scaling) in adapter.weights.items():
-            target = self.targets.get(key)
-            if target is None:
-                continue  # a module this model serves without LoRA; the adapter loader validated the rest
-            layer = target.layer
-            a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
-            a_column, b_column = self._columns[(layer, target.index)]
-            r = a.shape[0]
-            a_dsts.append(columns[a_column] if r == rank else columns[a_column][:r])
-            a_srcs.append(a)
-            b_dsts.append(columns[b_column] if r == rank else columns[b_column][:r])
-            b_by_shape.setdefault(tuple(b.shape), []).append((len(b_dsts) - 1, b))
-            scales[self.layouts[layer].scales_offset // 4 + target.index] = scaling
-        # The image holds B transposed (rank-major): one transposed stack per shape of B.
-        b_srcs = [None] * len(b_dsts)
-        for members in b_by_shape.values():
-            stacked = torch.stack([b for _, b in members]).transpose(1, 2).unbind(0)
-            for (i, _), src in zip(members, stacked):
-                b_srcs[i] = src
-        if a_dsts:
-            torch._foreach_copy_(a_dsts + b_dsts, a_srcs + b_srcs)
+        if rank:
+            rows = image[self.header_bytes:].view(self.dtype).view(rank, -1)
+            columns = rows.split(self._row_widths, dim=1)          # [rank, width] each
+            # The image holds B transposed (rank-major): the same columns, seen [width, rank], take
+            # each B [out, r] as it is, with no transposed copy of it first.
+            columns_t = rows.t().split(self._row_widths, dim=0)
+            dsts, srcs, zeros, written = [], [], [], set()
+            for key, (a, b, scaling) in adapter.weights.items():
+                target = self.targets.get(key)
+                if target is None:
+                    continue  # a module this model serves without LoRA; the adapter loader validated the rest
+                layer = target.layer
+                a, b = target.shard_lora(a, b)     # this rank's part under tensor parallelism
+                a_column, b_column = self._columns[(layer, target.index)]
+                r = a.shape[0]
+                if r == rank:
+                    dsts += [columns[a_column], columns_t[b_column]]
+                else:
+                    dsts += [columns[a_column][:r], columns_t[b_column][:, :r]]
+                    zeros += [columns[a_column][r:], columns[b_column][r:]]
+                srcs += [a, b]
+                written.update((a_column, b_column))
+                scales[self.layouts[layer].scales_offset // 4 + target.index] = scaling
+            zeros += [column for i, column in enumerate(columns) if i not in written]
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            if zeros:
+                torch._foreach_zero_(zeros)
         if self.header_bytes:
             image[:self.header_bytes].view(torch.float32).copy_(torch.tensor(scales, dtype=torch.float32))
 
