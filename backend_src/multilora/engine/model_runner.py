@@ -16,6 +16,7 @@ import torch
 
 from multilora.config import EngineConfig
 from multilora.engine.cuda_graph import DecodeGraphs
+from multilora.engine.pinned_memory import register_pinned_pages
 from multilora.engine.scheduler import ScheduledBatch
 from multilora.engine.sequence import Sequence
 from multilora.engine.step_inputs import SampledTokens, StepInputBuilder, StepInputs
@@ -62,6 +63,7 @@ class ModelRunner:
         self.device = resolve_device(config, tp.rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)    # weights, KV cache and CUDA graphs all on this GPU
+            register_pinned_pages()               # before the first pinned buffer: see pinned_memory.py
         self.dtype = resolve_dtype(config, hf_config, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, config.model, self.dtype, self.device, config.load_format, tp)
