@@ -27,6 +27,7 @@ from typing import AsyncIterator, Callable, Optional
 import torch
 
 from multilora.config import EngineConfig
+from multilora.engine.frozen_heap import freeze_start_up_heap, unfreeze_heap
 from multilora.engine.llm_engine import EngineStats, LLMEngine
 from multilora.engine.output_processor import OutputProcessor
 from multilora.engine.scheduler import check_queue_room
@@ -92,6 +93,7 @@ class AsyncLLMEngine:
         self._outbox: queue.Queue = queue.Queue()     # engine thread -> output thread, in order
         self._output_thread = threading.Thread(target=self._run_outputs, name="multilora-outputs", daemon=True)
         self._thread = threading.Thread(target=self._run, name="multilora-engine", daemon=True)
+        freeze_start_up_heap()        # before the threads start: see frozen_heap.py
         self._output_thread.start()
         self._thread.start()
 
@@ -161,6 +163,7 @@ class AsyncLLMEngine:
         self._inbox.put(("shutdown", None))
         self._thread.join()
         self._output_thread.join()
+        unfreeze_heap()
 
     # ---- preparation (worker threads) -----------------------------------
     def _prepare(self, request_id, prompt, params, lora_request, arrival_time) -> None:
