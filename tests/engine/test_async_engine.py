@@ -27,7 +27,7 @@ def test_threads_get_the_gil_back_quickly(engine):
 
 
 def test_the_start_up_heap_is_frozen_while_serving_and_collectable_after(tiny_zoo):
-    """A full garbage collection holds the GIL over every tracked object (~230 ms on the H200 host after
+    """A full garbage collection holds the GIL over every tracked object (~0.25 s on the H200 host after
     start-up): while an engine serves, the start-up objects are out of its walk; after shutdown a dropped
     engine is collected again."""
     import gc

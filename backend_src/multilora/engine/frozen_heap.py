@@ -2,12 +2,12 @@
 
 A full collection walks every tracked object with the GIL held, so every thread (the engine thread
 launching steps too) waits for it. After start-up, torch, transformers, the model's modules and
-compiled kernels are a few hundred thousand objects: on the H200 host a full collection then stalled a
-CUDA-graph thread for ~230 ms (bench/RESULTS.md, issue 8), some forty decode steps, and collections
-come more often while adapters load (each load makes thousands of objects). Those objects live as long
-as the engine, so once it has started they are frozen (`gc.freeze`): later collections walk only what
-came after. Shutdown unfreezes them, so an engine dropped in a process that goes on (tests, notebooks)
-is still collected.
+compiled kernels are a few hundred thousand objects: on the H200 host a full collection over them
+stalled a CUDA-graph thread for ~0.25 s (bench/RESULTS.md, issue 8), some forty decode steps. Python
+runs one whenever the long-lived objects have grown by a quarter, which a server running for hours
+does. Those objects live as long as the engine, so once it has started they are frozen (`gc.freeze`):
+later collections walk only what came after. Shutdown unfreezes them, so an engine dropped in a
+process that goes on (tests, notebooks) is still collected.
 """
 
 import gc
