@@ -16,8 +16,9 @@
 #      W  part B's engine run again with every adapter read into host memory during warm-up (600
 #         warm-up requests, max_cpu_loras 128): beside B, what the adapter loads cost the steps;
 #      C  1024 adapters (ranks 8/16/64), max_loras 32, max_cpu_loras 128, Poisson arrivals at
-#         80% of the closed-loop req/s: every request finishes, TTFT p99, longest wait, ITL
-#         while adapters load vs warm, GPU memory from warm-up to end;
+#         80% of the closed-loop req/s (RATE_C=R: at R req/s instead, no closed loop: the same
+#         arrivals for two variants set side by side): every request finishes, TTFT p99, longest
+#         wait, ITL while adapters load vs warm, GPU memory from warm-up to end;
 #      BL, CL  parts B and C (the engine only) with adapters read in $LOAD_WORKERS load worker processes
 #         (adapter_load_workers; default 2), to set beside B and C;
 #   3. prints the table and the issue's checks (bench/serving_summary.py) last.
@@ -51,6 +52,7 @@ REQUESTS_A="${REQUESTS_A:-256}" REQUESTS_B="${REQUESTS_B:-192}" REQUESTS_C="${RE
 TIMEOUT_A="${TIMEOUT_A:-210}" TIMEOUT_B="${TIMEOUT_B:-190}" TIMEOUT_C="${TIMEOUT_C:-200}" TIMEOUT_W="${TIMEOUT_W:-100}"
 TARGETS_A="${TARGETS_A:-95,110}" TARGETS_B="${TARGETS_B:-60,35,95}"
 LOAD_WORKERS="${LOAD_WORKERS:-2}"   # parts BL and CL
+RATE_C="${RATE_C:-}"              # part C: a fixed Poisson rate (req/s) instead of 80% of its closed loop
 B_TARGETS="${B_TARGETS:-inproc,hf,hf-peft}"   # part B's targets (TARGETS_B: their limits, in this order)
 RAW="$WORK/out"                  # every run's JSON and log, the server logs (tarred into $OUT at the end)
 rm -rf "$RAW" && mkdir -p "$OUT" "$WORK" "$RAW"
@@ -159,7 +161,8 @@ for p in $PARTS; do
          --max-loras 64 --max-cpu-loras 128 --warmup 600 --decode-bound ;;
     C|CL) part "$p" "$TIMEOUT_C" --target inproc $([ "$p" = CL ] && echo --engine-arg adapter_load_workers="$LOAD_WORKERS") \
          --adapters 1024 --ranks 8,16,64 --max-loras 32 --max-cpu-loras 128 \
-         --concurrency "$CONCURRENCY" --rate-fraction 0.8 --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
+         --concurrency "$CONCURRENCY" $([ -n "$RATE_C" ] && echo --rate "$RATE_C" || echo --rate-fraction 0.8) \
+         --requests "$REQUESTS_C" --prompt-len "$PROMPT_LEN" \
          --output-len "$OUTPUT_LEN" \
          --save-records ;;
     *) log "unknown part $p (A, B, BL, W, C or CL)" ;;
