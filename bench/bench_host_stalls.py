@@ -100,6 +100,7 @@ def measure(args) -> dict:
         register_pinned_pages()
     ranks = [int(r) for r in args.ranks.split(",")]
     spec, requests = _adapters(ranks, args.reps, Path(tempfile.mkdtemp(prefix="host_stalls-")))
+    print(f"{len(requests)} adapters written (ranks {args.ranks}); pinning {args.pinning}", flush=True)
     slots = slot_weights(LLAMA3_8B, max(ranks), "cuda" if on_gpu else "meta")
     engine = EngineLikeThread(cuda_graph_step() if on_gpu else (lambda: time.sleep(0.004), lambda: None))
     engine.start()
@@ -122,6 +123,7 @@ def measure(args) -> dict:
                 phases.time(f"r{rank} free", kept.pop()[1].clear)
         for rank, held in kept:
             phases.time(f"r{rank} free", held.clear)
+        print(f"  loads with {images} images done", flush=True)
     for _ in range(3):
         phases.time("collect", gc.collect)
     freeze_start_up_heap()

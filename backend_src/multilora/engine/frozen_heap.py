@@ -11,8 +11,8 @@ process that goes on (tests, notebooks) is still collected.
 """
 
 import gc
-import time
 import logging
+import time
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@
 Adapter host images (lora/adapter_slot_weights.py) are pinned while adapters load beside the running
 batch, so how a block is pinned is what a cold adapter costs that batch. Measured on the H200 host
 (bench/RESULTS.md, issue 8): a fresh 84 MiB block took ~85 ms through cudaHostAlloc, and a CUDA-graph
-step on another thread stalled up to ~74 ms beside it (the driver serialises the two); registered from
-8 threads it took ~16 ms, and the step stalled at most ~12 ms. torch's pinned cache reuses freed blocks
-either way.
+step on another thread stalled up to ~74 ms beside it (434 ms beside a fresh rank-64 image); registered
+from 8 threads it took 16-27 ms, and the step stalled at most 12-22 ms (44 ms beside the rank-64 image).
+torch's pinned cache reuses freed blocks either way.
 """
 
 import logging
