@@ -1,4 +1,4 @@
-"""bench/bench_host_stalls.py on a CPU: one small-rank adapter per rank; the report has its rows (never a time checked)."""
+"""bench/bench_host_stalls.py on a CPU: one small adapter per rank; the report has its rows (no time checked)."""
 
 import gc
 import sys
