@@ -17,8 +17,12 @@ from multilora_kernels import _launch
 _BLOCK = 1024
 
 
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
+
+
 @_launch.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     # grid: (row, column block)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -21,15 +21,12 @@ which shares this module's launch helpers."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# "1" = run the Triton kernels on CPU tensors too (tests): the rule of kernels/lora.py.
-# Set it, or TRITON_INTERPRET=1, before this module is imported.
-INTERPRET_ENV = "MULTILORA_TRITON_INTERPRET_KERNELS"
+from multilora_kernels import _launch
 
 _LOG2E = 1.4426950408889634
 # Launch config, chosen without a GPU from an offline sm_90 compile (Llama-3-8B shapes, bf16:
@@ -46,28 +43,15 @@ _MAX_SPLITS = 64  # also bounds the reduce kernel's tile
 _H200_SMS = 132  # SM count assumed where there is no CUDA device (the interpreter)
 
 
-def _jit(fn):
-    """`triton.jit`, but interpreted when MULTILORA_TRITON_INTERPRET_KERNELS=1 at import.
-
-    As in kernels/lora.py: the kernels call only Triton builtins and our own
-    `_jit` helpers, so they interpret correctly even when triton was imported
-    compiled. Reductions go through `tl.reduce` with triton's own combine
-    functions (what tl.max / tl.sum do), because tl.max / tl.sum are
-    @triton.jit helpers that an interpreted kernel cannot call.
-    """
-    if os.environ.get(INTERPRET_ENV) != "1":
-        return triton.jit(fn)
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = True
-        return triton.jit(fn)
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
 
 
-@_jit
+@_launch.jit
 def _max(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_max)
 
 
-@_jit
+@_launch.jit
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)
 
@@ -75,14 +59,14 @@ def _sum(x, axis: tl.constexpr):
 # ----------------------------------------------------------------------------- Triton kernels
 
 
-@_jit
+@_launch.jit
 def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr):
     """Tokens per split of one context: the context over num_splits, in whole tiles (>= 1 tile)."""
     per_split = (context_len + num_splits - 1) // num_splits
     return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
 
 
-@_jit
+@_launch.jit
 def _decode_kernel(
     q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr,
     scale_log2, capacity, num_splits,
@@ -90,7 +74,9 @@ def _decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (sequence, kv head, split). SPLIT: write this split's normalised output
     # and its (max, sum) to part_out / part_ml for _reduce_kernel; else write out.
     seq = tl.program_id(0)
@@ -120,7 +106,7 @@ def _decode_kernel(
     kv_head_ptr = kv_ptr + kv_head.to(tl.int64) * stride_kh
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
-    acc = tl.full((BLOCK_G, BLOCK_D), 0.0, tl.float32)  # not tl.zeros: see _jit
+    acc = tl.full((BLOCK_G, BLOCK_D), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
     # num_stages: the next tile's block ids, K and V load asynchronously during this tile.
     for tile in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         tokens = tile + tl.arange(0, BLOCK_N)
@@ -153,12 +139,14 @@ def _decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@_jit
+@_launch.jit
 def _reduce_kernel(
     part_out_ptr, part_ml_ptr, context_lens_ptr, out_ptr,
     capacity, num_splits, stride_od, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (sequence, query head). Merges the splits _decode_kernel wrote:
     # out = sum_s w_s * out_s / sum_s w_s, w_s = l_s * 2^(m_s - max_s m_s).
     seq = tl.program_id(0)
@@ -184,21 +172,6 @@ def _reduce_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get(INTERPRET_ENV) == "1"
-
-
-def _check_kernel_runnable(t: torch.Tensor, kernel) -> None:
-    """`kernel`: the @_jit kernel about to launch (prefill_attention.py passes its own)."""
-    # A compiled (not interpreted) kernel cannot run on CPU tensors: say how to fix it.
-    interpreted = not isinstance(kernel, triton.runtime.JITFunction)
-    if not t.is_cuda and not interpreted:
-        raise RuntimeError(
-            f"Triton kernels on CPU tensors need {INTERPRET_ENV}=1 (or TRITON_INTERPRET=1) "
-            f"set before {kernel.fn.__module__} is imported"
-        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,7 +201,6 @@ def _decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     if num_seqs == 0:
         return
-    _check_kernel_runnable(q, _decode_kernel)
     capacity = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _num_splits(num_seqs, num_kv_heads, capacity, block_n, _num_sms(q.device))
@@ -241,7 +213,8 @@ def _decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
         part_ml = torch.empty(num_seqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_out = part_ml = out  # unused
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _launch.launch(
+        _decode_kernel, (num_seqs, num_kv_heads, num_splits), q.device,
         q, kv_cache, block_tables, context_lens, out, part_out, part_ml,
         scale * _LOG2E, capacity, num_splits,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -252,7 +225,8 @@ def _decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
         num_warps=num_warps,
     )
     if split:
-        _reduce_kernel[(num_seqs, num_heads)](
+        _launch.launch(
+            _reduce_kernel, (num_seqs, num_heads), q.device,
             part_out, part_ml, context_lens, out,
             capacity, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
@@ -308,7 +282,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     other context lengths and block tables.
     """
     _check_decode(q, kv_cache, block_tables, context_lens, out)
-    if not _use_triton(q):
+    if not _launch.use_triton(q):
         return paged_decode_attention_ref(q, kv_cache, block_tables, context_lens, scale, out)
     out = torch.empty_like(q) if out is None else out
     _decode_triton(q, kv_cache, block_tables, context_lens, scale, out)

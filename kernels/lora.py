@@ -64,6 +64,15 @@ _MAX_SHRINK_SPLITS = 12
 _SHRINK_BLOCK_K = 64
 _EXPAND_BLOCK_N = 128
 _DECODE_EXPAND_BLOCK_N = 256
+# Prefill-sized steps (tiles of 64 tokens, T > 1024) have programs enough without splitting the
+# shrink, and each split is a plane that every expand program of a tile reads back: there the
+# shrink splits only every 4096 of H_in, and the expand's programs are 64 columns x 4 warps.
+# Measured on the H200 (bench/RESULTS.md, 2026-12-03, 2048 tokens over 8 adapters, per layer):
+# shrink + expand qkv 62 -> 45 us, o 41 -> 31, gate_up 273 -> 153, down 52 -> 53; in the engine,
+# the prefill of 64 x 512 tokens over 8 adapters 968 -> 920 ms (base 772), over 32 969 -> 958.
+_PREFILL_BLOCK_M = 64
+_PREFILL_K_PER_SPLIT = 4096
+_PREFILL_EXPAND_BLOCK_N = 64
 # The per-token expand: 512 columns x 4 warps, 96 registers a thread at ranks 16-64 on sm_90, no spills
 # (bench/RESULTS.md: the fastest of 128-1024 columns x 2-8 warps at 64 tokens over 32 adapters).
 _TOKEN_EXPAND_BLOCK_N = 512
@@ -172,6 +181,9 @@ def build_lora_meta(token_slots: torch.Tensor, num_slots: int, per_token_expand:
 # ----------------------------------------------------------------------------- Triton kernels
 
 
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
+
+
 @_launch.jit
 def _tile_rows(sorted_ids_ptr, tile_starts_ptr, tile_ends_ptr, tile, BLOCK_M: tl.constexpr):
     """Token indices (int64) of one tile's rows and the mask of rows that exist."""
@@ -190,7 +202,9 @@ def _lora_shrink_kernel(
     K, NR, R, K_PER_SPLIT,
     stride_xt, stride_xk, stride_as, stride_ai, stride_ar, stride_ak, stride_op, stride_ot, stride_or,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (tile, block of the n * R stacked ranks, K split); split p writes its partial sums to out[p].
     tile = tl.program_id(0)
     slot = tl.load(tile_slots_ptr + tile).to(tl.int64)
@@ -224,7 +238,9 @@ def _lora_expand_kernel(
     R, P,
     stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (tile, column block within a slice, slice); narrower slices' surplus blocks exit.
     # BLOCK_R >= R: the whole rank in one tile.
     tile = tl.program_id(0)
@@ -267,7 +283,9 @@ def _lora_expand_token_kernel(
     R,
     stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_yt, stride_yn, stride_ss, stride_si,
     P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (token in batch order, column block within a slice, slice). The decode expand: one token's
     # row, so no tile of 16 rows of which a few are real (tl.dot's smallest M, in registers and 64-bit
     # pointers), and the rank sum as FMAs. Tokens of one slot read the same B rows, mostly from L2.
@@ -333,6 +351,8 @@ def shrink_config(block_m: int, max_tiles: int, k: int, stacked_rank: int, split
     block_n = _pow2_block(stacked_rank, _MAX_BLOCK_R)
     block_k = _SHRINK_BLOCK_K
     k_blocks = triton.cdiv(k, block_k)
+    if split_k is None and block_m >= _PREFILL_BLOCK_M:
+        split_k = triton.cdiv(k, _PREFILL_K_PER_SPLIT)
     # Keep >= 2 K blocks per split: each split adds a plane the expand reads back.
     split_k = split_k or max(1, min(triton.cdiv(_SHRINK_TARGET_PROGRAMS, max_tiles), k_blocks // 2, _MAX_SHRINK_SPLITS))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
@@ -382,6 +402,8 @@ def expand_config(block_m: int, rank: int, per_token: bool = False) -> ExpandCon
     block_r = max(16, triton.next_power_of_2(rank))
     if per_token:
         return ExpandConfig(_TOKEN_EXPAND_BLOCK_N, block_r, _TOKEN_EXPAND_WARPS, per_token=True)
+    if block_m >= _PREFILL_BLOCK_M:
+        return ExpandConfig(_PREFILL_EXPAND_BLOCK_N, block_r, 4, per_token=False)
     # Wider at decode, where a launch is latency-bound: 256 columns per program took the four
     # projections' expands from 88 to 61 us per layer on the H200 (64 columns: 4x the programs, so
     # more waves of the same chain of loads; bench/RESULTS.md, 2026-12-02).

@@ -18,6 +18,9 @@ import triton.language as tl
 from multilora_kernels import _launch
 
 
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
+
+
 @_launch.jit
 def _sum(x, axis: tl.constexpr):
     # tl.sum is a @triton.jit helper that an interpreted kernel cannot call: see _launch.jit.
@@ -29,7 +32,9 @@ def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     H, eps, stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (row,); the whole row in one block (H <= 16k).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)

@@ -20,14 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from multilora_kernels import _launch
 from multilora_kernels.attention import (
     _LOG2E,
     _NUM_STAGES,
     _NUM_WARPS,
     _check_inputs,
-    _check_kernel_runnable,
-    _jit,
-    _use_triton,
 )
 
 # Query rows (tokens x heads of a KV group) per program, and context tokens per iteration.
@@ -35,15 +33,18 @@ _PREFILL_ROWS = 64
 _PREFILL_BLOCK_N = 64
 
 
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
+
+
 # Our own reductions, not attention.py's: a @triton.jit helper is interpreted or compiled as
 # the module that decorates it was imported, and an interpreted kernel can call only
-# interpreted helpers (see attention.py's `_jit`).
-@_jit
+# interpreted helpers (see `_launch.jit`).
+@_launch.jit
 def _max(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_max)
 
 
-@_jit
+@_launch.jit
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)
 
@@ -51,7 +52,7 @@ def _sum(x, axis: tl.constexpr):
 # ----------------------------------------------------------------------------- Triton kernel
 
 
-@_jit
+@_launch.jit
 def _prefill_kernel(
     q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, query_start_ptr, out_ptr, tile_seqs_ptr, tile_firsts_ptr,
     scale_log2, capacity,
@@ -59,7 +60,9 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (query tile, kv head). A tile is BLOCK_Q query tokens of one sequence times the
     # GROUP query heads of one KV head: row r is token r // GROUP, head r % GROUP.
     tile = tl.program_id(0)
@@ -90,7 +93,7 @@ def _prefill_kernel(
     kv_head_ptr = kv_ptr + kv_head.to(tl.int64) * stride_kh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
-    acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)  # not tl.zeros: see _jit
+    acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
     for tile_start in tl.range(0, last, BLOCK_N, num_stages=NUM_STAGES):
         keys = tile_start + tl.arange(0, BLOCK_N)
         k_mask = keys < last
@@ -145,11 +148,11 @@ def _prefill_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     num_seqs = block_tables.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return
-    _check_kernel_runnable(q, _prefill_kernel)
     group = num_heads // num_kv_heads
     block_q = max(1, _PREFILL_ROWS // group)
     tile_seqs, tile_firsts = _prefill_tiles(query_start, num_tokens, block_q)
-    _prefill_kernel[(tile_seqs.shape[0], num_kv_heads)](
+    _launch.launch(
+        _prefill_kernel, (tile_seqs.shape[0], num_kv_heads), q.device,
         q, kv_cache, block_tables, context_lens, query_start, out, tile_seqs, tile_firsts,
         scale * _LOG2E, block_tables.shape[1] * block_size,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -187,7 +190,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     else `paged_prefill_attention_ref`. No host sync; the grid depends on (T, N, KVH).
     """
     _check_prefill(q, kv_cache, block_tables, query_start, context_lens, out)
-    if not _use_triton(q):
+    if not _launch.use_triton(q):
         return paged_prefill_attention_ref(q, kv_cache, block_tables, query_start, context_lens, scale, out)
     out = torch.empty_like(q) if out is None else out
     _prefill_triton(q, kv_cache, block_tables, query_start, context_lens, scale, out)

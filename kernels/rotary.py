@@ -22,6 +22,9 @@ import triton.language as tl
 from multilora_kernels import _launch
 
 
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
+
+
 @_launch.jit
 def _rotate(ptr, stride_h, num_heads, c, s, offs, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rotates the heads [num_heads, 2 * HALF] at ptr in place; returns their two rotated halves."""
@@ -45,7 +48,9 @@ def _rotary_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
     stride_kv, stride_slot, stride_ch,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     # grid: (token,); one program rotates all heads of its token and writes its K/V cache slot.
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)

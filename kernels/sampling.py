@@ -28,6 +28,9 @@ _BLOCK = 4096   # columns per program: 32 programs per row of a 128256-token voc
 _RANK_TILE = 16384
 
 
+_wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels
+
+
 @_launch.jit
 def _max(x, axis: tl.constexpr):
     # tl.max is a @triton.jit helper that an interpreted kernel cannot call: see _launch.jit.
@@ -46,7 +49,9 @@ def _sum(x, axis: tl.constexpr):
 
 @_launch.jit
 def _window_softmax_input_kernel(logits_ptr, best_ptr, ranked_ptr, kth_index_ptr, scale_ptr, out_ptr, V, W,
-                                 stride_l, stride_r, stride_o, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
+                                 stride_l, stride_r, stride_o, DIVIDE: tl.constexpr, BLOCK: tl.constexpr,
+                                 PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     # grid: (row, column block)
     row = tl.program_id(0).to(tl.int64)
     ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -121,7 +126,8 @@ def _check_window(logits, best, ranked, kth_index, scale) -> None:
 
 @_launch.jit
 def _rank_window_kernel(probs_ptr, ids_ptr, ranked_ptr, ranked_ids_ptr, W, stride_p, stride_i, stride_r,
-                        BLOCK_W: tl.constexpr, CHUNK: tl.constexpr):
+                        BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     # grid: (row,); an id's place = how many of the window rank before it (a counting sort).
     # Probabilities are compared as their int32 bits: for floats >= 0 that is their order, exact for
     # subnormals (a GPU's float compare may flush them to 0, and a sort does not), and a total order
@@ -188,7 +194,8 @@ def _check_rank(probs: torch.Tensor, ids: torch.Tensor) -> None:
 
 @_launch.jit
 def _block_argmax_kernel(probs_ptr, noise_ptr, best_ptr, best_id_ptr, V, stride_p, stride_n, num_blocks,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     # grid: (row, column block); writes the block's largest quotient and the lowest id holding it
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)

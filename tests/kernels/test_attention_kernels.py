@@ -203,7 +203,7 @@ def test_compiled_kernels_on_cpu_say_how_to_fix(monkeypatch):
 
     if not isinstance(compiled._decode_kernel, compiled.triton.runtime.JITFunction):
         pytest.skip("multilora_kernels.attention was imported with interpreted kernels")
-    monkeypatch.setenv(compiled.INTERPRET_ENV, "1")
+    monkeypatch.setenv(INTERPRET_ENV, "1")
     q, kv = torch.ones(1, 2, 16), torch.ones(2, 3, 4, 1, 16)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         compiled.paged_decode_attention(q, kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3]), 1.0)

@@ -86,7 +86,9 @@ def kernels():
 
 
 def _compile(fn, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
-    """triton.compile `fn` for sm_90 as the JIT would specialize `args` (name -> '*dtype' | int | float)."""
+    """triton.compile `fn` for sm_90 as the JIT would specialize `args` (name -> '*dtype' | int | float),
+    launched dependent as on an H200 (PDL, see _launch.wait_for_inputs)."""
+    constexprs = {"PDL": True, **constexprs}
     assert set(args) | set(constexprs) == set(fn.arg_names), (
         f"{fn.__name__}: missing {set(fn.arg_names) - set(args) - set(constexprs)}, "
         f"unknown {set(args) | set(constexprs) - set(fn.arg_names)}")
