@@ -9,6 +9,8 @@ decode tokens spread evenly over `--adapters` adapters, run as:
     fork        today's LoRALinear: the shrink on a side stream beside the GEMM, the expand after both
     fork_lora   shrink and expand into a delta on the side stream beside the GEMM, then y += delta
     fork_lora_hi  the same with the side stream at high priority
+    serial_cublas (with --layout blocks) the shrink, then the expand as one cuBLAS addmm per adapter's rows
+                and output slice (a prefill step's prompts: each adapter's tokens are one block of rows)
 
 each under cuBLAS SM carveouts (`--carveouts`: SMs the GEMMs leave free for the side stream), and
 `serial` and `fork` again with other versions of kernels/lora.py (`--kernels LABEL=FILE`, rows
@@ -18,6 +20,7 @@ carveout, checks every variant's outputs against `serial`, writes JSON to $OUT/l
 
     python bench/bench_lora_overlap.py                          # H200
     python bench/bench_lora_overlap.py --adapters 8 --carveouts 0,16
+    python bench/bench_lora_overlap.py --tokens 2048 --layers 16 --layout blocks --adapters 4,8 --carveouts 0
     git show HEAD~1:kernels/lora.py > /tmp/lora_before.py
     python bench/bench_lora_overlap.py --carveouts 0 --kernels before=/tmp/lora_before.py
 """
@@ -49,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--carveouts", default="0,16", help="comma-separated SMs left free by cuBLAS")
+    p.add_argument("--layout", default="spread", choices=["spread", "blocks"],
+                   help="tokens to adapters: spread (token t -> t mod adapters, a decode batch) or blocks (a "
+                        "prefill step: each adapter's tokens contiguous)")
     p.add_argument("--kernels", default="", help="comma-separated LABEL=FILE: other kernels/lora.py versions")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
@@ -62,16 +68,38 @@ def make_layer(in_features, slices, slots, rank, device):
     a = torch.randn(slots, len(slices), rank, in_features, device=device, dtype=torch.bfloat16) * 0.02
     b = (torch.randn(slots, rank, out, device=device, dtype=torch.bfloat16) * 0.02).transpose(1, 2)
     scales = torch.rand(slots, len(slices), device=device, dtype=torch.float32) + 0.5
-    return dict(w=w, a=a, b=b, scales=scales, slices=tuple(slices))
+    return dict(w=w, a=a, b=b, scales=scales, scales_host=scales.tolist(), slices=tuple(slices))
 
 
-def variant_fn(name, meta, side, kernels):
+def row_blocks(token_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(slot, first row, end row) of each run of consecutive tokens of one adapter (slot >= 0)."""
+    blocks, start = [], 0
+    for t in range(1, len(token_slots) + 1):
+        if t == len(token_slots) or token_slots[t] != token_slots[start]:
+            if token_slots[start] >= 0:
+                blocks.append((token_slots[start], start, t))
+            start = t
+    return blocks
+
+
+def variant_fn(name, meta, side, kernels, blocks=()):
     lora_expand, lora_shrink = kernels.lora_expand, kernels.lora_shrink
 
     def run(x, layer):
         w, a, b, s, slices = layer["w"], layer["a"], layer["b"], layer["scales"], layer["slices"]
         if name == "base":
             return F.linear(x, w)
+        if name == "serial_cublas":
+            y = F.linear(x, w)
+            h = lora_shrink(x, a, meta).sum(0).to(x.dtype)   # PEFT rounds the shrink to the model dtype too
+            rank = b.shape[2]
+            for slot, lo, hi in blocks:
+                col = 0
+                for i, width in enumerate(slices):
+                    y[lo:hi, col:col + width].addmm_(h[lo:hi, i * rank:(i + 1) * rank], b[slot, col:col + width].T,
+                                                    alpha=layer["scales_host"][slot][i])
+                    col += width
+            return y
         if name == "serial":
             y = F.linear(x, w)
             lora_expand(y, lora_shrink(x, a, meta), b, s, meta, slices)
@@ -110,7 +138,8 @@ def main(argv=None) -> int:
     kernel_sets = [("", tree_kernels)] + [
         (label, load_kernels("cuda", "lora", Path(path)))
         for label, path in (item.split("=", 1) for item in args.kernels.split(",") if item)]
-    variants = [(name, "", tree_kernels) for name in VARIANTS] + [
+    names = VARIANTS + (("serial_cublas",) if args.layout == "blocks" else ())
+    variants = [(name, "", tree_kernels) for name in names] + [
         (f"{name}[{label}]", label, module) for label, module in kernel_sets[1:] for name in ("serial", "fork")]
 
     device = torch.device("cuda")
@@ -124,7 +153,9 @@ def main(argv=None) -> int:
     side_default = torch.cuda.Stream(device)
     rows = []
     for adapters in (int(n) for n in args.adapters.split(",")):
-        slots = (torch.arange(args.tokens, device=device) % adapters).to(torch.int32)
+        tokens = torch.arange(args.tokens, device=device)
+        slots = (tokens % adapters if args.layout == "spread" else tokens * adapters // args.tokens).to(torch.int32)
+        blocks = row_blocks(slots.tolist())
         variant = lora_variant((s, 1) for s in slots.tolist())
         meta = tree_kernels.build_lora_meta(slots, args.slots, per_token_expand=variant is LoRAVariant.PER_TOKEN)
         reference = None
@@ -133,7 +164,7 @@ def main(argv=None) -> int:
             base_ms = None
             for name, label, module in variants:
                 base_name = name.split("[")[0]
-                fn = variant_fn(base_name, meta, streams.get(base_name, side_default), module)
+                fn = variant_fn(base_name, meta, streams.get(base_name, side_default), module, blocks)
                 outs = chain(fn, layers, inputs)  # compile, and the outputs to check
                 torch.cuda.synchronize()
                 if name == "serial" and reference is None:
@@ -153,7 +184,8 @@ def main(argv=None) -> int:
     torch._C._set_sm_carveout_experimental(None)
     out_dir = Path(os.environ.get("OUT") or REPO / "bench")
     (out_dir / "lora_overlap.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
-    print(f"\n{args.layers} layers x (qkv, o, gate_up, down), {args.tokens} tokens, rank {args.rank}, {args.slots} slots")
+    print(f"\n{args.layers} layers x (qkv, o, gate_up, down), {args.tokens} tokens ({args.layout}), rank {args.rank}, "
+          f"{args.slots} slots")
     names = [name for name, _, _ in variants]
     width = max(13, *(len(n) for n in names))
     print(f"{'adapters':>8} {'carveout':>8} " + " ".join(f"{v:>{width}}" for v in names) + "   (ms; LoRA variants: over base)")

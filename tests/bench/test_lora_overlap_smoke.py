@@ -29,3 +29,17 @@ def test_serial_adds_each_tokens_adapter_delta_to_the_gemm():
                 delta = (x[t] @ layer["a"][s, i].T) @ layer["b"][s, lo:hi].T * layer["scales"][s, i]
                 expected[lo:hi] += delta
         torch.testing.assert_close(serial[t], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cublas_expand_over_row_blocks_equals_the_kernels():
+    torch.manual_seed(1)
+    layer = bench_lora_overlap.make_layer(32, (16, 8), slots=4, rank=4, device=torch.device("cpu"))
+    layer = {k: (v.float() if torch.is_tensor(v) and v.dtype == torch.bfloat16 else v) for k, v in layer.items()}
+    x = torch.randn(7, 32)
+    slots = [2, 2, 2, -1, 0, 0, 3]
+    blocks = bench_lora_overlap.row_blocks(slots)
+    assert blocks == [(2, 0, 3), (0, 4, 6), (3, 6, 7)]
+    meta = kernels.build_lora_meta(torch.tensor(slots, dtype=torch.int32), 4)
+    serial = bench_lora_overlap.variant_fn("serial", meta, None, kernels)(x, layer)
+    cublas = bench_lora_overlap.variant_fn("serial_cublas", meta, None, kernels, blocks)(x, layer)
+    torch.testing.assert_close(cublas, serial, rtol=1e-5, atol=1e-5)
