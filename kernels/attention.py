@@ -16,7 +16,7 @@ CUDA-graph capturable, and a graph replays correctly with other context lengths
 (splits past the end of a context exit at once).
 
 Chunked-prefill attention over the same cache is `multilora_kernels.prefill_attention`,
-which shares this module's launch helpers."""
+which shares this module's input checks and launch constants."""
 
 from __future__ import annotations
 

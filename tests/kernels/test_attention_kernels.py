@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers.interpreted_kernels import INTERPRET_ENV, load_interpreted
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
-SHARED = "multilora_kernels.attention"  # prefill_attention.py imports its launch helpers from it
+SHARED = "multilora_kernels.attention"  # prefill_attention.py imports its input checks and constants from it
 # bfloat16 only on a GPU (test at the end): the interpreter mis-reads it.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 NUM_BLOCKS = 40
