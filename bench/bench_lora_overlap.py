@@ -129,18 +129,32 @@ def chain(fn, layers, inputs):
     return outs
 
 
+def print_table(rows: list[dict], names: list[str], args) -> None:
+    print(f"\n{args.layers} layers x (qkv, o, gate_up, down), {args.tokens} tokens ({args.layout}), rank {args.rank}, "
+          f"{args.slots} slots")
+    width = max(13, *(len(n) for n in names))
+    header = " ".join(f"{v:>{width}}" for v in names)
+    print(f"{'adapters':>8} {'carveout':>8} {header}   (ms; LoRA variants: over base)")
+    for adapters in sorted({r["adapters"] for r in rows}):
+        for carveout in sorted({r["carveout"] for r in rows}):
+            sel = {r["variant"]: r for r in rows if r["adapters"] == adapters and r["carveout"] == carveout}
+            cells = [f"{sel['base']['ms']:{width}.3f}"] + [f"{'+' + format(sel[v]['over_base_ms'], '.3f'):>{width}}"
+                                                           for v in names[1:]]
+            print(f"{adapters:>8} {carveout:>8} " + " ".join(cells))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import multilora_kernels.lora as tree_kernels
     from bench_lora_kernels import load_kernels
     from multilora.lora.mapping import LoRAVariant, lora_variant
 
-    kernel_sets = [("", tree_kernels)] + [
-        (label, load_kernels("cuda", "lora", Path(path)))
-        for label, path in (item.split("=", 1) for item in args.kernels.split(",") if item)]
-    names = VARIANTS + (("serial_cublas",) if args.layout == "blocks" else ())
-    variants = [(name, "", tree_kernels) for name in names] + [
-        (f"{name}[{label}]", label, module) for label, module in kernel_sets[1:] for name in ("serial", "fork")]
+    # (row label, variant, kernels module): the tree's kernels in every variant, other files' in two.
+    own = VARIANTS + (("serial_cublas",) if args.layout == "blocks" else ())
+    others = {label: load_kernels("cuda", "lora", Path(path))
+              for label, path in (item.split("=", 1) for item in args.kernels.split(",") if item)}
+    variants = [(name, name, tree_kernels) for name in own] + [
+        (f"{name}[{label}]", name, module) for label, module in others.items() for name in ("serial", "fork")]
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -162,9 +176,8 @@ def main(argv=None) -> int:
         for carveout in (int(c) for c in args.carveouts.split(",")):
             torch._C._set_sm_carveout_experimental(carveout or None)
             base_ms = None
-            for name, label, module in variants:
-                base_name = name.split("[")[0]
-                fn = variant_fn(base_name, meta, streams.get(base_name, side_default), module, blocks)
+            for name, kind, module in variants:
+                fn = variant_fn(kind, meta, streams.get(kind, side_default), module, blocks)
                 outs = chain(fn, layers, inputs)  # compile, and the outputs to check
                 torch.cuda.synchronize()
                 if name == "serial" and reference is None:
@@ -184,17 +197,7 @@ def main(argv=None) -> int:
     torch._C._set_sm_carveout_experimental(None)
     out_dir = Path(os.environ.get("OUT") or REPO / "bench")
     (out_dir / "lora_overlap.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
-    print(f"\n{args.layers} layers x (qkv, o, gate_up, down), {args.tokens} tokens ({args.layout}), rank {args.rank}, "
-          f"{args.slots} slots")
-    names = [name for name, _, _ in variants]
-    width = max(13, *(len(n) for n in names))
-    print(f"{'adapters':>8} {'carveout':>8} " + " ".join(f"{v:>{width}}" for v in names) + "   (ms; LoRA variants: over base)")
-    for adapters in sorted({r["adapters"] for r in rows}):
-        for carveout in sorted({r["carveout"] for r in rows}):
-            sel = {r["variant"]: r for r in rows if r["adapters"] == adapters and r["carveout"] == carveout}
-            cells = [f"{sel['base']['ms']:{width}.3f}"] + [f"{'+' + format(sel[v]['over_base_ms'], '.3f'):>{width}}"
-                                                           for v in names[1:]]
-            print(f"{adapters:>8} {carveout:>8} " + " ".join(cells))
+    print_table(rows, [name for name, _, _ in variants], args)
     return 0
 
 
