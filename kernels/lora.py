@@ -278,6 +278,48 @@ def _lora_expand_kernel(
 
 
 @_launch.jit
+def lora_delta_of_token(
+    buf_ptr, b_ptr, scales_ptr, token, slot, part, cols, col_mask, R,
+    stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_ss, stride_si,
+    P: tl.constexpr, BLOCK_R: tl.constexpr, ROWS_IN_FLIGHT: tl.constexpr = 16,
+):
+    """A device function (for this file's per-token expand and for the kernels that add a `LoRADelta` as
+    they read a LoRA layer's output): token's expand at output columns `cols` (any shape; `col_mask`
+    where they exist) of slice `part`, in float32 of cols' shape,
+
+        scales[slot, part] * (sum_p buf[p, token, part*R:(part+1)*R]) @ B[slot, cols].T
+
+    slot >= 0 (the caller skips base tokens: their buf rows are never written). Adding it to y's old
+    value in float32 and rounding once to y's dtype gives what the expand kernels store."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    buf_row = buf_ptr + token * stride_bt + ((part * R).to(tl.int64) + offs_r) * stride_br
+    # The planes unrolled: P independent loads in flight at once, not a chain of P round trips.
+    h = tl.load(buf_row, mask=r_mask, other=0.0)
+    for p in tl.static_range(1, P):
+        h += tl.load(buf_row + p * stride_bp, mask=r_mask, other=0.0)
+    # Rounded to B's dtype as the tile kernel feeds its tensor cores (and PEFT rounds it).
+    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)
+    scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
+    # B one rank row at a time: pointers of cols' shape, where a [BLOCK_R, ...] tile's 64-bit pointers
+    # alone would take most of a thread's registers; the rows' loads are independent, all in flight.
+    b_row = b_ptr + slot * stride_bs + cols * stride_bn
+    acc = tl.full(cols.shape, 0.0, tl.float32)  # not tl.zeros: see _launch.jit
+    # ROWS_IN_FLIGHT rank rows at a time, their loads all in flight (a branch around rows past R would
+    # make them one round trip each); a group's rows x (cols per thread) values bound the registers.
+    # Rows past R (R not a multiple of the group) read row R - 1 again, times h[r] = 0: a row mask
+    # instead costs registers (sm_90: 96 a thread instead of 40 at 512 columns x 4 warps, and fp16 spills).
+    for r0 in range(0, R, ROWS_IN_FLIGHT):
+        for j in tl.static_range(ROWS_IN_FLIGHT):
+            r = r0 + j
+            # h[r] as a scalar (tl.reduce, not tl.sum: an interpreted kernel cannot call it, see _launch.jit).
+            h_r = tl.reduce(tl.where(offs_r == r, h, 0.0), 0, tl.standard._sum_combine)
+            b = tl.load(b_row + tl.minimum(r, R - 1) * stride_bk, mask=col_mask, other=0.0)
+            acc += h_r * b.to(tl.float32)
+    return acc * scale
+
+
+@_launch.jit
 def _lora_expand_token_kernel(
     buf_ptr, b_ptr, y_ptr, scales_ptr, slice_starts_ptr, token_slots_ptr,
     R,
@@ -298,34 +340,11 @@ def _lora_expand_token_kernel(
     col = tl.load(slice_starts_ptr + part) + tl.program_id(1) * BLOCK_N
     if col >= col_end:
         return
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
-    buf_row = buf_ptr + token * stride_bt + ((part * R).to(tl.int64) + offs_r) * stride_br
-    # The planes unrolled: P independent loads in flight at once, not a chain of P round trips.
-    h = tl.load(buf_row, mask=r_mask, other=0.0)
-    for p in tl.static_range(1, P):
-        h += tl.load(buf_row + p * stride_bp, mask=r_mask, other=0.0)
-    # Rounded to B's dtype as the tile kernel feeds its tensor cores (and PEFT rounds it).
-    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.load(scales_ptr + slot * stride_ss + part * stride_si)
     offs_n = col + tl.arange(0, BLOCK_N)
     n_mask = offs_n < col_end
-    # B one rank row at a time: [BLOCK_N] pointers, where a [BLOCK_R, BLOCK_N] tile's 64-bit pointers
-    # alone would take most of a thread's registers; the rows' loads are independent, all in flight.
-    b_row = b_ptr + slot * stride_bs + offs_n * stride_bn
-    acc = tl.full((BLOCK_N,), 0.0, tl.float32)  # not tl.zeros: see _launch.jit
-    # 16 rank rows at a time, their loads all in flight (a branch around rows past R would make them
-    # one round trip each); a group's 16 x BLOCK_N values bound the registers. Rows past R (R not a
-    # multiple of 16) read row R - 1 again, times h[r] = 0: a row mask instead costs registers (sm_90:
-    # 96 a thread instead of 40 at 512 columns x 4 warps, and fp16 spills).
-    for r0 in range(0, R, 16):
-        for j in tl.static_range(16):
-            r = r0 + j
-            # h[r] as a scalar (tl.reduce, not tl.sum: an interpreted kernel cannot call it, see _launch.jit).
-            h_r = tl.reduce(tl.where(offs_r == r, h, 0.0), 0, tl.standard._sum_combine)
-            b = tl.load(b_row + tl.minimum(r, R - 1) * stride_bk, mask=n_mask, other=0.0)
-            acc += h_r * b.to(tl.float32)
-    acc = acc * scale
+    acc = lora_delta_of_token(buf_ptr, b_ptr, scales_ptr, token, slot, part, offs_n, n_mask, R,
+                              stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk, stride_ss, stride_si,
+                              P, BLOCK_R)
     y = y_ptr + token * stride_yt + offs_n * stride_yn
     old = tl.load(y, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y, (old + acc).to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -507,6 +526,51 @@ def lora_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
         _expand_triton(y, buf, lora_b, scales, meta, slices)
     else:
         lora_expand_ref(y, buf, lora_b, scales, meta, slices)
+
+
+@dataclass(frozen=True)
+class LoRADelta:
+    """A LoRA layer's expand not yet added into its output y (see `lora_expand` for the arguments).
+
+    At decode the expand is a few us of latency per layer for a few KB of B, and the kernel that reads
+    y next (rotary + KV write, residual add + RMSNorm, SiLU-and-mul) reads y anyway: that kernel adds the
+    delta as it reads (`lora_delta_of_token`, `kernel_args`), saving the expand's launch and y's round
+    trip through HBM. Its torch twin calls `apply` first. The values are the expand's, bit for bit.
+    """
+
+    buf: torch.Tensor               # [P, T, n * R] float32, from lora_shrink
+    lora_b: torch.Tensor            # [S, sum N_i, R]
+    scales: torch.Tensor            # [S, n] float32
+    meta: LoRAMeta
+    slices: tuple[int, ...]         # the widths N_i
+
+    def __post_init__(self):
+        assert self.buf.dim() == 3 and self.scales.dim() == 2, (tuple(self.buf.shape), tuple(self.scales.shape))
+
+    def apply(self, y: torch.Tensor) -> None:
+        """`lora_expand` into y [T, sum N_i] now."""
+        lora_expand(y, self.buf, self.lora_b, self.scales, self.meta, self.slices)
+
+    def apply_to_slices(self, outputs: tuple[torch.Tensor, ...]) -> None:
+        """`apply`, with slice i's columns in outputs[i] [T, N_i] (e.g. views of a fused output)."""
+        assert tuple(o.shape[1] for o in outputs) == self.slices, (tuple(o.shape for o in outputs), self.slices)
+        rank, col = self.lora_b.shape[2], 0
+        for i, out in enumerate(outputs):
+            lora_expand(out, self.buf[:, :, i * rank:(i + 1) * rank], self.lora_b[:, col:col + out.shape[1]],
+                        self.scales[:, i], self.meta)
+            col += out.shape[1]
+
+
+def delta_kernel_args(delta: LoRADelta | None, like: torch.Tensor) -> tuple[tuple, dict]:
+    """The arguments a consumer kernel takes for `lora_delta_of_token`, in its order (buf, B, scales,
+    token slots, R, the eight strides), and its constexprs HAS_LORA, LORA_P, LORA_BLOCK_R. Without a delta
+    (HAS_LORA False) placeholders: `like` for the pointers, zeros."""
+    if delta is None:
+        return (like, like, like, like) + (0,) * 9, dict(HAS_LORA=False, LORA_P=1, LORA_BLOCK_R=16)
+    rank = delta.lora_b.shape[2]
+    return ((delta.buf, delta.lora_b, delta.scales, delta.meta.token_slots, rank,
+             *delta.buf.stride(), *delta.lora_b.stride(), *delta.scales.stride()),
+            dict(HAS_LORA=True, LORA_P=delta.buf.shape[0], LORA_BLOCK_R=max(16, triton.next_power_of_2(rank))))
 
 
 # ----------------------------------------------------------------------------- torch twins

@@ -11,7 +11,9 @@ graph drive it. Never a timing.
 The design's budget per decoder layer (model/llama.py's docstring):
   no adapter in the step (mapping None):  4 GEMMs + 4 fused kernels + attention = 9
     fused kernels: residual add + RMSNorm x2, rotary + KV write, SiLU-and-mul
-  with adapters:  + one LoRA shrink and one expand per projection (4 projections) = 17
+  with adapters:  + one LoRA shrink per projection (4) + one expand (q/k/v's) = 14: the expands of
+    o_proj, gate_up and down_proj are added by the norm after o_proj, SiLU-and-mul and the next
+    layer's input norm as they read those outputs (LoRALinear.forward_deferred); 17 before that
 Counted the same way, the code before the fusion launched ~35 per layer without LoRA
 (7 GEMMs; RMSNorm as pow/mean/add/rsqrt/mul/mul twice; rotary as mul/neg/cat/mul/add
 for q and k; two KV index copies; two residual adds; SiLU; mul) and 21 more with
@@ -34,7 +36,7 @@ from multilora_kernels import _launch
 from multilora_kernels.lora import build_lora_meta
 
 BASE_BUDGET = 9
-LORA_BUDGET = 17
+LORA_BUDGET = 14
 OUTSIDE_LAYERS_BUDGET = 10  # embedding, the step's cos/sin, final norm
 NUM_LAYERS, NUM_SEQS, BLOCK_SIZE, NUM_BLOCKS = 2, 5, 4, 16
 # Ops that launch no kernel: metadata, aliasing, allocation.
@@ -146,8 +148,10 @@ def test_decode_layer_with_adapters_stays_in_budget(model, monkeypatch, token_sl
     for i in range(NUM_LAYERS):
         layer = counts[f"layer {i}"]
         assert _total(layer) <= LORA_BUDGET, f"layer {i}: {_total(layer)} kernels > {LORA_BUDGET}: {layer}"
-        # One shrink and one expand per projection, whatever the number of slices it fuses.
-        assert layer["triton._lora_shrink_kernel"] == layer["triton._lora_expand_kernel"] == 4, layer
+        # One shrink per projection, whatever the number of slices it fuses; one expand, q/k/v's (the
+        # other three are deferred to the kernels that read their outputs, which are counted above).
+        assert layer["triton._lora_shrink_kernel"] == 4, layer
+        assert layer["triton._lora_expand_kernel"] == 1, layer
     assert _total(counts["model"]) <= OUTSIDE_LAYERS_BUDGET, counts["model"]
 
 

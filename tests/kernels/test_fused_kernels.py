@@ -17,9 +17,12 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
 
 @pytest.fixture(scope="module")
 def kernels():
-    mods = {f: load_interpreted(f"{f}.py", f"_fused_{f}_interpreted") for f in ("norm", "rotary", "activation")}
-    yield mods
-    for f in mods:
+    # norm and activation add LoRA deltas with lora.py's device function: they get its interpreted copy.
+    lora = load_interpreted("lora.py", "_fused_lora_interpreted")
+    mods = {f: load_interpreted(f"{f}.py", f"_fused_{f}_interpreted", imports={"multilora_kernels.lora": lora})
+            for f in ("norm", "rotary", "activation")}
+    yield {**mods, "lora": lora}
+    for f in (*mods, "lora"):
         sys.modules.pop(f"_fused_{f}_interpreted", None)
 
 
@@ -133,6 +136,91 @@ def test_silu_and_mul_matches_twin(kernels, triton_on_cpu, dtype, num_tokens, in
     torch.testing.assert_close(out.float(), gate * torch.sigmoid(gate) * up, **TOL[dtype])
 
 
+# ---------------------------------------------------------------- a LoRA layer's deferred expand
+
+
+def _lora_delta(lora, x, slices, token_slots, per_token, rank=8, num_slots=3, seed=0):
+    """The LoRADelta of a layer of `slices` on x, over random A, B and scales."""
+    gen = torch.Generator().manual_seed(seed)
+    meta = lora.build_lora_meta(torch.tensor(token_slots), num_slots, per_token_expand=per_token)
+    a = (0.2 * torch.randn(num_slots, len(slices), rank, x.shape[1], generator=gen)).to(x.dtype)
+    b = (0.2 * torch.randn(num_slots, sum(slices), rank, generator=gen)).to(x.dtype)
+    scales = torch.rand(num_slots, len(slices), generator=gen) + 0.5
+    return lora.LoRADelta(lora.lora_shrink(x, a, meta), b, scales, meta, tuple(slices))
+
+
+# Tokens of 3 slots with base tokens between; 12 tokens: two planes of the shrink's split at H_in 96.
+DELTA_SLOTS = [[0, -1, 2, 2, 1, -1, 0], [1] * 5, [-1, -1, -1], [2, 0, 1, -1, 0, 0, 2, 1, 1, 0, -1, 2]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_slots", DELTA_SLOTS)
+@pytest.mark.parametrize("per_token", [True, False])
+def test_add_rms_norm_adds_a_deferred_lora_delta(kernels, triton_on_cpu, dtype, token_slots, per_token):
+    """The norm with the o_proj / down_proj delta equals the expand, then the norm: bit for bit
+    against the per-token expand (the same sums), within rounding against the slot tiles' tl.dot."""
+    norm, lora = kernels["norm"], kernels["lora"]
+    gen = torch.Generator().manual_seed(len(token_slots))
+    n, hidden = len(token_slots), 96
+    x, y, residual = (torch.randn(n, hidden, generator=gen).to(dtype) for _ in range(3))
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    delta = _lora_delta(lora, x, (hidden,), token_slots, per_token)
+    expanded = y.clone()
+    delta.apply(expanded)
+    want = norm.fused_add_rms_norm(expanded, residual, weight, 1e-5)
+    got = norm.fused_add_rms_norm(y.clone(), residual, weight, 1e-5, delta)
+    if any(s >= 0 for s in token_slots):
+        assert not torch.equal(expanded, y), "the delta must change the output for this test to mean anything"
+    for g, w in zip(got, want):
+        if per_token or dtype == torch.float16:
+            assert torch.equal(g, w), (g - w).abs().max()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    # Without a residual (h is x itself) the delta is added into x first.
+    x_first = y.clone()
+    normed, h = norm.fused_add_rms_norm(x_first, None, weight, 1e-5, delta)
+    torch.testing.assert_close(h, expanded, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed, norm.fused_add_rms_norm(expanded, None, weight, 1e-5)[0], rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_slots", DELTA_SLOTS)
+@pytest.mark.parametrize("inter", [40, 1500])   # 1500: two column blocks, the second partial
+def test_silu_and_mul_adds_a_deferred_lora_delta(kernels, triton_on_cpu, dtype, token_slots, inter):
+    """SiLU-and-mul with the gate_up delta (two slices) equals the per-token expand, then SiLU-and-mul."""
+    act, lora = kernels["activation"], kernels["lora"]
+    gen = torch.Generator().manual_seed(inter)
+    n = len(token_slots)
+    x = torch.randn(n, 64, generator=gen).to(dtype)
+    gate_up = (3 * torch.randn(n, 2 * inter, generator=gen)).to(dtype)
+    delta = _lora_delta(lora, x, (inter, inter), token_slots, per_token=True, seed=inter)
+    expanded = gate_up.clone()
+    delta.apply(expanded)
+    got = act.silu_and_mul(gate_up.clone(), delta)
+    assert torch.equal(got, act.silu_and_mul(expanded)), (got - act.silu_and_mul(expanded)).abs().max()
+    if any(s >= 0 for s in token_slots):
+        assert not torch.equal(got, act.silu_and_mul(gate_up)), "the delta must change the output"
+
+
+def test_twins_add_a_deferred_lora_delta_first(kernels, monkeypatch):
+    """CPU tensors without the interpreter: the twins apply the delta (the torch expand), then run."""
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
+    lora = kernels["lora"]
+    x, y, residual = torch.randn(5, 64), torch.randn(5, 64), torch.randn(5, 64)
+    delta = _lora_delta(lora, x, (64,), [0, -1, 1, 2, 0], per_token=True)
+    expanded = y.clone()
+    lora.lora_expand_ref(expanded, delta.buf, delta.lora_b, delta.scales, delta.meta)
+    for got, want in zip(kernels["norm"].fused_add_rms_norm(y.clone(), residual, torch.ones(64), 1e-6, delta),
+                         kernels["norm"].fused_add_rms_norm_ref(expanded, residual, torch.ones(64), 1e-6)):
+        assert torch.equal(got, want)
+    gate_up = torch.randn(5, 64)
+    delta = _lora_delta(lora, x, (32, 32), [0, -1, 1, 2, 0], per_token=True)
+    expanded = gate_up.clone()
+    lora.lora_expand_ref(expanded, delta.buf, delta.lora_b, delta.scales, delta.meta, (32, 32))
+    assert torch.equal(kernels["activation"].silu_and_mul(gate_up, delta), kernels["activation"].silu_and_mul_ref(expanded))
+
+
 def test_twins_run_without_the_interpreter(kernels, monkeypatch):
     """CPU tensors and no switch: the torch twins, never a Triton launch."""
     monkeypatch.delenv(INTERPRET_ENV, raising=False)
@@ -170,3 +258,32 @@ def test_cuda_bf16_fused_kernels_match_twins():
         outs.append((qkv, cache))
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rank", [16, 64])
+def test_cuda_bf16_deferred_lora_delta_equals_the_per_token_expand(rank):
+    """bf16 at Llama-3-8B widths, 64 decode tokens over 32 slots with base rows between: the norm and
+    SiLU-and-mul adding the delta give what the per-token expand, then the kernel, give, bit for bit."""
+    from multilora_kernels import activation, lora, norm
+
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    slots = torch.randint(-1, 32, (64,), generator=gen, device="cuda")
+    x = torch.randn(64, 4096, generator=gen, device="cuda").bfloat16()
+    for slices, consumer in (((4096,), "norm"), ((14336, 14336), "silu")):
+        meta = lora.build_lora_meta(slots, 32, per_token_expand=True)
+        a = (0.05 * torch.randn(32, len(slices), rank, 4096, generator=gen, device="cuda")).bfloat16()
+        b = (0.05 * torch.randn(32, sum(slices), rank, generator=gen, device="cuda")).bfloat16()
+        scales = torch.rand(32, len(slices), generator=gen, device="cuda") + 0.5
+        delta = lora.LoRADelta(lora.lora_shrink(x, a, meta), b, scales, meta, slices)
+        y = torch.randn(64, sum(slices), generator=gen, device="cuda").bfloat16()
+        expanded = y.clone()
+        delta.apply(expanded)
+        if consumer == "norm":
+            residual, weight = torch.randn_like(y), (torch.rand(4096, generator=gen, device="cuda") + 0.5).bfloat16()
+            got = norm.fused_add_rms_norm(y.clone(), residual, weight, 1e-5, delta)
+            want = norm.fused_add_rms_norm(expanded, residual, weight, 1e-5)
+        else:
+            got, want = (activation.silu_and_mul(y.clone(), delta),), (activation.silu_and_mul(expanded),)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"{consumer}: {(g.float() - w.float()).abs().max()}"

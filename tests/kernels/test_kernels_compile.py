@@ -269,14 +269,34 @@ def test_prefill_attention_compiles(kernels, dtype, tokens):
 # ----------------------------------------------------------------------------- fused elementwise
 
 
+def _lora_delta_args(dtype: str, rank: int | None, slices: int, planes: int = 12, tokens: int = 64):
+    """A consumer kernel's LoRADelta arguments and constexprs (`delta_kernel_args`) for a decode step of
+    `tokens` with a delta of `slices` slices of rank `rank` (None: no delta, the placeholders)."""
+    if rank is None:
+        args = dict(buf_ptr=f"*{dtype}", b_ptr=f"*{dtype}", scales_ptr=f"*{dtype}", token_slots_ptr=f"*{dtype}",
+                    R=0, **{name: 0 for name in STRIDES})
+        return args, dict(HAS_LORA=False, LORA_P=1, LORA_BLOCK_R=16)
+    nr = slices * rank
+    args = dict(buf_ptr="*fp32", b_ptr=f"*{dtype}", scales_ptr="*fp32", token_slots_ptr="*i32", R=rank,
+                stride_bp=tokens * nr, stride_bt=nr, stride_br=1, stride_bs=SLOT_STRIDE, stride_bn=1,
+                stride_bk=2_800_000, stride_ss=slices, stride_si=1)
+    return args, dict(HAS_LORA=True, LORA_P=planes, LORA_BLOCK_R=max(16, triton.next_power_of_2(rank)))
+
+
+STRIDES = ("stride_bp", "stride_bt", "stride_br", "stride_bs", "stride_bn", "stride_bk", "stride_ss", "stride_si")
+
+
+@pytest.mark.parametrize("rank", [None, 16, 64])
 @pytest.mark.parametrize("has_residual", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm_compiles(kernels, dtype, has_residual):
+def test_norm_compiles(kernels, dtype, has_residual, rank):
     block_h = triton.next_power_of_2(HIDDEN)
+    lora_args, lora_meta = _lora_delta_args(dtype, rank, 1)
     _check_compiled(_compile(kernels["norm"]._add_rms_norm_kernel, dict(
         x_ptr=f"*{dtype}", res_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", res_out_ptr=f"*{dtype}",
-        H=HIDDEN, eps=1e-5, stride_x=HIDDEN, stride_r=HIDDEN, stride_o=HIDDEN, stride_ro=HIDDEN,
-    ), dict(HAS_RESIDUAL=has_residual, BLOCK_H=block_h), num_warps=min(16, max(1, block_h // 256))), dtype)
+        H=HIDDEN, eps=1e-5, stride_x=HIDDEN, stride_r=HIDDEN, stride_o=HIDDEN, stride_ro=HIDDEN, **lora_args,
+    ), dict(HAS_RESIDUAL=has_residual, BLOCK_H=block_h, **lora_meta),
+        num_warps=min(16, max(1, block_h // 256))), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -291,12 +311,14 @@ def test_rotary_compiles(kernels, dtype):
         num_warps=min(8, max(1, HEADS * half // 512))), dtype)
 
 
+@pytest.mark.parametrize("rank", [None, 16, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_compiles(kernels, dtype):
+def test_silu_and_mul_compiles(kernels, dtype, rank):
     act = kernels["activation"]
+    lora_args, lora_meta = _lora_delta_args(dtype, rank, 2)
     _check_compiled(_compile(act._silu_and_mul_kernel, dict(
-        x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", I=INTER, stride_x=2 * INTER, stride_o=INTER,
-    ), dict(BLOCK=act._BLOCK), num_warps=4), dtype)
+        x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", I=INTER, stride_x=2 * INTER, stride_o=INTER, **lora_args,
+    ), dict(BLOCK=act._BLOCK, **lora_meta), num_warps=4), dtype)
 
 
 def test_sampling_draw_compiles(kernels):

@@ -13,6 +13,8 @@ ranks and targets mix freely in one batch. The output is `x @ W.T + b` plus, for
 each token t with adapter slot s >= 0, each slice's `scale * (x @ A_i.T) @ B_i.T`:
 one shrink and one expand launch per layer whatever n is. Without a mapping
 (`lora_step(None)`, a step where no row uses an adapter) it is the GEMM alone.
+`forward_deferred` leaves a decode step's expand to the kernel that reads the
+output next (a `LoRADelta`: residual add + RMSNorm, SiLU-and-mul add it as they read).
 
 Under tensor parallelism the layer is this rank's part (`shard`, multilora.tensor_parallel):
 its sizes are the local ones, and `LoRATarget.shard_lora` cuts an adapter's full A/B to fit.
@@ -30,7 +32,14 @@ from torch.nn import functional as F
 
 from multilora.lora.mapping import active_lora_meta
 from multilora.tensor_parallel import LinearShard
-from multilora_kernels.lora import lora_expand, lora_shrink
+from multilora_kernels import _launch
+from multilora_kernels.lora import LoRADelta, lora_shrink
+
+# Steps of at most this many tokens (decode) may leave the expand to the output's reader
+# (`forward_deferred`): there the expand is a few us of launch latency for a few KB of B per token,
+# which the reading kernel adds for the cost of loading those KB. Larger steps re-read each adapter's
+# B per token in the reader, where the expand's slot tiles read it once.
+DEFERRED_EXPAND_MAX_TOKENS = 128
 
 
 class LoRALinear(nn.Module):
@@ -69,9 +78,30 @@ class LoRALinear(nn.Module):
         return self.lora_a is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, delta = self._forward(x)
+        if delta is not None:
+            delta.apply(y)
+        return y
+
+    def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+        """(y, delta): `forward(x)` is y plus `delta` (None: nothing to add), for a caller that hands
+        the delta to the kernel reading y. The expand is deferred only in decode-sized steps on the
+        Triton kernels' path and with the whole layer on this device (no all-reduce in between);
+        otherwise it is applied here and delta is None."""
+        y, delta = self._forward(x)
+        if delta is not None and not self._defers_expand(x):
+            delta.apply(y)
+            delta = None
+        return y, delta
+
+    def _defers_expand(self, x: torch.Tensor) -> bool:
+        return (x.shape[0] <= DEFERRED_EXPAND_MAX_TOKENS and _launch.use_triton(x) and self.shard.input.is_whole
+                and all(s.is_whole for s in self.shard.outputs))
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
         meta = active_lora_meta() if self.lora_a is not None else None
         if meta is None:
-            return self._base(x)
+            return self._base(x), None
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # In a decode graph the shrink (latency-bound, a few us) runs beside the base GEMM
             # (bandwidth-bound) as a parallel branch; the expand joins both. Each fork waits for all
@@ -85,8 +115,7 @@ class LoRALinear(nn.Module):
         else:
             y = self._base(x)
             buf = lora_shrink(x, self.lora_a, meta)
-        lora_expand(y, buf, self.lora_b, self.lora_scales, meta, self.slices)
-        return y
+        return y, LoRADelta(buf, self.lora_b, self.lora_scales, meta, self.slices)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias if self.shard.adds_bias else None)

@@ -7,7 +7,10 @@ elementwise work of a layer is three fused kernels: residual add + RMSNorm,
 rotary + KV-cache write, SiLU-and-mul. A decode layer is thus 4 GEMMs, 4 fused
 kernels and attention (tests/engine/test_kernel_budget.py holds it there).
 The model does not know adapters exist: its projections read the step's
-adapter mapping on their own. Under tensor parallelism (`tp`, see
+adapter mapping on their own. What it does know is that a projection may hand
+back its output's LoRA delta not yet added (`LoRALinear.forward_deferred`), which
+the next fused kernel (the norms after o_proj and down_proj, SiLU-and-mul after
+gate_up) adds as it reads. Under tensor parallelism (`tp`, see
 multilora.tensor_parallel) each rank builds its part: its heads, its
 intermediate columns, its vocabulary columns, with one all-reduce after o_proj
 and after down_proj; checkpoint tensors are read in parts (`checkpoint_views`).
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from multilora.lora.lora_linear import LoRALinear, LoRATarget
+from multilora_kernels.lora import LoRADelta
 from multilora.lora.adapter_slot_weights import AdapterSlotWeights
 from multilora.model.attention import AttentionMetadata, paged_attention
 from multilora.model.rotary import RotaryEmbedding
@@ -51,8 +55,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                x_delta: LoRADelta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_delta: x's LoRA delta, not yet added (the projection that made x deferred it)."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, x_delta)
 
 
 class Attention(nn.Module):
@@ -72,7 +78,8 @@ class Attention(nn.Module):
                                  shard=tp.row(q, config.hidden_size))
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> tuple[torch.Tensor, LoRADelta | None]:
+        """The attention output and its LoRA delta not yet added (see LoRALinear.forward_deferred)."""
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.slices[0], self.qkv_proj.slices[1]
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
@@ -80,7 +87,9 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.tp.all_reduce(self.o_proj(out.flatten(1)))
+        # Deferred only for the whole layer on one device, where the all-reduce does nothing.
+        out, delta = self.o_proj.forward_deferred(out.flatten(1))
+        return self.tp.all_reduce(out), delta
 
 
 class MLP(nn.Module):
@@ -95,8 +104,11 @@ class MLP(nn.Module):
         self.down_proj = LoRALinear(inter.size, (config.hidden_size,), ("down_proj",), bias=False,
                                     shard=tp.row(inter, config.hidden_size))
 
-    def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+    def forward(self, x) -> tuple[torch.Tensor, LoRADelta | None]:
+        """The MLP output and its LoRA delta not yet added (see LoRALinear.forward_deferred)."""
+        gate_up, delta = self.gate_up_proj.forward_deferred(x)
+        out, delta = self.down_proj.forward_deferred(silu_and_mul(gate_up, delta))
+        return self.tp.all_reduce(out), delta
 
 
 class DecoderLayer(nn.Module):
@@ -107,11 +119,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta):
-        """x: the previous layer's MLP output (the embeddings, residual None, for the first layer)."""
-        h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache, meta), residual)
-        return self.mlp(h), residual
+    def forward(self, x, x_delta, residual, cos, sin, kv_cache, meta):
+        """x: the previous layer's MLP output (the embeddings, residual None, for the first layer), x_delta
+        its LoRA delta not yet added. Returns this layer's (MLP output, its delta, residual)."""
+        h, residual = self.input_layernorm(x, residual, x_delta)
+        attn, attn_delta = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(attn, residual, attn_delta)
+        out, out_delta = self.mlp(h)
+        return out, out_delta, residual
 
 
 class DecoderModel(nn.Module):
@@ -136,11 +151,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden]; `compute_logits` picks rows to project."""
-        x, residual = self.model.embed_tokens(input_ids), None
+        x, x_delta, residual = self.model.embed_tokens(input_ids), None, None
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
-        return self.model.norm(x, residual)[0]
+            x, x_delta, residual = layer(x, x_delta, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(x, residual, x_delta)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [n, vocab] float32 of the hidden rows; under tensor parallelism on rank 0 only (None elsewhere)."""
