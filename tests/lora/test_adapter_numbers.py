@@ -131,3 +131,14 @@ def test_huge_header_length_is_a_corrupt_file(adapter_dir, spec):
     path = adapter_dir / "adapter_model.safetensors"
     path.write_bytes((2**62).to_bytes(8, "little") + b'{"a": 1}')
     expect(AdapterCorruptError, adapter_dir, spec)
+
+
+def test_bfloat16_norms_bound_the_exact_ones_from_above_within_2_percent():
+    from multilora.lora.weight_limits import frobenius_norms
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (16, 64), (16, 4096), (4096, 16), (1024, 16)]
+    tensors = [(torch.randn(*shapes[i % 5], generator=gen) * 10.0 ** (i % 24 - 12)).bfloat16() for i in range(120)]
+    for tensor, norm in zip(tensors, frobenius_norms(tensors)):
+        exact = torch.linalg.vector_norm(tensor.double()).item()
+        assert exact <= norm <= 1.02 * exact

@@ -29,19 +29,26 @@ class WeightLimits:
 
 
 def frobenius_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """sqrt(sum of squares) of each tensor, accumulated in float32 whatever its dtype, in one call.
+    """sqrt(sum of squares) of each tensor, accumulated in float32 whatever its dtype, in one call; for
+    bfloat16 tensors an upper bound of it, at most 2% above (below).
 
     Non-finite when a value is NaN or Inf, or when the squares overflow float32 (values past ~1e19)."""
     if not tensors:
         return []
+    if all(t.dtype == torch.bfloat16 for t in tensors):
+        # Norms of bfloat16 tensors accumulate in float32 as well, and asked for in float32 they take ~2.5x
+        # the time (an 8B adapter's: 15 ms against 6). Their bfloat16 result, within 2^-8 of the float32
+        # norm (2^-7 if truncated), is raised by 2^-6 so that it still bounds it: each use is as a bound.
+        return [norm * (1 + 2 ** -6) for norm in torch.stack(torch._foreach_norm(tensors, 2)).tolist()]
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).tolist()
 
 
 def check_values(weights: torch.Tensor, shown: str, name: str, finfo: torch.finfo, norm: float) -> float:
     """Every value finite and representable in the serving dtype of `finfo`; returns the Frobenius norm.
 
-    `norm`: the tensor's `frobenius_norms` entry. A finite norm within the dtype's range bounds every
-    value, so only otherwise are the values themselves looked at, to say exactly what is wrong.
+    `norm`: the tensor's `frobenius_norms` entry (for bfloat16, a bound slightly above; returned as it is).
+    A finite norm within the dtype's range bounds every value, so only otherwise are the values
+    themselves looked at, to say exactly what is wrong.
     """
     if math.isfinite(norm) and norm <= finfo.max:
         return norm
