@@ -28,6 +28,10 @@ the caller asks for the per-token expand (`per_token_expand`): one program per
 (token, column block, slice), each reading its token's slot's B rows directly.
 The choice is the caller's (multilora.lora.mapping.lora_variant), made on the
 host per step, so a CUDA graph can be captured for each variant.
+At decode an expand can also be left to the kernel that reads y next: a
+`LoRADelta` carries it there, and that kernel adds each token's delta as it
+reads y (`lora_delta_of_token`, the per-token expand's own sum), which saves the
+expand's launch and y's round trip (kernels/norm.py, kernels/activation.py).
 Everything here is built with torch ops only: no host sync, and every tensor's
 shape depends only on (T, S), so the model runner can copy a fresh `LoRAMeta`
 into static buffers and replay CUDA graphs over it.
@@ -532,10 +536,10 @@ def lora_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
 class LoRADelta:
     """A LoRA layer's expand not yet added into its output y (see `lora_expand` for the arguments).
 
-    At decode the expand is a few us of latency per layer for a few KB of B, and the kernel that reads
-    y next (rotary + KV write, residual add + RMSNorm, SiLU-and-mul) reads y anyway: that kernel adds the
-    delta as it reads (`lora_delta_of_token`, `kernel_args`), saving the expand's launch and y's round
-    trip through HBM. Its torch twin calls `apply` first. The values are the expand's, bit for bit.
+    At decode the expand is a launch of a few us for a few KB of B per token, and the kernel that reads
+    y next (residual add + RMSNorm, SiLU-and-mul) reads y anyway: that kernel adds the delta as it reads
+    (`lora_delta_of_token`, `delta_kernel_args`), saving the expand's launch and y's round trip through
+    HBM. Its torch twin calls `apply` first. The values are the per-token expand's, bit for bit.
     """
 
     buf: torch.Tensor               # [P, T, n * R] float32, from lora_shrink
@@ -551,14 +555,11 @@ class LoRADelta:
         """`lora_expand` into y [T, sum N_i] now."""
         lora_expand(y, self.buf, self.lora_b, self.scales, self.meta, self.slices)
 
-    def apply_to_slices(self, outputs: tuple[torch.Tensor, ...]) -> None:
-        """`apply`, with slice i's columns in outputs[i] [T, N_i] (e.g. views of a fused output)."""
-        assert tuple(o.shape[1] for o in outputs) == self.slices, (tuple(o.shape for o in outputs), self.slices)
-        rank, col = self.lora_b.shape[2], 0
-        for i, out in enumerate(outputs):
-            lora_expand(out, self.buf[:, :, i * rank:(i + 1) * rank], self.lora_b[:, col:col + out.shape[1]],
-                        self.scales[:, i], self.meta)
-            col += out.shape[1]
+
+def readers_add_delta(t: torch.Tensor) -> bool:
+    """Whether the kernels reading a LoRA layer's output on t's device add a `LoRADelta` as they read
+    (the Triton kernels' path); their torch twins apply it first, so deferring it gains nothing there."""
+    return _launch.use_triton(t)
 
 
 def delta_kernel_args(delta: LoRADelta | None, like: torch.Tensor) -> tuple[tuple, dict]:

@@ -32,13 +32,13 @@ from torch.nn import functional as F
 
 from multilora.lora.mapping import active_lora_meta
 from multilora.tensor_parallel import LinearShard
-from multilora_kernels import _launch
-from multilora_kernels.lora import LoRADelta, lora_shrink
+from multilora_kernels.lora import LoRADelta, lora_shrink, readers_add_delta
 
 # Steps of at most this many tokens (decode) may leave the expand to the output's reader
-# (`forward_deferred`): there the expand is a few us of launch latency for a few KB of B per token,
-# which the reading kernel adds for the cost of loading those KB. Larger steps re-read each adapter's
-# B per token in the reader, where the expand's slot tiles read it once.
+# (`forward_deferred`): there the expand is a launch of a few us for a few KB of B per token, which
+# the reading kernel adds for the cost of loading those KB (bench/RESULTS.md, 2026-12-03: 32 adapters
+# base + 2.20 -> + 1.93 ms a step). Larger steps would re-read each adapter's B per token in the
+# reader, where the expand's slot tiles read it once.
 DEFERRED_EXPAND_MAX_TOKENS = 128
 
 
@@ -95,7 +95,7 @@ class LoRALinear(nn.Module):
         return y, delta
 
     def _defers_expand(self, x: torch.Tensor) -> bool:
-        return (x.shape[0] <= DEFERRED_EXPAND_MAX_TOKENS and _launch.use_triton(x) and self.shard.input.is_whole
+        return (x.shape[0] <= DEFERRED_EXPAND_MAX_TOKENS and readers_add_delta(x) and self.shard.input.is_whole
                 and all(s.is_whole for s in self.shard.outputs))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
