@@ -185,8 +185,10 @@ def rank_variants(logits: torch.Tensor, timer: Timer) -> dict:
 def bench(args) -> dict:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    logits = (torch.randn(args.batch, args.vocab, device=device, generator=gen) * 2.5).to(dtype)
+    dtype = getattr(torch, args.logits_dtype) if args.logits_dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # Values a bf16 model makes, in the dtype asked for (the engine's float32 logits are a bf16 lm_head cast).
+    logits = (torch.randn(args.batch, args.vocab, device=device, generator=gen) * 2.5).to(torch.bfloat16).to(dtype)
     timer, impls = Timer(device.type, args.warmup, args.iters), implementations()
     result = {name: {mode: time_mode(sampler, packer, logits, sample_rows(args.batch, mode), timer, args.iters)
                      for mode in MODES} for name, (sampler, packer) in impls.items()}
@@ -239,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--greedy-step-ms", type=float, default=GREEDY_STEP_MS,
                         help="the greedy decode step the delta is weighed against")
     parser.add_argument("--profile", action="store_true", help="also print the current sampler's kernels")
+    parser.add_argument("--logits-dtype", choices=["bfloat16", "float16", "float32"],
+                        help="the logits' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; use --device cpu", file=sys.stderr)
