@@ -39,10 +39,10 @@ def _silu_and_mul_kernel(
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
-        slot = tl.load(token_slots_ptr + row).to(tl.int64)
-        if slot >= 0:   # gate is slice 0 (columns 0..I), up slice 1 (I..2I)
+        adapter_slot = tl.load(token_slots_ptr + row).to(tl.int64)
+        if adapter_slot >= 0:   # gate is slice 0 (columns 0..I), up slice 1 (I..2I)
             for part in tl.static_range(2):
-                delta = lora_delta_of_token(buf_ptr, b_ptr, scales_ptr, row, slot, part, part * I + offs, mask, R,
+                delta = lora_delta_of_token(buf_ptr, b_ptr, scales_ptr, row, adapter_slot, part, part * I + offs, mask, R,
                                             stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk,
                                             stride_ss, stride_si, LORA_P, LORA_BLOCK_R)
                 if part == 0:

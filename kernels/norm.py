@@ -47,11 +47,11 @@ def _add_rms_norm_kernel(
     mask = offs < H
     h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_LORA:
-        slot = tl.load(token_slots_ptr + row).to(tl.int64)
-        if slot >= 0:
+        adapter_slot = tl.load(token_slots_ptr + row).to(tl.int64)
+        if adapter_slot >= 0:
             # 8 rank rows in flight, not 16: a whole row per program is 8 columns a thread (4096 over
             # 16 warps), and 16 rows of those spill on sm_90 at rank 64.
-            delta = lora_delta_of_token(buf_ptr, b_ptr, scales_ptr, row, slot, 0, offs, mask, R,
+            delta = lora_delta_of_token(buf_ptr, b_ptr, scales_ptr, row, adapter_slot, 0, offs, mask, R,
                                         stride_bp, stride_bt, stride_br, stride_bs, stride_bn, stride_bk,
                                         stride_ss, stride_si, LORA_P, LORA_BLOCK_R, ROWS_IN_FLIGHT=8)
             h = (h.to(tl.float32) + delta).to(x_ptr.dtype.element_ty)
