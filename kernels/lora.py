@@ -361,6 +361,11 @@ def _pow2_block(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
 
+def rank_block(rank: int) -> int:
+    """The whole rank as one block: a power of two, at least 16 (tl.dot's smallest dimension)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
 @dataclass(frozen=True)
 class ShrinkConfig:
     block_n: int        # stacked ranks per program
@@ -422,7 +427,7 @@ class ExpandConfig:
 def expand_config(block_m: int, rank: int, per_token: bool = False) -> ExpandConfig:
     """The expand's tiling for tiles of `block_m` tokens (16 at decode) and rank R; `per_token`: one
     program per token (`LoRAMeta.per_token_expand`)."""
-    block_r = max(16, triton.next_power_of_2(rank))
+    block_r = rank_block(rank)
     if per_token:
         return ExpandConfig(_TOKEN_EXPAND_BLOCK_N, block_r, _TOKEN_EXPAND_WARPS, per_token=True)
     if block_m >= _PREFILL_BLOCK_M:
@@ -571,7 +576,7 @@ def delta_kernel_args(delta: LoRADelta | None, like: torch.Tensor) -> tuple[tupl
     rank = delta.lora_b.shape[2]
     return ((delta.buf, delta.lora_b, delta.scales, delta.meta.token_slots, rank,
              *delta.buf.stride(), *delta.lora_b.stride(), *delta.scales.stride()),
-            dict(HAS_LORA=True, LORA_P=delta.buf.shape[0], LORA_BLOCK_R=max(16, triton.next_power_of_2(rank))))
+            dict(HAS_LORA=True, LORA_P=delta.buf.shape[0], LORA_BLOCK_R=rank_block(rank)))
 
 
 # ----------------------------------------------------------------------------- torch twins

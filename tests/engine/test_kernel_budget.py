@@ -26,19 +26,17 @@ from collections import Counter
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig
 
 import multilora.model.attention as model_attention
 from multilora.lora.mapping import lora_step
-from multilora.model.attention import AttentionMetadata
-from multilora.model.loader import build_model
 from multilora_kernels import _launch
 from multilora_kernels.lora import build_lora_meta
+
+from helpers.tiny_decode import NUM_LAYERS, decode_inputs, tiny_llama
 
 BASE_BUDGET = 9
 LORA_BUDGET = 14
 OUTSIDE_LAYERS_BUDGET = 10  # embedding, the step's cos/sin, final norm
-NUM_LAYERS, NUM_SEQS, BLOCK_SIZE, NUM_BLOCKS = 2, 5, 4, 16
 # Ops that launch no kernel: metadata, aliasing, allocation.
 _FREE = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh", "_unsafe_view", "alias", "split",
          "split_with_sizes", "unbind", "chunk", "view", "_reshape_alias", "as_strided"}
@@ -74,26 +72,7 @@ class _KernelCounter(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def model():
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         architectures=["LlamaForCausalLM"])
-    model = build_model(config, "", torch.float32, torch.device("cpu"), "dummy")
-    model.enable_lora(num_slots=2, max_rank=8)
-    return model
-
-
-def _decode_inputs(model):
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    kv_caches = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, model.config.num_key_value_heads, head_dim)
-                 for _ in range(NUM_LAYERS)]
-    context_lens = torch.tensor([3, 9, 1, 4, 12], dtype=torch.int32)
-    block_tables = torch.arange(NUM_SEQS * 3, dtype=torch.int32).view(NUM_SEQS, 3)
-    positions = context_lens.long() - 1
-    slot_mapping = block_tables[torch.arange(NUM_SEQS), positions // BLOCK_SIZE].long() * BLOCK_SIZE \
-        + positions % BLOCK_SIZE
-    meta = AttentionMetadata(slot_mapping, [], [], [], num_prefill_tokens=0, decode_block_tables=block_tables,
-                             decode_context_lens=context_lens)
-    return torch.tensor([5, 17, 42, 7, 99]), positions, kv_caches, meta
+    return tiny_llama(num_slots=2, max_rank=8)
 
 
 def _count(model, monkeypatch, token_slots):
@@ -114,7 +93,7 @@ def _count(model, monkeypatch, token_slots):
     for i, layer in enumerate(model.model.layers):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: setattr(counter, "where", f"layer {i}")))
         hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(counter, "where", "model")))
-    input_ids, positions, kv_caches, meta = _decode_inputs(model)
+    input_ids, positions, kv_caches, meta = decode_inputs(model)
     lora_meta = None if token_slots is None else build_lora_meta(torch.tensor(token_slots), 2)
     try:
         with torch.inference_mode(), lora_step(lora_meta):
@@ -158,7 +137,7 @@ def test_decode_layer_with_adapters_stays_in_budget(model, monkeypatch, token_sl
 def test_the_counter_sees_slow_paths(model, monkeypatch):
     """Guards the guard: the torch twins of the same forward launch far more kernels than the budget."""
     counter = _KernelCounter()
-    input_ids, positions, kv_caches, meta = _decode_inputs(model)
+    input_ids, positions, kv_caches, meta = decode_inputs(model)
     model_attention_fake = lambda q, kv, bt, cl, scale, out=None: out  # noqa: E731  (attention is not the point)
     monkeypatch.setattr(model_attention, "paged_decode_attention", model_attention_fake)
     with torch.inference_mode(), lora_step(None), counter:

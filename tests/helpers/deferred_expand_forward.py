@@ -8,28 +8,22 @@ import json
 from collections import Counter
 
 import torch
-from transformers import LlamaConfig
 
 from multilora.lora import lora_linear
 from multilora.lora.mapping import lora_step
-from multilora.model.attention import AttentionMetadata
-from multilora.model.loader import build_model
 from multilora_kernels import _launch
 from multilora_kernels.lora import build_lora_meta
 
-BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS = 4, 16, 2
+from helpers.tiny_decode import decode_inputs, tiny_llama
 
 
 def tiny_model():
+    """helpers.tiny_decode's Llama with random weights and LoRA weights in its 3 slots."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         architectures=["LlamaForCausalLM"])
-    model = build_model(config, "", torch.float32, torch.device("cpu"), "dummy")
+    model = tiny_llama(num_slots=3, max_rank=8)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-        model.enable_lora(num_slots=3, max_rank=8)
         for layer in model.model.layers:
             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                            layer.mlp.down_proj):
@@ -40,16 +34,10 @@ def tiny_model():
 
 
 def decode_forward(model, lora_meta):
-    """One decode step of 5 sequences at contexts 1..12, each on a fresh (zero) KV cache."""
-    context = torch.tensor([3, 9, 1, 4, 12], dtype=torch.int32)
-    block_tables = torch.arange(15, dtype=torch.int32).view(5, 3)
-    positions = context.long() - 1
-    slot_mapping = block_tables[torch.arange(5), positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
-    meta = AttentionMetadata(slot_mapping, [], [], [], num_prefill_tokens=0, decode_block_tables=block_tables,
-                             decode_context_lens=context)
-    kv_caches = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, 2, 16) for _ in range(NUM_LAYERS)]
+    """One decode step (helpers.tiny_decode.decode_inputs) under `lora_meta`."""
+    input_ids, positions, kv_caches, meta = decode_inputs(model)
     with torch.inference_mode(), lora_step(lora_meta):
-        return model(torch.tensor([5, 17, 42, 7, 99]), positions, kv_caches, meta)
+        return model(input_ids, positions, kv_caches, meta)
 
 
 def count_launches() -> Counter:
