@@ -9,8 +9,8 @@ kernels and attention (tests/engine/test_kernel_budget.py holds it there).
 The model does not know adapters exist: its projections read the step's
 adapter mapping on their own. What it does know is that a projection may hand
 back its output's LoRA delta not yet added (`LoRALinear.forward_deferred`), which
-the next fused kernel (the norms after o_proj and down_proj, SiLU-and-mul after
-gate_up) adds as it reads. Under tensor parallelism (`tp`, see
+the next fused kernel (rotary + KV write after q/k/v, the norms after o_proj and
+down_proj, SiLU-and-mul after gate_up) adds as it reads. Under tensor parallelism (`tp`, see
 multilora.tensor_parallel) each rank builds its part: its heads, its
 intermediate columns, its vocabulary columns, with one all-reduce after o_proj
 and after down_proj; checkpoint tensors are read in parts (`checkpoint_views`).
@@ -80,12 +80,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> tuple[torch.Tensor, LoRADelta | None]:
         """The attention output and its LoRA delta not yet added (see LoRALinear.forward_deferred)."""
-        qkv = self.qkv_proj(x)
+        qkv, qkv_delta = self.qkv_proj.forward_deferred(x)
         q_size, kv_size = self.qkv_proj.slices[0], self.qkv_proj.slices[1]
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)
+        rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping, qkv_delta)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         # Deferred only for the whole layer on one device, where the all-reduce does nothing.
         out, delta = self.o_proj.forward_deferred(out.flatten(1))
@@ -158,9 +158,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x, residual, x_delta)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [n, vocab] float32 of the hidden rows; under tensor parallelism on rank 0 only (None elsewhere)."""
+        """Logits [n, vocab] of the hidden rows in the model's dtype; under tensor parallelism on rank 0
+        only (None elsewhere). Not cast to float32: the sampler reads any float dtype and casting bf16 to
+        float32 is exact, so the tokens are the same, without a cast pass over n x vocab logits
+        (bench/RESULTS.md: 64 x 128256 a step)."""
         logits = self.tp.gather_columns(self.lm_head(hidden))
-        return None if logits is None else logits[:, :self.config.vocab_size].float()
+        return None if logits is None else logits[:, :self.config.vocab_size].contiguous()
 
     @torch.no_grad()
     def tie_lm_head(self) -> None:
