@@ -31,8 +31,7 @@ host per step, so a CUDA graph can be captured for each variant.
 At decode an expand can also be left to the kernel that reads y next: a
 `LoRADelta` carries it there, and that kernel adds each token's delta as it
 reads y (`lora_delta_of_token`, the per-token expand's own sum), which saves the
-expand's launch and y's round trip (kernels/norm.py, kernels/activation.py,
-kernels/rotary.py).
+expand's launch and y's round trip (kernels/norm.py, kernels/activation.py).
 Everything here is built with torch ops only: no host sync, and every tensor's
 shape depends only on (T, S), so the model runner can copy a fresh `LoRAMeta`
 into static buffers and replay CUDA graphs over it.
@@ -543,7 +542,7 @@ class LoRADelta:
     """A LoRA layer's expand not yet added into its output y (see `lora_expand` for the arguments).
 
     At decode the expand is a launch of a few us for a few KB of B per token, and the kernel that reads
-    y next (residual add + RMSNorm, SiLU-and-mul, rotary + KV write) reads y anyway: that kernel adds the delta as it reads
+    y next (residual add + RMSNorm, SiLU-and-mul) reads y anyway: that kernel adds the delta as it reads
     (`lora_delta_of_token`, `delta_kernel_args`), saving the expand's launch and y's round trip through
     HBM. Its torch twin calls `apply` first. The values are the per-token expand's, bit for bit.
     """
@@ -560,15 +559,6 @@ class LoRADelta:
     def apply(self, y: torch.Tensor) -> None:
         """`lora_expand` into y [T, sum N_i] now."""
         lora_expand(y, self.buf, self.lora_b, self.scales, self.meta, self.slices)
-
-    def apply_to_slices(self, *ys: torch.Tensor) -> None:
-        """`apply` into the slices' columns given apart: ys[i] [T, N_i] (views of y, any strides)."""
-        assert len(ys) == len(self.slices), (len(ys), self.slices)
-        rank, col = self.lora_b.shape[2], 0
-        for i, (y, width) in enumerate(zip(ys, self.slices)):
-            lora_expand(y, self.buf[:, :, i * rank:(i + 1) * rank], self.lora_b[:, col:col + width],
-                        self.scales[:, i:i + 1], self.meta)
-            col += width
 
 
 def readers_add_delta(t: torch.Tensor) -> bool:

@@ -11,10 +11,9 @@ graph drive it. Never a timing.
 The design's budget per decoder layer (model/llama.py's docstring):
   no adapter in the step (mapping None):  4 GEMMs + 4 fused kernels + attention = 9
     fused kernels: residual add + RMSNorm x2, rotary + KV write, SiLU-and-mul
-  with adapters:  + one LoRA shrink per projection (4) = 13: the expands are added by the kernels
-    that read the projections' outputs next (rotary + KV write after q/k/v, the norm after o_proj,
-    SiLU-and-mul after gate_up, the next layer's input norm after down_proj;
-    LoRALinear.forward_deferred); 17 before that, 14 while q/k/v's expand was its own launch
+  with adapters:  + one LoRA shrink per projection (4) + one expand (q/k/v's) = 14: the expands of
+    o_proj, gate_up and down_proj are added by the norm after o_proj, SiLU-and-mul and the next
+    layer's input norm as they read those outputs (LoRALinear.forward_deferred); 17 before that
 Counted the same way, the code before the fusion launched ~35 per layer without LoRA
 (7 GEMMs; RMSNorm as pow/mean/add/rsqrt/mul/mul twice; rotary as mul/neg/cat/mul/add
 for q and k; two KV index copies; two residual adds; SiLU; mul) and 21 more with
@@ -36,7 +35,7 @@ from multilora_kernels.lora import build_lora_meta
 from helpers.tiny_decode import NUM_LAYERS, decode_inputs, tiny_llama
 
 BASE_BUDGET = 9
-LORA_BUDGET = 13
+LORA_BUDGET = 14
 OUTSIDE_LAYERS_BUDGET = 10  # embedding, the step's cos/sin, final norm
 # Ops that launch no kernel: metadata, aliasing, allocation.
 _FREE = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh", "_unsafe_view", "alias", "split",
@@ -128,10 +127,10 @@ def test_decode_layer_with_adapters_stays_in_budget(model, monkeypatch, token_sl
     for i in range(NUM_LAYERS):
         layer = counts[f"layer {i}"]
         assert _total(layer) <= LORA_BUDGET, f"layer {i}: {_total(layer)} kernels > {LORA_BUDGET}: {layer}"
-        # One shrink per projection, whatever the number of slices it fuses; no expand (each is
-        # deferred to the kernel that reads its projection's output, counted above).
+        # One shrink per projection, whatever the number of slices it fuses; one expand, q/k/v's (the
+        # other three are deferred to the kernels that read their outputs, which are counted above).
         assert layer["triton._lora_shrink_kernel"] == 4, layer
-        assert layer["triton._lora_expand_kernel"] + layer["triton._lora_expand_token_kernel"] == 0, layer
+        assert layer["triton._lora_expand_kernel"] == 1, layer
     assert _total(counts["model"]) <= OUTSIDE_LAYERS_BUDGET, counts["model"]
 
 

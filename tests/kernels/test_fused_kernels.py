@@ -203,39 +203,6 @@ def test_silu_and_mul_adds_a_deferred_lora_delta(kernels, triton_on_cpu, dtype, 
         assert not torch.equal(got, act.silu_and_mul(gate_up)), "the delta must change the output"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("token_slots", DELTA_SLOTS[:2] + DELTA_SLOTS[3:])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (16, 4), (12, 3), (32, 2)])    # 1, 2, 2, 4 head groups
-def test_rotary_kv_write_adds_a_deferred_lora_delta(kernels, triton_on_cpu, dtype, token_slots, heads, kv_heads):
-    """Rotary + KV write with the q/k/v delta (three slices) equals the per-token expand, then rotary:
-    bit for bit in q, k, v (left as the expand leaves them, then rotated) and in the cache; the heads
-    spread over programs of 8 query heads, some programs holding no kv head."""
-    rotary, lora = kernels["rotary"], kernels["lora"]
-    n, head_dim = len(token_slots), 16
-    num_blocks, block_size = 5, 4
-    slot_mapping = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(n))[:n]
-    x = torch.randn(n, 32, generator=torch.Generator().manual_seed(heads)).to(dtype)
-    slices = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-    delta = _lora_delta(lora, x, slices, token_slots, per_token=True, seed=heads)
-    results = []
-    for deferred in (True, False):
-        qkv, q, k, v, cos, sin = _rotary_inputs(dtype, n, heads, kv_heads, head_dim, torch.Generator().manual_seed(3))
-        cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), 7.0, dtype=dtype)
-        if deferred:
-            rotary.rotary_kv_write(q, k, v, cos, sin, cache, slot_mapping, delta)
-        else:
-            delta.apply(qkv)
-            rotary.rotary_kv_write(q, k, v, cos, sin, cache, slot_mapping)
-        results.append((qkv, cache))
-    (qkv, cache), (qkv_want, cache_want) = results
-    assert torch.equal(qkv, qkv_want), (qkv.float() - qkv_want.float()).abs().max()
-    assert torch.equal(cache, cache_want), (cache.float() - cache_want.float()).abs().max()
-    plain = _rotary_inputs(dtype, n, heads, kv_heads, head_dim, torch.Generator().manual_seed(3))
-    rotary.rotary_kv_write(*plain[1:], torch.zeros_like(cache), slot_mapping)
-    if any(s >= 0 for s in token_slots):
-        assert not torch.equal(plain[0], qkv), "the delta must change the output for this test to mean anything"
-
-
 def test_twins_add_a_deferred_lora_delta_first(kernels, monkeypatch):
     """CPU tensors without the interpreter: the twins apply the delta (the torch expand), then run."""
     monkeypatch.delenv(INTERPRET_ENV, raising=False)
@@ -252,15 +219,6 @@ def test_twins_add_a_deferred_lora_delta_first(kernels, monkeypatch):
     expanded = gate_up.clone()
     lora.lora_expand_ref(expanded, delta.buf, delta.lora_b, delta.scales, delta.meta, (32, 32))
     assert torch.equal(kernels["activation"].silu_and_mul(gate_up, delta), kernels["activation"].silu_and_mul_ref(expanded))
-    qkv, q, k, v, cos, sin = _rotary_inputs(torch.float32, 5, 2, 1, 16, torch.Generator().manual_seed(4))
-    delta = _lora_delta(lora, x, (32, 16, 16), [0, -1, 1, 2, 0], per_token=True)
-    expanded = qkv.clone()
-    lora.lora_expand_ref(expanded, delta.buf, delta.lora_b, delta.scales, delta.meta, (32, 16, 16))
-    caches = torch.zeros(2, 2, 2, 4, 1, 16)
-    kernels["rotary"].rotary_kv_write(q, k, v, cos, sin, caches[0], torch.arange(5), delta)
-    want = (expanded[:, :32].view(5, 2, 16), expanded[:, 32:48].view(5, 1, 16), expanded[:, 48:].view(5, 1, 16))
-    kernels["rotary"].rotary_kv_write_ref(*want, cos, sin, caches[1], torch.arange(5))
-    assert torch.equal(qkv, expanded) and torch.equal(caches[0], caches[1])
 
 
 def test_twins_run_without_the_interpreter(kernels, monkeypatch):
@@ -305,15 +263,14 @@ def test_cuda_bf16_fused_kernels_match_twins():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rank", [16, 64])
 def test_cuda_bf16_deferred_lora_delta_equals_the_per_token_expand(rank):
-    """bf16 at Llama-3-8B widths, 64 decode tokens over 32 slots with base rows between: the norm,
-    SiLU-and-mul and rotary + KV write adding the delta give what the per-token expand, then the kernel,
-    give, bit for bit."""
-    from multilora_kernels import activation, lora, norm, rotary
+    """bf16 at Llama-3-8B widths, 64 decode tokens over 32 slots with base rows between: the norm and
+    SiLU-and-mul adding the delta give what the per-token expand, then the kernel, give, bit for bit."""
+    from multilora_kernels import activation, lora, norm
 
     gen = torch.Generator(device="cuda").manual_seed(rank)
     slots = torch.randint(-1, 32, (64,), generator=gen, device="cuda")
     x = torch.randn(64, 4096, generator=gen, device="cuda").bfloat16()
-    for slices, consumer in (((4096,), "norm"), ((14336, 14336), "silu"), ((4096, 1024, 1024), "rotary")):
+    for slices, consumer in (((4096,), "norm"), ((14336, 14336), "silu")):
         meta = lora.build_lora_meta(slots, 32, per_token_expand=True)
         a = (0.05 * torch.randn(32, len(slices), rank, 4096, generator=gen, device="cuda")).bfloat16()
         b = (0.05 * torch.randn(32, sum(slices), rank, generator=gen, device="cuda")).bfloat16()
@@ -326,16 +283,7 @@ def test_cuda_bf16_deferred_lora_delta_equals_the_per_token_expand(rank):
             residual, weight = torch.randn_like(y), (torch.rand(4096, generator=gen, device="cuda") + 0.5).bfloat16()
             got = norm.fused_add_rms_norm(y.clone(), residual, weight, 1e-5, delta)
             want = norm.fused_add_rms_norm(expanded, residual, weight, 1e-5)
-        elif consumer == "silu":
-            got, want = (activation.silu_and_mul(y.clone(), delta),), (activation.silu_and_mul(expanded),)
         else:
-            angles = torch.rand(64, 64, generator=gen, device="cuda") * 100
-            cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
-            got, want = [], []
-            for qkv, d, out in ((y.clone(), delta, got), (expanded, None, want)):
-                cache = torch.zeros(2, 8, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-                heads = qkv[:, :4096].view(64, 32, 128), qkv[:, 4096:5120].view(64, 8, 128), qkv[:, 5120:].view(64, 8, 128)
-                rotary.rotary_kv_write(*heads, cos, sin, cache, torch.arange(64, device="cuda") * 2, d)
-                out += [qkv, cache]
+            got, want = (activation.silu_and_mul(y.clone(), delta),), (activation.silu_and_mul(expanded),)
         for g, w in zip(got, want):
             assert torch.equal(g, w), f"{consumer}: {(g.float() - w.float()).abs().max()}"

@@ -9,8 +9,8 @@ kernels and attention (tests/engine/test_kernel_budget.py holds it there).
 The model does not know adapters exist: its projections read the step's
 adapter mapping on their own. What it does know is that a projection may hand
 back its output's LoRA delta not yet added (`LoRALinear.forward_deferred`), which
-the next fused kernel (rotary + KV write after q/k/v, the norms after o_proj and
-down_proj, SiLU-and-mul after gate_up) adds as it reads. Under tensor parallelism (`tp`, see
+the next fused kernel (the norms after o_proj and down_proj, SiLU-and-mul after
+gate_up) adds as it reads. Under tensor parallelism (`tp`, see
 multilora.tensor_parallel) each rank builds its part: its heads, its
 intermediate columns, its vocabulary columns, with one all-reduce after o_proj
 and after down_proj; checkpoint tensors are read in parts (`checkpoint_views`).
@@ -80,12 +80,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> tuple[torch.Tensor, LoRADelta | None]:
         """The attention output and its LoRA delta not yet added (see LoRALinear.forward_deferred)."""
-        qkv, qkv_delta = self.qkv_proj.forward_deferred(x)
+        qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.slices[0], self.qkv_proj.slices[1]
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping, qkv_delta)
+        rotary_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         # Deferred only for the whole layer on one device, where the all-reduce does nothing.
         out, delta = self.o_proj.forward_deferred(out.flatten(1))
