@@ -96,6 +96,9 @@ def test_decode_step_tiny_runs_every_case(tmp_path):
     assert chunk["windows"] == size.chunk_windows and chunk["decode_rows"] == size.batch - 1
     assert chunk["chunk_tokens"] == size.prompt_len and math.isfinite(chunk["step_ms"])
     assert chunk["decode_step_ms"] > 0
+    # The engine thread's CPU time for the chunk step: it ran the chunk's layers, so some, and it cannot
+    # exceed the step's window (3 steps) of wall time by more than rounding.
+    assert 0 < chunk["host_cpu_ms"] <= chunk["window_steps"] * (chunk["step_ms"] + chunk["decode_step_ms"]) + 1
     assert chunk["chunk_requests_unfinished_after_window"] == 0
     base = cases["decode_base"]
     assert size.prompt_len < base["context"] < size.prompt_len + size.decode_tokens
