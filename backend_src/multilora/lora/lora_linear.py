@@ -73,10 +73,6 @@ class LoRALinear(nn.Module):
         assert lora_scales.shape == (num_slots, len(self.slices)), tuple(lora_scales.shape)
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, lora_scales
 
-    @property
-    def has_lora(self) -> bool:
-        return self.lora_a is not None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, delta = self._forward(x)
         if delta is not None:
