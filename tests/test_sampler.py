@@ -102,6 +102,22 @@ def test_seeded_row_ignores_the_rest_of_the_batch():
     assert len(picks) > 3  # the seeds really draw different tokens
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits_sample_what_their_float32_cast_samples(dtype):
+    """The model hands the sampler its logits in the model's dtype (LlamaForCausalLM.compute_logits), not
+    a float32 copy: every row, greedy or seeded with any cut, draws the token its float32 cast draws."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(8, 300, generator=gen)).to(dtype)
+    logits[0, 7] = logits[0, 9] = logits[0].max() + 1     # a greedy tie
+    params = [GREEDY, GREEDY, SamplingParams(temperature=0.8, top_p=0.9, top_k=50), SamplingParams(top_k=5),
+              SamplingParams(temperature=1.3, top_p=0.5), RANDOM, SamplingParams(temperature=0.8, top_p=0.9, top_k=50),
+              SamplingParams(temperature=0.2)]
+    for step in range(5):
+        rows = [SampleRow(p, step_seed=None if i < 2 else derive_step_seed(i, step)) for i, p in enumerate(params)]
+        assert sample(logits, rows) == sample(logits.float(), rows)
+    assert sample(logits, rows)[0] == 7
+
+
 def test_unseeded_rows_vary():
     logits = torch.zeros(200, 10)
     ids = sample(logits, [SampleRow(RANDOM, None)] * 200)
