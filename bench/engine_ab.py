@@ -12,7 +12,10 @@ drifting machine shows as spread instead of as a difference:
         --repeats 2 --cases base,sampled,8,32,closed,closed32      # H200, ~1 minute a process
     ... bench/engine_ab.py --tiny --variant a --variant b:MODULE.NAME=VALUE     # CPU, seconds (the smoke test)
 
-VALUE is JSON (0, false, "text"); a variant without settings is today's code. Cases: base, sampled
+VALUE is JSON (0, false, "text"); a variant without settings is today's code. `name@TREE` runs the
+engine of another source tree (a folder holding backend_src/, kernels/ and bench/, e.g. an older
+commit's: `git archive REV backend_src kernels bench | tar -x -C TREE`), to tell a code change from a
+machine's drift or to A/B a change that constants cannot express. Cases: base, sampled
 (issue 7's sampled step), 8 and 32 (decode steps over that many distinct adapters), chunk (one prompt
 chunk beside the decode rows), prefill, closed and closed32 (the closed batch, base and over 32
 adapters). The table is printed last: each case's median over repeats, the LoRA steps as base +
@@ -22,6 +25,7 @@ delta; JSON with every repeat goes to $OUT/engine_ab.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -38,8 +42,12 @@ CASES = ("base", "sampled", "8", "32", "chunk", "prefill", "closed", "closed32")
 
 
 def parse_variant(text: str) -> dict:
-    """'name' or 'name:module.NAME=value[,module.NAME=value...]' -> {"name", "settings": {path: value}}."""
-    name, _, rest = text.partition(":")
+    """'name[@TREE][:module.NAME=value,...]' -> {"name", "tree": TREE or None, "settings": {path: value}}."""
+    head, _, rest = text.partition(":")
+    name, _, tree = head.partition("@")
+    if tree and not all((Path(tree) / part).is_dir() for part in ("backend_src", "kernels", "bench")):
+        raise SystemExit(f"--variant {text!r}: {tree} must hold backend_src/, kernels/ and bench/ "
+                         "(e.g. `git archive REV backend_src kernels bench | tar -x -C TREE`)")
     settings = {}
     for item in filter(None, rest.split(",")):
         path, sep, value = item.partition("=")
@@ -50,7 +58,7 @@ def parse_variant(text: str) -> dict:
             settings[path] = json.loads(value)
         except json.JSONDecodeError:
             settings[path] = value
-    return {"name": name, "settings": settings}
+    return {"name": name, "tree": str(Path(tree).resolve()) if tree else None, "settings": settings}
 
 
 def apply_settings(settings: dict) -> dict:
@@ -72,8 +80,10 @@ def run_variant(variant: dict, cases: list[str], tiny: bool) -> dict:
     import torch
 
     settings = apply_settings(variant["settings"])
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(Path(variant["tree"]) / "bench" if variant["tree"] else HERE))
     import decode_step as ds
+    import multilora
+    import multilora_kernels
 
     size = ds.SIZES["tiny" if tiny else "full"]
     config = dict(ds.TINY_MODEL if tiny else ds.LLAMA3_8B, bos_token_id=256, eos_token_id=257)
@@ -92,7 +102,9 @@ def run_variant(variant: dict, cases: list[str], tiny: bool) -> dict:
                "prefill": lambda: ds.prefill_case(driver)["ms"],
                "closed": lambda: ds.closed_case(driver)["tokens_per_s"],
                "closed32": lambda: ds.closed_case(driver, loras[:many])["tokens_per_s"]}
-        return {"figures": {case: run[case]() for case in cases}, "settings": settings}
+        return {"figures": {case: run[case]() for case in cases}, "settings": settings,
+                "engine_source": str(Path(multilora.__file__).parent),
+                "kernels_source": str(Path(multilora_kernels.__file__).resolve().parent)}
 
 
 def summarise(variants: list[dict], runs: list[dict], cases: list[str]) -> list[dict]:
@@ -134,6 +146,25 @@ def print_table(rows: list[dict], cases: list[str]) -> None:
         print(f"{row['variant']:20} {row['repeats']:2d} " + " ".join(cells))
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels_link(tree: str) -> Path:
+    """A fresh folder whose `multilora_kernels` links to the tree's kernels/ (one per tree and run)."""
+    links = Path(tempfile.mkdtemp(prefix="engine-ab-"))
+    (links / "multilora_kernels").symlink_to(Path(tree) / "kernels")
+    return links
+
+
+def child_env(tree: str | None) -> dict:
+    """The child's environment: a variant with a source tree imports multilora and multilora_kernels from it
+    (a folder of links maps multilora_kernels to the tree's kernels/), ahead of the installed package."""
+    env = dict(os.environ)
+    if tree:
+        links = _kernels_link(tree)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(Path(tree) / "backend_src"), str(links),
+                                                          env.get("PYTHONPATH"))))
+    return env
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", required=True, metavar="NAME[:MODULE.NAME=VALUE,...]",
@@ -166,7 +197,8 @@ def main(argv=None) -> dict:
             command = [sys.executable, "-P", __file__, "--child", str(index), "--cases", ",".join(cases),
                        *[a for v in args.variant for a in ("--variant", v)], *(["--tiny"] if args.tiny else [])]
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                                      env=child_env(variant["tree"]))
                 lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
                 result = json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {}
                 error = None if result else (done.stderr or done.stdout)[-2000:]
@@ -175,7 +207,8 @@ def main(argv=None) -> dict:
             if error:
                 print(f"  failed: {error}", flush=True)
             runs.append({"variant": variant["name"], "repeat": repeat, "figures": result.get("figures"),
-                         "settings_read_back": result.get("settings"), "error": error})
+                         "settings_read_back": result.get("settings"), "engine_source": result.get("engine_source"),
+                         "kernels_source": result.get("kernels_source"), "error": error})
     rows = summarise(variants, runs, cases)
     report = {"variants": variants, "cases": cases, "runs": runs, "summary": rows, "tiny": args.tiny,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -4,12 +4,14 @@ Values checked, never times: the figures are for GPUs, this only keeps the bench
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
 
 import engine_ab  # noqa: E402
 
@@ -37,3 +39,21 @@ def test_tiny_variants_run_apart_and_report_each_case(tmp_path):
 def test_a_variant_without_module_and_value_is_refused(text):
     with pytest.raises(SystemExit, match="MODULE.NAME=VALUE"):
         engine_ab.parse_variant(text)
+
+
+def test_a_variant_of_another_source_tree_runs_that_trees_engine(tmp_path):
+    tree = tmp_path / "tree"
+    for part in ("backend_src", "kernels", "bench"):
+        shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    report = engine_ab.main(["--tiny", "--variant", "here", "--variant", f"copy@{tree}", "--cases", "base",
+                             "--out", str(tmp_path)])
+    runs = {r["variant"]: r for r in report["runs"]}
+    assert runs["copy"]["error"] is None and runs["copy"]["figures"]["base"] > 0
+    assert runs["copy"]["engine_source"] == str(tree / "backend_src" / "multilora")
+    assert runs["copy"]["kernels_source"] == str((tree / "kernels").resolve())
+    assert runs["here"]["engine_source"] != runs["copy"]["engine_source"]
+
+
+def test_a_tree_without_the_sources_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="must hold backend_src"):
+        engine_ab.parse_variant(f"old@{tmp_path}")
