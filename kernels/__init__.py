@@ -9,8 +9,9 @@ is this directory; it should not pull in triton for a probe.
 import importlib
 
 _MODULE_OF = {
-    **dict.fromkeys(("LoRAMeta", "LoRADelta", "build_lora_meta", "lora_expand", "lora_expand_ref", "lora_shrink",
+    **dict.fromkeys(("LoRAMeta", "build_lora_meta", "lora_expand", "lora_expand_ref", "lora_shrink",
                      "lora_shrink_ref"), "lora"),
+    "LoRADelta": "lora_delta",
     **dict.fromkeys(("fused_add_rms_norm", "fused_add_rms_norm_ref"), "norm"),
     **dict.fromkeys(("rotary_kv_write", "rotary_kv_write_ref"), "rotary"),
     **dict.fromkeys(("silu_and_mul", "silu_and_mul_ref"), "activation"),

@@ -29,9 +29,10 @@ the caller asks for the per-token expand (`per_token_expand`): one program per
 The choice is the caller's (multilora.lora.mapping.lora_variant), made on the
 host per step, so a CUDA graph can be captured for each variant.
 At decode an expand can also be left to the kernel that reads y next: a
-`LoRADelta` carries it there, and that kernel adds each token's delta as it
-reads y (`lora_delta_of_token`, the per-token expand's own sum), which saves the
-expand's launch and y's round trip (kernels/norm.py, kernels/activation.py).
+`LoRADelta` (kernels/lora_delta.py) carries it there, and that kernel adds each
+token's delta as it reads y (`lora_delta_of_token` here, the per-token expand's
+own sum), which saves the expand's launch and y's round trip (kernels/norm.py,
+kernels/activation.py).
 Everything here is built with torch ops only: no host sync, and every tensor's
 shape depends only on (T, S), so the model runner can copy a fresh `LoRAMeta`
 into static buffers and replay CUDA graphs over it.
@@ -535,48 +536,6 @@ def lora_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
         _expand_triton(y, buf, lora_b, scales, meta, slices)
     else:
         lora_expand_ref(y, buf, lora_b, scales, meta, slices)
-
-
-@dataclass(frozen=True)
-class LoRADelta:
-    """A LoRA layer's expand not yet added into its output y (see `lora_expand` for the arguments).
-
-    At decode the expand is a launch of a few us for a few KB of B per token, and the kernel that reads
-    y next (residual add + RMSNorm, SiLU-and-mul) reads y anyway: that kernel adds the delta as it reads
-    (`lora_delta_of_token`, `delta_kernel_args`), saving the expand's launch and y's round trip through
-    HBM. Its torch twin calls `apply` first. The values are the per-token expand's, bit for bit.
-    """
-
-    buf: torch.Tensor               # [P, T, n * R] float32, from lora_shrink
-    lora_b: torch.Tensor            # [S, sum N_i, R]
-    scales: torch.Tensor            # [S, n] float32
-    meta: LoRAMeta
-    slices: tuple[int, ...]         # the widths N_i
-
-    def __post_init__(self):
-        assert self.buf.dim() == 3 and self.scales.dim() == 2, (tuple(self.buf.shape), tuple(self.scales.shape))
-
-    def apply(self, y: torch.Tensor) -> None:
-        """`lora_expand` into y [T, sum N_i] now."""
-        lora_expand(y, self.buf, self.lora_b, self.scales, self.meta, self.slices)
-
-
-def readers_add_delta(t: torch.Tensor) -> bool:
-    """Whether the kernels reading a LoRA layer's output on t's device add a `LoRADelta` as they read
-    (the Triton kernels' path); their torch twins apply it first, so deferring it gains nothing there."""
-    return _launch.use_triton(t)
-
-
-def delta_kernel_args(delta: LoRADelta | None, like: torch.Tensor) -> tuple[tuple, dict]:
-    """The arguments a consumer kernel takes for `lora_delta_of_token`, in its order (buf, B, scales,
-    token slots, R, the eight strides), and its constexprs HAS_LORA, LORA_P, LORA_BLOCK_R. Without a delta
-    (HAS_LORA False) placeholders: `like` for the pointers, zeros."""
-    if delta is None:
-        return (like, like, like, like) + (0,) * 9, dict(HAS_LORA=False, LORA_P=1, LORA_BLOCK_R=16)
-    rank = delta.lora_b.shape[2]
-    return ((delta.buf, delta.lora_b, delta.scales, delta.meta.token_slots, rank,
-             *delta.buf.stride(), *delta.lora_b.stride(), *delta.scales.stride()),
-            dict(HAS_LORA=True, LORA_P=delta.buf.shape[0], LORA_BLOCK_R=rank_block(rank)))
 
 
 # ----------------------------------------------------------------------------- torch twins

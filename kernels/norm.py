@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from multilora_kernels import _launch
-from multilora_kernels.lora import LoRADelta, delta_kernel_args, lora_delta_of_token
+from multilora_kernels.lora import lora_delta_of_token
+from multilora_kernels.lora_delta import LoRADelta, delta_kernel_args
 
 
 _wait_for_inputs = _launch.jit(_launch.wait_for_inputs)  # decorated with this file's kernels

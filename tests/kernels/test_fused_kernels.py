@@ -17,12 +17,16 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
 
 @pytest.fixture(scope="module")
 def kernels():
-    # norm and activation add LoRA deltas with lora.py's device function: they get its interpreted copy.
+    # norm and activation add LoRA deltas with lora.py's device function, and a LoRADelta's `apply` runs its
+    # expand: they get interpreted copies.
     lora = load_interpreted("lora.py", "_fused_lora_interpreted")
-    mods = {f: load_interpreted(f"{f}.py", f"_fused_{f}_interpreted", imports={"multilora_kernels.lora": lora})
+    lora_delta = load_interpreted("lora_delta.py", "_fused_lora_delta_interpreted",
+                                  imports={"multilora_kernels.lora": lora})
+    imports = {"multilora_kernels.lora": lora, "multilora_kernels.lora_delta": lora_delta}
+    mods = {f: load_interpreted(f"{f}.py", f"_fused_{f}_interpreted", imports=imports)
             for f in ("norm", "rotary", "activation")}
-    yield {**mods, "lora": lora}
-    for f in (*mods, "lora"):
+    yield {**mods, "lora": lora, "lora_delta": lora_delta}
+    for f in (*mods, "lora", "lora_delta"):
         sys.modules.pop(f"_fused_{f}_interpreted", None)
 
 
@@ -139,14 +143,15 @@ def test_silu_and_mul_matches_twin(kernels, triton_on_cpu, dtype, num_tokens, in
 # ---------------------------------------------------------------- a LoRA layer's deferred expand
 
 
-def _lora_delta(lora, x, slices, token_slots, per_token, rank=8, num_slots=3, seed=0):
+def _lora_delta(kernels, x, slices, token_slots, per_token, rank=8, num_slots=3, seed=0):
     """The LoRADelta of a layer of `slices` on x, over random A, B and scales."""
+    lora = kernels["lora"]
     gen = torch.Generator().manual_seed(seed)
     meta = lora.build_lora_meta(torch.tensor(token_slots), num_slots, per_token_expand=per_token)
     a = (0.2 * torch.randn(num_slots, len(slices), rank, x.shape[1], generator=gen)).to(x.dtype)
     b = (0.2 * torch.randn(num_slots, sum(slices), rank, generator=gen)).to(x.dtype)
     scales = torch.rand(num_slots, len(slices), generator=gen) + 0.5
-    return lora.LoRADelta(lora.lora_shrink(x, a, meta), b, scales, meta, tuple(slices))
+    return kernels["lora_delta"].LoRADelta(lora.lora_shrink(x, a, meta), b, scales, meta, tuple(slices))
 
 
 # Tokens of 3 slots with base tokens between; 12 tokens: two planes of the shrink's split at H_in 96.
@@ -164,7 +169,7 @@ def test_add_rms_norm_adds_a_deferred_lora_delta(kernels, triton_on_cpu, dtype, 
     n, hidden = len(token_slots), 96
     x, y, residual = (torch.randn(n, hidden, generator=gen).to(dtype) for _ in range(3))
     weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
-    delta = _lora_delta(lora, x, (hidden,), token_slots, per_token)
+    delta = _lora_delta(kernels, x, (hidden,), token_slots, per_token)
     expanded = y.clone()
     delta.apply(expanded)
     want = norm.fused_add_rms_norm(expanded, residual, weight, 1e-5)
@@ -194,7 +199,7 @@ def test_silu_and_mul_adds_a_deferred_lora_delta(kernels, triton_on_cpu, dtype, 
     n = len(token_slots)
     x = torch.randn(n, 64, generator=gen).to(dtype)
     gate_up = (3 * torch.randn(n, 2 * inter, generator=gen)).to(dtype)
-    delta = _lora_delta(lora, x, (inter, inter), token_slots, per_token=True, seed=inter)
+    delta = _lora_delta(kernels, x, (inter, inter), token_slots, per_token=True, seed=inter)
     expanded = gate_up.clone()
     delta.apply(expanded)
     got = act.silu_and_mul(gate_up.clone(), delta)
@@ -208,14 +213,14 @@ def test_twins_add_a_deferred_lora_delta_first(kernels, monkeypatch):
     monkeypatch.delenv(INTERPRET_ENV, raising=False)
     lora = kernels["lora"]
     x, y, residual = torch.randn(5, 64), torch.randn(5, 64), torch.randn(5, 64)
-    delta = _lora_delta(lora, x, (64,), [0, -1, 1, 2, 0], per_token=True)
+    delta = _lora_delta(kernels, x, (64,), [0, -1, 1, 2, 0], per_token=True)
     expanded = y.clone()
     lora.lora_expand_ref(expanded, delta.buf, delta.lora_b, delta.scales, delta.meta)
     for got, want in zip(kernels["norm"].fused_add_rms_norm(y.clone(), residual, torch.ones(64), 1e-6, delta),
                          kernels["norm"].fused_add_rms_norm_ref(expanded, residual, torch.ones(64), 1e-6)):
         assert torch.equal(got, want)
     gate_up = torch.randn(5, 64)
-    delta = _lora_delta(lora, x, (32, 32), [0, -1, 1, 2, 0], per_token=True)
+    delta = _lora_delta(kernels, x, (32, 32), [0, -1, 1, 2, 0], per_token=True)
     expanded = gate_up.clone()
     lora.lora_expand_ref(expanded, delta.buf, delta.lora_b, delta.scales, delta.meta, (32, 32))
     assert torch.equal(kernels["activation"].silu_and_mul(gate_up, delta), kernels["activation"].silu_and_mul_ref(expanded))
@@ -265,7 +270,7 @@ def test_cuda_bf16_fused_kernels_match_twins():
 def test_cuda_bf16_deferred_lora_delta_equals_the_per_token_expand(rank):
     """bf16 at Llama-3-8B widths, 64 decode tokens over 32 slots with base rows between: the norm and
     SiLU-and-mul adding the delta give what the per-token expand, then the kernel, give, bit for bit."""
-    from multilora_kernels import activation, lora, norm
+    from multilora_kernels import activation, lora, lora_delta, norm
 
     gen = torch.Generator(device="cuda").manual_seed(rank)
     slots = torch.randint(-1, 32, (64,), generator=gen, device="cuda")
@@ -275,7 +280,7 @@ def test_cuda_bf16_deferred_lora_delta_equals_the_per_token_expand(rank):
         a = (0.05 * torch.randn(32, len(slices), rank, 4096, generator=gen, device="cuda")).bfloat16()
         b = (0.05 * torch.randn(32, sum(slices), rank, generator=gen, device="cuda")).bfloat16()
         scales = torch.rand(32, len(slices), generator=gen, device="cuda") + 0.5
-        delta = lora.LoRADelta(lora.lora_shrink(x, a, meta), b, scales, meta, slices)
+        delta = lora_delta.LoRADelta(lora.lora_shrink(x, a, meta), b, scales, meta, slices)
         y = torch.randn(64, sum(slices), generator=gen, device="cuda").bfloat16()
         expanded = y.clone()
         delta.apply(expanded)

@@ -32,7 +32,8 @@ from torch.nn import functional as F
 
 from multilora.lora.mapping import active_lora_meta
 from multilora.tensor_parallel import LinearShard
-from multilora_kernels.lora import LoRADelta, lora_shrink, readers_add_delta
+from multilora_kernels.lora import lora_shrink
+from multilora_kernels.lora_delta import LoRADelta, readers_add_delta
 
 # Steps of at most this many tokens (decode) may leave the expand to the output's reader
 # (`forward_deferred`): there the expand is a launch of a few us for a few KB of B per token, which

@@ -27,7 +27,7 @@ from multilora.model.attention import AttentionMetadata, paged_attention
 from multilora.model.rotary import RotaryEmbedding
 from multilora.tensor_parallel import SINGLE, TensorParallel
 from multilora_kernels.activation import silu_and_mul
-from multilora_kernels.lora import LoRADelta
+from multilora_kernels.lora_delta import LoRADelta
 from multilora_kernels.norm import fused_add_rms_norm
 from multilora_kernels.rotary import rotary_kv_write
 
