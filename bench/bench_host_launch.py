@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,20 +30,19 @@ from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from decode_step import LLAMA3_8B, TINY_MODEL  # noqa: E402
+from step_floors import ModelShapes  # noqa: E402
 from timing import Timer, to_us  # noqa: E402
 
-LLAMA3_8B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
-TINY = dict(hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
 
-
-def layer_calls(tokens: int, shape: dict, device: str, dtype: torch.dtype) -> dict:
+def layer_calls(tokens: int, shape: ModelShapes, device: str, dtype: torch.dtype) -> dict:
     """name -> (callable, calls per layer): the eager layer's calls on inputs of `tokens` rows."""
     from multilora_kernels.activation import silu_and_mul
     from multilora_kernels.norm import fused_add_rms_norm
     from multilora_kernels.rotary import rotary_kv_write
 
-    h, inter = shape["hidden"], shape["intermediate"]
-    heads, kv_heads, head_dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    h, inter = shape.hidden, shape.intermediate
+    heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     kw = dict(device=device, dtype=dtype)
     x, residual, weight = torch.randn(tokens, h, **kw), torch.randn(tokens, h, **kw), torch.ones(h, **kw)
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shape = TINY if args.tiny else LLAMA3_8B
+    shape = ModelShapes.from_hf_config(TINY_MODEL if args.tiny else LLAMA3_8B)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     timer = Timer(device, warmup=3, iters=10)
     rows = []
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
                          "gpu_us": to_us(timer.graph([fn] * 8))})
     layer = [r for r in rows if r["per_layer"]]
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-              "tokens": args.tokens, "shape": shape, "rows": rows,
+              "tokens": args.tokens, "shape": asdict(shape), "rows": rows,
               "layer_host_us": sum(r["host_us"] * r["per_layer"] for r in layer),
               "layer_gpu_us": (sum(r["gpu_us"] * r["per_layer"] for r in layer) if device == "cuda" else None),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -94,6 +94,8 @@ def run_variant(variant: dict, cases: list[str], tiny: bool) -> dict:
         llm, loras, _ = ds.build_engine(Path(work), config, size, device, dtype, {})
         driver = ds.EngineDriver(llm, size, config["vocab_size"], device)
         ds.warm_up(driver, loras)
+        # The case functions themselves, not decode_step's report: they are what a `name@TREE` variant's
+        # older decode_step has too.
         run = {"base": lambda: ds.decode_case(driver)["step_ms"],
                "sampled": lambda: ds.decode_case(driver, sampled=True)["step_ms"],
                "8": lambda: ds.decode_case(driver, loras=loras[:few])["step_ms"],
